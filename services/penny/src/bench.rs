@@ -1,0 +1,360 @@
+//! `penny bench`: the load tool every performance target is measured with.
+//!
+//! A scenario runs against a server this process starts itself (or `--target` for the
+//! baseline), with N concurrent callers over a few HTTP/2 connections, for a fixed duration
+//! or request count. It prints throughput, p50/p90/p99/max latency from an HDR histogram,
+//! errors by status code, and the process's peak RSS. Targets are ratios to `baseline` (the
+//! empty health `Check` on the same server) measured in the same run, never absolute times.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use hdrhistogram::Histogram;
+use penny_platform::ServiceBundle;
+use penny_platform::principal::TokenVerifier;
+use penny_platform::server::{ServeConfig, always_ready};
+use penny_platform::signing::SigningKey;
+use penny_platform::{AccessPolicy, serve};
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tonic::transport::{Channel, Endpoint};
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_client::HealthClient;
+
+/// What to measure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Scenario {
+    /// The empty gRPC health `Check` through the full standard stack: the ceiling.
+    Baseline,
+}
+
+/// `penny bench` options.
+#[derive(Debug, clap::Args)]
+pub struct BenchArgs {
+    /// The scenario.
+    #[arg(value_enum)]
+    pub scenario: Scenario,
+    /// Concurrent callers.
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub concurrency: u32,
+    /// Measured seconds per phase (ignored with --requests).
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub duration_secs: u64,
+    /// Stop each phase after this many requests instead of after a duration.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    pub requests: Option<u64>,
+    /// Unmeasured warm-up seconds before each phase.
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u64).range(0..=600))]
+    pub warmup_secs: u64,
+    /// HTTP/2 connections the callers share.
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=256))]
+    pub connections: u32,
+    /// Measure the baseline against an already running server (`host:port`) instead.
+    #[arg(long)]
+    pub target: Option<String>,
+}
+
+/// How long a phase runs.
+#[derive(Debug, Clone, Copy)]
+enum Limit {
+    Duration(Duration),
+    Requests(u64),
+}
+
+/// What one phase measured.
+#[derive(Debug)]
+pub struct PhaseReport {
+    name: &'static str,
+    concurrency: u32,
+    ok: u64,
+    errors: BTreeMap<String, u64>,
+    elapsed: Duration,
+    latency_us: Histogram<u64>,
+}
+
+impl PhaseReport {
+    fn throughput(&self) -> f64 {
+        let total = self.ok + self.errors.values().sum::<u64>();
+        total as f64 / self.elapsed.as_secs_f64().max(f64::EPSILON)
+    }
+
+    fn p(&self, quantile: f64) -> u64 {
+        self.latency_us.value_at_quantile(quantile)
+    }
+
+    fn print(&self) {
+        let errors = if self.errors.is_empty() {
+            "none".to_owned()
+        } else {
+            self.errors
+                .iter()
+                .map(|(code, n)| format!("{code}={n}"))
+                .collect::<Vec<_>>()
+                .join(" ")
+        };
+        println!(
+            "{:<14} c={:<4} ok={:<9} {:>10.0} req/s  p50={:>6}us p90={:>6}us p99={:>6}us max={:>7}us  errors: {}",
+            self.name,
+            self.concurrency,
+            self.ok,
+            self.throughput(),
+            self.p(0.50),
+            self.p(0.90),
+            self.p(0.99),
+            self.latency_us.max(),
+            errors
+        );
+    }
+}
+
+pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
+    let limit = match args.requests {
+        Some(n) => Limit::Requests(n),
+        None => Limit::Duration(Duration::from_secs(args.duration_secs)),
+    };
+    let warmup = Duration::from_secs(args.warmup_secs);
+    println!(
+        "penny bench {:?}: concurrency {}, {} connection(s), {}",
+        args.scenario,
+        args.concurrency,
+        args.connections,
+        match limit {
+            Limit::Duration(d) => format!("{} s per phase", d.as_secs()),
+            Limit::Requests(n) => format!("{n} requests per phase"),
+        }
+    );
+
+    let (addr, server) = match &args.target {
+        Some(target) => (target.clone(), None),
+        None => {
+            let (addr, server) = start_server(args.scenario).await?;
+            (addr, Some(server))
+        }
+    };
+    let channels = connect(&addr, args.connections).await?;
+
+    let baseline = phase(
+        "baseline",
+        &channels,
+        args.concurrency,
+        warmup,
+        limit,
+        |channel| async move {
+            HealthClient::new(channel)
+                .check(HealthCheckRequest {
+                    service: String::new(),
+                })
+                .await
+                .map(drop)
+        },
+    )
+    .await?;
+    baseline.print();
+
+    if let Some(server) = server {
+        server.stop().await?;
+        if let Some(rss) = peak_rss_kib() {
+            println!(
+                "peak RSS {:.1} MiB (one process: server and load generator together)",
+                rss as f64 / 1024.0
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Prints how a scenario compares to the baseline of the same run.
+#[allow(dead_code)]
+fn print_ratio(scenario: &PhaseReport, baseline: &PhaseReport) {
+    println!(
+        "{} / baseline: throughput {:.2}x, p99 {:.2}x",
+        scenario.name,
+        scenario.throughput() / baseline.throughput().max(f64::EPSILON),
+        scenario.p(0.99) as f64 / (baseline.p(0.99).max(1)) as f64
+    );
+}
+
+/// An in-process server for a scenario, stopped gracefully at the end.
+struct BenchServer {
+    stop: oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+    _data_dir: TempDir,
+}
+
+impl BenchServer {
+    async fn stop(self) -> anyhow::Result<()> {
+        let _ = self.stop.send(());
+        self.task.await.context("bench server task")?
+    }
+}
+
+async fn start_server(scenario: Scenario) -> anyhow::Result<(String, BenchServer)> {
+    let data_dir = TempDir::new()?;
+    let signing = SigningKey::load_or_create(&data_dir.0)?;
+    let verifier = TokenVerifier::new(&signing.jwks())?;
+    let config = ServeConfig::new_for_dev(verifier);
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?.to_string();
+    let bundle = match scenario {
+        Scenario::Baseline => ServiceBundle {
+            name: "bench",
+            routes: tonic::service::Routes::default(),
+            grpc_services: Vec::new(),
+            policy: AccessPolicy::new(),
+            descriptors: Vec::new(),
+            readiness: always_ready(),
+        },
+    };
+    let (stop, stopped) = oneshot::channel::<()>();
+    let task = tokio::spawn(serve(config, bundle, listener, async move {
+        let _ = stopped.await;
+    }));
+    Ok((
+        addr,
+        BenchServer {
+            stop,
+            task,
+            _data_dir: data_dir,
+        },
+    ))
+}
+
+async fn connect(addr: &str, connections: u32) -> anyhow::Result<Vec<Channel>> {
+    let mut channels = Vec::new();
+    for _ in 0..connections {
+        let channel = Endpoint::from_shared(format!("http://{addr}"))?
+            .tcp_nodelay(true)
+            .connect()
+            .await
+            .with_context(|| format!("cannot connect to {addr}"))?;
+        channels.push(channel);
+    }
+    Ok(channels)
+}
+
+/// Runs `call` from `concurrency` tasks: first unmeasured for `warmup`, then measured.
+async fn phase<F, Fut>(
+    name: &'static str,
+    channels: &[Channel],
+    concurrency: u32,
+    warmup: Duration,
+    limit: Limit,
+    call: F,
+) -> anyhow::Result<PhaseReport>
+where
+    F: Fn(Channel) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = Result<(), tonic::Status>> + Send,
+{
+    if !warmup.is_zero() {
+        drive(channels, concurrency, Limit::Duration(warmup), call.clone()).await?;
+    }
+    let started = Instant::now();
+    let (ok, errors, latency_us) = drive(channels, concurrency, limit, call).await?;
+    Ok(PhaseReport {
+        name,
+        concurrency,
+        ok,
+        errors,
+        elapsed: started.elapsed(),
+        latency_us,
+    })
+}
+
+async fn drive<F, Fut>(
+    channels: &[Channel],
+    concurrency: u32,
+    limit: Limit,
+    call: F,
+) -> anyhow::Result<(u64, BTreeMap<String, u64>, Histogram<u64>)>
+where
+    F: Fn(Channel) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = Result<(), tonic::Status>> + Send,
+{
+    let deadline = match limit {
+        Limit::Duration(d) => Some(Instant::now() + d),
+        Limit::Requests(_) => None,
+    };
+    let budget = Arc::new(std::sync::atomic::AtomicU64::new(match limit {
+        Limit::Requests(n) => n,
+        Limit::Duration(_) => u64::MAX,
+    }));
+    let mut tasks = tokio::task::JoinSet::new();
+    for worker in 0..concurrency {
+        let channel = channels[worker as usize % channels.len()].clone();
+        let call = call.clone();
+        let budget = budget.clone();
+        let mut histogram = new_histogram()?;
+        tasks.spawn(async move {
+            let mut ok = 0u64;
+            let mut errors: BTreeMap<String, u64> = BTreeMap::new();
+            loop {
+                if deadline.is_some_and(|d| Instant::now() >= d) {
+                    break;
+                }
+                let taken = budget.fetch_update(
+                    std::sync::atomic::Ordering::Relaxed,
+                    std::sync::atomic::Ordering::Relaxed,
+                    |left| left.checked_sub(1),
+                );
+                if taken.is_err() {
+                    break;
+                }
+                let start = Instant::now();
+                let result = call(channel.clone()).await;
+                let micros = u64::try_from(start.elapsed().as_micros()).unwrap_or(u64::MAX);
+                histogram.saturating_record(micros.max(1));
+                match result {
+                    Ok(()) => ok += 1,
+                    Err(status) => *errors.entry(format!("{:?}", status.code())).or_default() += 1,
+                }
+            }
+            (ok, errors, histogram)
+        });
+    }
+    let mut ok = 0;
+    let mut errors = BTreeMap::new();
+    let mut histogram = new_histogram()?;
+    while let Some(joined) = tasks.join_next().await {
+        let (task_ok, task_errors, task_histogram) = joined.context("load task")?;
+        ok += task_ok;
+        for (code, n) in task_errors {
+            *errors.entry(code).or_default() += n;
+        }
+        histogram.add(&task_histogram)?;
+    }
+    Ok((ok, errors, histogram))
+}
+
+/// 1 µs to 60 s at 3 significant figures; slower calls are clamped to the top.
+fn new_histogram() -> anyhow::Result<Histogram<u64>> {
+    Ok(Histogram::new_with_bounds(1, 60_000_000, 3)?)
+}
+
+/// Peak resident set size of this process, in KiB (Linux).
+fn peak_rss_kib() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmHWM:"))
+        .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
+}
+
+/// A temporary directory removed on drop.
+struct TempDir(std::path::PathBuf);
+
+impl TempDir {
+    fn new() -> anyhow::Result<Self> {
+        let path = std::env::temp_dir().join(format!("penny-bench-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&path)?;
+        Ok(Self(path))
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}

@@ -1,0 +1,172 @@
+//! `penny dev`: the whole fleet in one process on embedded defaults.
+//!
+//! Everything lives under the data directory: the token-signing key and its JWKS, one
+//! SQLite file per service, and `dev.env` with a platform-admin token and each service's
+//! address, ready for `source` and `grpcurl`.
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use penny_keys::local::MasterKey;
+use penny_keys::{BackendConfig, KeysConfig};
+use penny_platform::ServeConfig;
+use penny_platform::principal::{PLATFORM_TENANT_ID, PrincipalKind, TokenVerifier};
+use penny_platform::signing::{SigningKey, TokenGrant};
+use penny_platform::telemetry::{self, LogFormat};
+
+/// `penny dev` options.
+#[derive(Debug, clap::Args)]
+pub struct DevArgs {
+    /// Where keys, databases and dev.env live.
+    #[arg(long, env = "PENNY_DATA_DIR", default_value = ".penny")]
+    pub data_dir: PathBuf,
+    /// Address the services listen on.
+    #[arg(long, env = "PENNY_DEV_HOST", default_value = "127.0.0.1")]
+    pub host: String,
+    /// Log format.
+    #[arg(long, env = "PENNY_LOG_FORMAT", value_enum, default_value_t)]
+    pub log_format: LogFormat,
+}
+
+/// The developer's token lives this long.
+const DEV_TOKEN_LIFETIME: Duration = Duration::from_secs(24 * 3600);
+
+/// One running service: its name, the env variable naming its address, and the address.
+struct Running {
+    env_name: &'static str,
+    addr: std::net::SocketAddr,
+}
+
+pub async fn run(args: DevArgs) -> anyhow::Result<()> {
+    let _telemetry = telemetry::init(args.log_format, "penny-dev")?;
+    create_private_dir(&args.data_dir)?;
+    let signing = SigningKey::load_or_create(&args.data_dir)
+        .context("token-signing key in the data directory")?;
+    let token = signing.mint(&TokenGrant {
+        subject: "dev-admin".to_owned(),
+        tenant_id: PLATFORM_TENANT_ID,
+        roles: vec!["admin".to_owned()],
+        kind: PrincipalKind::User,
+        session_id: None,
+        lifetime: DEV_TOKEN_LIFETIME,
+    })?;
+
+    let serve_config = ServeConfig::new_for_dev(TokenVerifier::new(&signing.jwks())?);
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stop = move || {
+        let mut stop_rx = stop_rx.clone();
+        async move {
+            let _ = stop_rx.wait_for(|stopped| *stopped).await;
+        }
+    };
+    let mut running: Vec<Running> = Vec::new();
+    let mut tasks: tokio::task::JoinSet<anyhow::Result<()>> = tokio::task::JoinSet::new();
+
+    // keys: the local engine, its master key generated into the data directory.
+    let master = load_or_create_master_key(&args.data_dir)?;
+    let keys_config = KeysConfig {
+        database_url: penny_platform::db::sqlite_url(&args.data_dir, "keys"),
+        backend: BackendConfig::Local(master),
+    };
+    let listener = bind(&args.host, KEYS_PORT, "keys").await?;
+    running.push(Running {
+        env_name: "PENNY_KEYS_ADDR",
+        addr: listener.local_addr()?,
+    });
+    tasks.spawn(penny_keys::serve(
+        keys_config,
+        serve_config.clone(),
+        listener,
+        stop(),
+    ));
+
+    tokio::spawn(async move {
+        penny_platform::shutdown_signal().await;
+        let _ = stop_tx.send(true);
+    });
+
+    let env_path = args.data_dir.join("dev.env");
+    let mut env = format!("PENNY_TOKEN={token}\n");
+    for service in &running {
+        let _ = writeln!(env, "{}={}", service.env_name, service.addr);
+    }
+    write_replacing_private(&env_path, env.as_bytes())?;
+
+    print_walkthrough(&env_path, &running);
+    wait(tasks).await
+}
+
+async fn wait(mut tasks: tokio::task::JoinSet<anyhow::Result<()>>) -> anyhow::Result<()> {
+    while let Some(joined) = tasks.join_next().await {
+        joined.context("service task")??;
+    }
+    Ok(())
+}
+
+/// The fixed dev port of the keys service.
+const KEYS_PORT: u16 = 50052;
+
+async fn bind(host: &str, port: u16, service: &str) -> anyhow::Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind((host, port))
+        .await
+        .with_context(|| {
+            format!("{service}: cannot listen on {host}:{port} (is another penny dev running?)")
+        })
+}
+
+/// The dev master key: created once, owner-only, reused on every start.
+fn load_or_create_master_key(dir: &Path) -> anyhow::Result<MasterKey> {
+    let path = dir.join("master.key");
+    if !path.exists() {
+        let hex = MasterKey::generate_hex();
+        penny_platform::signing::write_private(&path, hex.as_bytes())?;
+    }
+    let text = zeroize::Zeroizing::new(
+        std::fs::read_to_string(&path)
+            .with_context(|| format!("cannot read {}", path.display()))?,
+    );
+    MasterKey::parse(&text).map_err(|why| anyhow::anyhow!("{}: {why}", path.display()))
+}
+
+fn print_walkthrough(env_path: &Path, running: &[Running]) {
+    println!("penny dev: {} service(s) running", running.len());
+    for service in running {
+        println!("  {:<18} {}", service.env_name, service.addr);
+    }
+    let tenant = uuid::Uuid::new_v4();
+    println!(
+        "\nTry it (another terminal):\n  \
+         set -a; source {env}; set +a\n  \
+         grpcurl -plaintext $PENNY_KEYS_ADDR list\n  \
+         grpcurl -plaintext $PENNY_KEYS_ADDR grpc.health.v1.Health/Check\n  \
+         grpcurl -plaintext -H \"authorization: Bearer $PENNY_TOKEN\" -d '{{\"tenant_id\":\"{tenant}\"}}' \\\n    \
+         $PENNY_KEYS_ADDR penny.keys.v1.KeyService/CreateKey\n  \
+         grpcurl -plaintext -H \"authorization: Bearer $PENNY_TOKEN\" \\\n    \
+         -d '{{\"tenant_id\":\"{tenant}\",\"context\":{{\"purpose\":\"file\",\"object_id\":\"doc-1\"}}}}' \\\n    \
+         $PENNY_KEYS_ADDR penny.keys.v1.KeyService/GenerateDataKey\n\n\
+         Ctrl-C stops the fleet; the data directory keeps keys and databases.",
+        env = env_path.display()
+    );
+}
+
+fn create_private_dir(dir: &Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir)
+        .with_context(|| format!("PENNY_DATA_DIR: cannot create {}", dir.display()))?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+            .with_context(|| format!("PENNY_DATA_DIR: cannot restrict {}", dir.display()))?;
+    }
+    Ok(())
+}
+
+/// dev.env carries a token: owner-only, replaced atomically.
+fn write_replacing_private(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    let tmp = path.with_extension("tmp");
+    let _ = std::fs::remove_file(&tmp);
+    penny_platform::signing::write_private(&tmp, bytes)?;
+    std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))
+}

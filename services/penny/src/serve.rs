@@ -1,0 +1,37 @@
+//! `penny serve <svc>`: one service, as containers run it.
+
+use penny_platform::config::ServerArgs;
+use penny_platform::telemetry;
+
+/// The service to run.
+#[derive(Debug, clap::Subcommand)]
+pub enum ServeCommand {
+    /// Key management (`penny.keys.v1.KeyService`).
+    Keys {
+        #[command(flatten)]
+        server: ServerArgs,
+        #[command(flatten)]
+        keys: penny_keys::Args,
+    },
+}
+
+pub async fn run(command: ServeCommand) -> anyhow::Result<()> {
+    match command {
+        ServeCommand::Keys { server, keys } => {
+            let _telemetry = telemetry::init(server.log_format, "penny-keys")?;
+            let serve_config = server.serve_config()?;
+            let listen = keys.listen;
+            let config = keys.into_config()?;
+            let listener = tokio::net::TcpListener::bind(listen)
+                .await
+                .map_err(|e| anyhow::anyhow!("PENNY_KEYS_LISTEN {listen}: {e}"))?;
+            penny_keys::serve(
+                config,
+                serve_config,
+                listener,
+                penny_platform::shutdown_signal(),
+            )
+            .await
+        }
+    }
+}

@@ -1,0 +1,133 @@
+//! Who may call which RPC: one table per service, enforced by the standard stack.
+//!
+//! Every service declares a [`Requirement`] for each of its RPCs; the stack looks the
+//! request's path up before the handler runs. A path missing from the table is refused, so
+//! an RPC added without a decision cannot be called.
+
+use std::collections::HashMap;
+
+use crate::error::ApiError;
+use crate::principal::Principal;
+
+/// What a caller must be to call one RPC.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Requirement {
+    /// Anyone, without credentials (health, reflection).
+    Public,
+    /// Any authenticated principal.
+    Authenticated,
+    /// A fleet service, or platform staff.
+    ServiceOrAdmin,
+    /// Platform staff only.
+    PlatformAdmin,
+}
+
+impl Requirement {
+    /// Whether a credential is needed at all.
+    pub fn needs_principal(self) -> bool {
+        self != Self::Public
+    }
+
+    /// Decides for an authenticated principal.
+    pub fn check(self, principal: &Principal) -> Result<(), ApiError> {
+        let allowed = match self {
+            Self::Public | Self::Authenticated => true,
+            Self::ServiceOrAdmin => principal.is_service() || principal.is_platform_admin(),
+            Self::PlatformAdmin => principal.is_platform_admin(),
+        };
+        if allowed {
+            Ok(())
+        } else {
+            Err(ApiError::permission_denied(
+                "the caller may not perform this operation",
+            ))
+        }
+    }
+}
+
+/// The table `gRPC path → requirement` of one server.
+#[derive(Debug, Clone, Default)]
+pub struct AccessPolicy {
+    rules: HashMap<String, Requirement>,
+}
+
+impl AccessPolicy {
+    /// An empty table: everything refused.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Declares one RPC, `service` fully qualified (`penny.keys.v1.KeyService`).
+    #[must_use]
+    pub fn rpc(mut self, service: &str, method: &str, requirement: Requirement) -> Self {
+        self.rules
+            .insert(format!("/{service}/{method}"), requirement);
+        self
+    }
+
+    /// Declares every method of a service at once (health, reflection).
+    #[must_use]
+    pub fn service(mut self, service: &str, requirement: Requirement) -> Self {
+        self.rules.insert(format!("/{service}/*"), requirement);
+        self
+    }
+
+    /// The requirement for a request path, or `None` when the table has no entry.
+    pub fn requirement(&self, path: &str) -> Option<Requirement> {
+        if let Some(found) = self.rules.get(path) {
+            return Some(*found);
+        }
+        let (service, _method) = path.rsplit_once('/')?;
+        self.rules.get(&format!("{service}/*")).copied()
+    }
+
+    /// Every declared path, for tests that walk the descriptor set.
+    pub fn paths(&self) -> impl Iterator<Item = &str> {
+        self.rules.keys().map(String::as_str)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::principal::{PLATFORM_TENANT_ID, PrincipalKind};
+    use uuid::Uuid;
+
+    fn principal(kind: PrincipalKind, tenant: Uuid, roles: &[&str]) -> Principal {
+        Principal {
+            kind,
+            id: "p".into(),
+            tenant_id: tenant,
+            roles: roles.iter().map(|r| (*r).to_owned()).collect(),
+            session_id: None,
+            scopes: vec![],
+        }
+    }
+
+    #[test]
+    fn unknown_paths_have_no_requirement() {
+        let policy = AccessPolicy::new().rpc("a.B", "C", Requirement::Authenticated);
+        assert_eq!(
+            policy.requirement("/a.B/C"),
+            Some(Requirement::Authenticated)
+        );
+        assert_eq!(policy.requirement("/a.B/D"), None);
+        let policy = policy.service("grpc.health.v1.Health", Requirement::Public);
+        assert_eq!(
+            policy.requirement("/grpc.health.v1.Health/Watch"),
+            Some(Requirement::Public)
+        );
+    }
+
+    #[test]
+    fn admin_only_counts_in_the_platform_tenant() {
+        let staff = principal(PrincipalKind::User, PLATFORM_TENANT_ID, &["admin"]);
+        let customer_admin = principal(PrincipalKind::User, Uuid::new_v4(), &["admin"]);
+        let service = principal(PrincipalKind::Service, PLATFORM_TENANT_ID, &[]);
+        assert!(Requirement::PlatformAdmin.check(&staff).is_ok());
+        assert!(Requirement::PlatformAdmin.check(&customer_admin).is_err());
+        assert!(Requirement::PlatformAdmin.check(&service).is_err());
+        assert!(Requirement::ServiceOrAdmin.check(&service).is_ok());
+        assert!(Requirement::ServiceOrAdmin.check(&customer_admin).is_err());
+    }
+}

@@ -1,0 +1,96 @@
+//! Settings every server shares, from flags with `PENNY_*` environment fallbacks.
+//!
+//! Invalid settings fail at start with a message naming the setting, never at the first
+//! request.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::Context as _;
+
+use crate::principal::{Jwks, TokenVerifier};
+use crate::server::{ServeConfig, TlsMaterial};
+use crate::telemetry::LogFormat;
+
+/// Largest gRPC message accepted by default (uploads stream in smaller chunks).
+pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
+
+/// The standard server settings, flattened into each service's `Args`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ServerArgs {
+    /// PEM certificate chain for TLS. Without it the server speaks plaintext h2c.
+    #[arg(long, env = "PENNY_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key for TLS.
+    #[arg(long, env = "PENNY_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// PEM CA bundle: when set, clients must present a certificate it signed (mTLS).
+    #[arg(long, env = "PENNY_TLS_CLIENT_CA", requires = "tls_cert")]
+    pub tls_client_ca: Option<PathBuf>,
+    /// Per-request timeout in seconds (a shorter `grpc-timeout` from the caller wins).
+    #[arg(long, env = "PENNY_REQUEST_TIMEOUT_SECS", default_value_t = 30,
+          value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub request_timeout_secs: u64,
+    /// Calls in flight before new ones are shed with UNAVAILABLE.
+    #[arg(long, env = "PENNY_CONCURRENCY_LIMIT", default_value_t = 1024,
+          value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    pub concurrency_limit: u64,
+    /// Largest gRPC message accepted, in bytes.
+    #[arg(long, env = "PENNY_MAX_MESSAGE_BYTES", default_value_t = DEFAULT_MAX_MESSAGE_BYTES as u64,
+          value_parser = clap::value_parser!(u64).range(1024..=64 * 1024 * 1024))]
+    pub max_message_bytes: u64,
+    /// Serve gRPC server reflection (for grpcurl). Switch off in production if preferred.
+    #[arg(long, env = "PENNY_REFLECTION", default_value_t = true, action = clap::ArgAction::Set)]
+    pub reflection: bool,
+    /// JWKS file holding the public keys that sign access tokens.
+    #[arg(long, env = "PENNY_JWKS_FILE")]
+    pub jwks_file: Option<PathBuf>,
+    /// Log format.
+    #[arg(long, env = "PENNY_LOG_FORMAT", value_enum, default_value_t)]
+    pub log_format: LogFormat,
+}
+
+impl ServerArgs {
+    /// Reads every file the settings name and builds the server configuration.
+    pub fn serve_config(&self) -> anyhow::Result<ServeConfig> {
+        let jwks_file = self.jwks_file.as_deref().context(
+            "PENNY_JWKS_FILE (--jwks-file) is required: the JWKS that signs access tokens",
+        )?;
+        let verifier = load_verifier(jwks_file)?;
+        let tls = match (&self.tls_cert, &self.tls_key) {
+            (Some(cert), Some(key)) => Some(TlsMaterial {
+                cert_pem: read_setting("PENNY_TLS_CERT", cert)?,
+                key_pem: read_setting("PENNY_TLS_KEY", key)?,
+                client_ca_pem: self
+                    .tls_client_ca
+                    .as_deref()
+                    .map(|ca| read_setting("PENNY_TLS_CLIENT_CA", ca))
+                    .transpose()?,
+            }),
+            _ => None,
+        };
+        Ok(ServeConfig {
+            tls,
+            request_timeout: Duration::from_secs(self.request_timeout_secs),
+            concurrency_limit: usize::try_from(self.concurrency_limit).unwrap_or(usize::MAX),
+            max_message_bytes: usize::try_from(self.max_message_bytes)
+                .unwrap_or(DEFAULT_MAX_MESSAGE_BYTES),
+            reflection: self.reflection,
+            verifier,
+            readiness_interval: Duration::from_secs(5),
+        })
+    }
+}
+
+/// A verifier for the JWKS in `path`.
+pub fn load_verifier(path: &Path) -> anyhow::Result<TokenVerifier> {
+    let bytes = read_setting("PENNY_JWKS_FILE", path)?;
+    let jwks: Jwks = serde_json::from_slice(&bytes)
+        .with_context(|| format!("PENNY_JWKS_FILE {}: not a JWKS", path.display()))?;
+    TokenVerifier::new(&jwks)
+        .with_context(|| format!("PENNY_JWKS_FILE {}: unusable key", path.display()))
+}
+
+fn read_setting(setting: &str, path: &Path) -> anyhow::Result<Vec<u8>> {
+    std::fs::read(path).with_context(|| format!("{setting}: cannot read {}", path.display()))
+}

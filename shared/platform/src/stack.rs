@@ -1,0 +1,314 @@
+//! The layers of the standard server stack, one type per concern.
+//!
+//! [`crate::server::serve`] assembles them, outermost first: [`TraceLayer`] (span per call,
+//! W3C parent, request id), tonic's own timeout, [`LoadShedLayer`] (bounded concurrency,
+//! excess refused at once), [`AuthLayer`] (principal and the service's access table). A
+//! refusal is written as a trailers-only gRPC response carrying the rich status, so callers
+//! see the same details whichever layer refused them.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use http::{HeaderValue, Request, Response};
+use tokio::sync::Semaphore;
+use tonic::body::Body;
+use tower::{Layer, Service};
+use tracing::Instrument;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
+
+use crate::access::AccessPolicy;
+use crate::error::{ApiError, Reason};
+use crate::principal::{Principal, TokenError, TokenVerifier};
+use crate::telemetry;
+
+type BoxFuture<T, E> = Pin<Box<dyn Future<Output = Result<T, E>> + Send>>;
+
+/// The request id header, echoed on every response.
+pub const REQUEST_ID_HEADER: &str = "x-request-id";
+/// Paths that are never shed or authenticated: probes must answer under load.
+const HEALTH_PREFIX: &str = "/grpc.health.v1.Health/";
+
+/// The request id of the current call, in the request's extensions.
+#[derive(Debug, Clone)]
+pub struct RequestId(pub String);
+
+fn refusal(err: ApiError) -> Response<Body> {
+    tonic::Status::from(err).into_http()
+}
+
+/// Accepts a caller's request id only if it is short and plain, so it cannot forge log
+/// lines; otherwise a fresh one is made.
+fn request_id_from(headers: &http::HeaderMap) -> String {
+    headers
+        .get(REQUEST_ID_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| {
+            !v.is_empty()
+                && v.len() <= 128
+                && v.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+        })
+        .map_or_else(|| uuid::Uuid::new_v4().to_string(), str::to_owned)
+}
+
+/// A span per call, parented on the caller's W3C trace context, and a request id.
+#[derive(Debug, Clone, Default)]
+pub struct TraceLayer;
+
+impl<S> Layer<S> for TraceLayer {
+    type Service = Trace<S>;
+    fn layer(&self, inner: S) -> Trace<S> {
+        Trace { inner }
+    }
+}
+
+/// See [`TraceLayer`].
+#[derive(Debug, Clone)]
+pub struct Trace<S> {
+    inner: S,
+}
+
+impl<S, B> Service<Request<B>> for Trace<S>
+where
+    S: Service<Request<B>, Response = Response<Body>>,
+    S::Future: Send + 'static,
+{
+    type Response = Response<Body>;
+    type Error = S::Error;
+    type Future = BoxFuture<Response<Body>, S::Error>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: Request<B>) -> Self::Future {
+        let request_id = request_id_from(req.headers());
+        let span = tracing::info_span!(
+            "grpc",
+            rpc = %req.uri().path(),
+            request_id = %request_id,
+            otel.kind = "server",
+        );
+        let _no_parent = span.set_parent(telemetry::extract_context(req.headers()));
+        req.extensions_mut().insert(RequestId(request_id.clone()));
+        let fut = self.inner.call(req);
+        Box::pin(
+            async move {
+                let mut response = fut.await?;
+                if let Ok(value) = HeaderValue::from_str(&request_id) {
+                    response.headers_mut().insert(REQUEST_ID_HEADER, value);
+                }
+                Ok(response)
+            }
+            .instrument(span),
+        )
+    }
+}
+
+/// Bounded concurrency with immediate refusal of the excess (UNAVAILABLE + RetryInfo):
+/// queueing under overload only turns a burst into timeouts for everyone.
+#[derive(Debug, Clone)]
+pub struct LoadShedLayer {
+    permits: Arc<Semaphore>,
+}
+
+impl LoadShedLayer {
+    /// At most `limit` calls in flight.
+    pub fn new(limit: usize) -> Self {
+        Self {
+            permits: Arc::new(Semaphore::new(limit.max(1))),
+        }
+    }
+}
+
+impl<S> Layer<S> for LoadShedLayer {
+    type Service = LoadShed<S>;
+    fn layer(&self, inner: S) -> LoadShed<S> {
+        LoadShed {
+            inner,
+            permits: self.permits.clone(),
+        }
+    }
+}
+
+/// See [`LoadShedLayer`].
+#[derive(Debug, Clone)]
+pub struct LoadShed<S> {
+    inner: S,
+    permits: Arc<Semaphore>,
+}
+
+impl<S, B> Service<Request<B>> for LoadShed<S>
+where
+    S: Service<Request<B>, Response = Response<Body>>,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+{
+    type Response = Response<Body>;
+    type Error = S::Error;
+    type Future = BoxFuture<Response<Body>, S::Error>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<B>) -> Self::Future {
+        if req.uri().path().starts_with(HEALTH_PREFIX) {
+            return Box::pin(self.inner.call(req));
+        }
+        match self.permits.clone().try_acquire_owned() {
+            Ok(permit) => {
+                let fut = self.inner.call(req);
+                Box::pin(async move {
+                    let response = fut.await;
+                    drop(permit);
+                    response
+                })
+            }
+            Err(_) => {
+                tracing::warn!("concurrency limit reached, request shed");
+                let err = ApiError::unavailable(
+                    Reason::Overloaded,
+                    "server overloaded, retry later",
+                    Duration::from_millis(250),
+                );
+                Box::pin(std::future::ready(Ok(refusal(err))))
+            }
+        }
+    }
+}
+
+/// Authentication and authorization before any handler: the bearer token becomes a
+/// [`Principal`] in the request's extensions, and the service's [`AccessPolicy`] decides.
+#[derive(Debug, Clone)]
+pub struct AuthLayer {
+    policy: Arc<AccessPolicy>,
+    verifier: TokenVerifier,
+}
+
+impl AuthLayer {
+    /// Enforces `policy`, verifying tokens with `verifier`.
+    pub fn new(policy: AccessPolicy, verifier: TokenVerifier) -> Self {
+        Self {
+            policy: Arc::new(policy),
+            verifier,
+        }
+    }
+}
+
+impl<S> Layer<S> for AuthLayer {
+    type Service = Auth<S>;
+    fn layer(&self, inner: S) -> Auth<S> {
+        Auth {
+            inner,
+            layer: self.clone(),
+        }
+    }
+}
+
+/// See [`AuthLayer`].
+#[derive(Debug, Clone)]
+pub struct Auth<S> {
+    inner: S,
+    layer: AuthLayer,
+}
+
+impl AuthLayer {
+    fn authenticate<B>(&self, req: &Request<B>) -> Result<Option<Principal>, ApiError> {
+        let path = req.uri().path();
+        let Some(requirement) = self.policy.requirement(path) else {
+            tracing::warn!(rpc = %path, "rpc has no access rule, refused");
+            return Err(ApiError::permission_denied(
+                "the caller may not perform this operation",
+            ));
+        };
+        if !requirement.needs_principal() {
+            return Ok(None);
+        }
+        let token = bearer_token(req.headers()).ok_or(TokenError::MalformedHeader)?;
+        let principal = self.verifier.verify(token)?;
+        requirement.check(&principal)?;
+        Ok(Some(principal))
+    }
+}
+
+/// The token of an `authorization: Bearer <token>` header.
+fn bearer_token(headers: &http::HeaderMap) -> Option<&str> {
+    let value = headers.get(http::header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = value.split_once(' ')?;
+    if !scheme.eq_ignore_ascii_case("bearer") {
+        return None;
+    }
+    let token = token.trim();
+    (!token.is_empty()).then_some(token)
+}
+
+impl<S, B> Service<Request<B>> for Auth<S>
+where
+    S: Service<Request<B>, Response = Response<Body>>,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+{
+    type Response = Response<Body>;
+    type Error = S::Error;
+    type Future = BoxFuture<Response<Body>, S::Error>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: Request<B>) -> Self::Future {
+        match self.layer.authenticate(&req) {
+            Ok(principal) => {
+                if let Some(principal) = principal {
+                    tracing::Span::current().record("principal", principal.id.as_str());
+                    req.extensions_mut().insert(principal);
+                }
+                Box::pin(self.inner.call(req))
+            }
+            Err(err) => Box::pin(std::future::ready(Ok(refusal(err)))),
+        }
+    }
+}
+
+/// The verified caller of a request, as the [`AuthLayer`] left it. Fails closed: a handler
+/// reached without a principal (a wiring mistake) is refused, never served anonymously.
+pub fn caller<T>(req: &tonic::Request<T>) -> Result<&Principal, tonic::Status> {
+    req.extensions()
+        .get::<Principal>()
+        .ok_or_else(|| ApiError::unauthenticated(Reason::Unauthenticated).into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bearer_parsing() {
+        let mut headers = http::HeaderMap::new();
+        assert_eq!(bearer_token(&headers), None);
+        headers.insert("authorization", HeaderValue::from_static("Bearer abc.def"));
+        assert_eq!(bearer_token(&headers), Some("abc.def"));
+        headers.insert("authorization", HeaderValue::from_static("bearer   x"));
+        assert_eq!(bearer_token(&headers), Some("x"));
+        headers.insert("authorization", HeaderValue::from_static("Basic abc"));
+        assert_eq!(bearer_token(&headers), None);
+        headers.insert("authorization", HeaderValue::from_static("Bearer "));
+        assert_eq!(bearer_token(&headers), None);
+    }
+
+    #[test]
+    fn request_ids_are_sanitized() {
+        let mut headers = http::HeaderMap::new();
+        headers.insert(REQUEST_ID_HEADER, HeaderValue::from_static("abc-123"));
+        assert_eq!(request_id_from(&headers), "abc-123");
+        headers.insert(
+            REQUEST_ID_HEADER,
+            HeaderValue::from_static("evil\" injected=1"),
+        );
+        assert_ne!(request_id_from(&headers), "evil\" injected=1");
+    }
+}

@@ -1,0 +1,166 @@
+//! Request validation: every bound checked before domain code, every bad field reported.
+//!
+//! A handler creates one [`Violations`], asks it to parse each field (which records what is
+//! wrong and returns a harmless placeholder), then calls [`Violations::finish`]: the caller
+//! gets INVALID_ARGUMENT naming every bad field at once, never only the first.
+
+use uuid::Uuid;
+
+use crate::error::{ApiError, FieldViolation};
+
+/// Collects the bad fields of one request.
+#[derive(Debug, Default)]
+pub struct Violations {
+    violations: Vec<FieldViolation>,
+}
+
+impl Violations {
+    /// An empty collector.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Records a bad field.
+    pub fn add(&mut self, field: impl Into<String>, description: impl Into<String>) {
+        self.violations.push(FieldViolation {
+            field: field.into(),
+            description: description.into(),
+        });
+    }
+
+    /// Whether nothing was recorded so far.
+    pub fn is_empty(&self) -> bool {
+        self.violations.is_empty()
+    }
+
+    /// Parses a required UUID. Returns the nil UUID (never used: see [`Self::finish`]) when
+    /// the field is invalid.
+    pub fn uuid(&mut self, field: &str, value: &str) -> Uuid {
+        if value.is_empty() {
+            self.add(field, "required");
+            return Uuid::nil();
+        }
+        match Uuid::try_parse(value) {
+            Ok(id) if !id.is_nil() => id,
+            Ok(_) => {
+                self.add(field, "must not be the nil UUID");
+                Uuid::nil()
+            }
+            Err(_) => {
+                self.add(field, "must be a UUID");
+                Uuid::nil()
+            }
+        }
+    }
+
+    /// Checks a string's length in characters, `min..=max`.
+    pub fn length(&mut self, field: &str, value: &str, min: usize, max: usize) {
+        let chars = value.chars().count();
+        if chars < min {
+            if min == 1 {
+                self.add(field, "required");
+            } else {
+                self.add(field, format!("must be at least {min} characters"));
+            }
+        } else if chars > max {
+            self.add(field, format!("must be at most {max} characters"));
+        }
+    }
+
+    /// Checks a byte string's length, `min..=max`.
+    pub fn byte_length(&mut self, field: &str, value: &[u8], min: usize, max: usize) {
+        if value.len() < min {
+            self.add(field, format!("must be at least {min} bytes"));
+        } else if value.len() > max {
+            self.add(field, format!("must be at most {max} bytes"));
+        }
+    }
+
+    /// Checks a repeated field's count, `min..=max`.
+    pub fn count(&mut self, field: &str, count: usize, min: usize, max: usize) {
+        if count < min {
+            self.add(field, format!("must hold at least {min} item(s)"));
+        } else if count > max {
+            self.add(field, format!("must hold at most {max} items"));
+        }
+    }
+
+    /// Checks that a string is a token of `[a-z0-9_.-]`, `1..=max` characters.
+    pub fn token(&mut self, field: &str, value: &str, max: usize) {
+        if value.is_empty() {
+            self.add(field, "required");
+        } else if value.len() > max {
+            self.add(field, format!("must be at most {max} characters"));
+        } else if !value.bytes().all(|b| {
+            b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'_' | b'.' | b'-')
+        }) {
+            self.add(field, "may contain only a-z, 0-9, '_', '.' and '-'");
+        }
+    }
+
+    /// Fails with INVALID_ARGUMENT listing every recorded field, or succeeds.
+    pub fn finish(self) -> Result<(), ApiError> {
+        if self.violations.is_empty() {
+            Ok(())
+        } else {
+            Err(ApiError::invalid_argument(self.violations))
+        }
+    }
+}
+
+/// AIP-158 page size: 0 means the default; negative or above `max` is invalid.
+pub fn page_size(violations: &mut Violations, value: i32, default: u32, max: u32) -> u32 {
+    match u32::try_from(value) {
+        Ok(0) => default,
+        Ok(n) if n <= max => n,
+        _ => {
+            violations.add("page_size", format!("must be between 0 and {max}"));
+            default
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn collects_every_bad_field() {
+        let mut v = Violations::new();
+        v.uuid("tenant_id", "not-a-uuid");
+        v.token("purpose", "Has Spaces", 64);
+        v.length("object_id", "", 1, 256);
+        v.count("items", 1001, 1, 1000);
+        let err = v.finish().expect_err("four violations");
+        let fields: Vec<_> = err.violations().iter().map(|v| v.field.as_str()).collect();
+        assert_eq!(fields, ["tenant_id", "purpose", "object_id", "items"]);
+    }
+
+    #[test]
+    fn accepts_good_fields() {
+        let mut v = Violations::new();
+        let id = v.uuid("tenant_id", "0192b5d4-8f5e-7c3a-9d2b-1a2b3c4d5e6f");
+        v.token("purpose", "mfa.secret", 64);
+        v.length("object_id", "file-1", 1, 256);
+        assert!(v.finish().is_ok());
+        assert!(!id.is_nil());
+    }
+
+    #[test]
+    fn nil_uuid_is_refused() {
+        let mut v = Violations::new();
+        v.uuid("tenant_id", "00000000-0000-0000-0000-000000000000");
+        assert!(v.finish().is_err());
+    }
+
+    #[test]
+    fn page_size_bounds() {
+        let mut v = Violations::new();
+        assert_eq!(page_size(&mut v, 0, 50, 1000), 50);
+        assert_eq!(page_size(&mut v, 7, 50, 1000), 7);
+        assert!(v.is_empty());
+        page_size(&mut v, -1, 50, 1000);
+        page_size(&mut v, 1001, 50, 1000);
+        assert_eq!(v.finish().expect_err("two").violations().len(), 2);
+    }
+}

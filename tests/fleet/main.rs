@@ -1,0 +1,7 @@
+//! Fleet-level tests: one binary, one module per concern.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod db;
+mod keys;
+mod platform;

@@ -1,0 +1,411 @@
+//! The test fleet: real services on ephemeral ports with fresh databases, and typed
+//! clients, for the fleet-level tests in `fleet/`.
+//!
+//! `TestFleet::builder()` chooses what to start; every server runs the same
+//! `penny_platform::serve` stack as production. Databases are temporary SQLite files, or a
+//! fresh PostgreSQL database per fleet when `PENNY_TEST_DATABASE_URL` names a server
+//! (`postgres://postgres@127.0.0.1:5432/postgres`).
+
+#![forbid(unsafe_code)]
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+pub mod echo;
+pub mod tokens;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Once;
+use std::time::Duration;
+
+use penny_platform::principal::{PLATFORM_TENANT_ID, PrincipalKind, TokenVerifier};
+use penny_platform::server::ServeConfig;
+use penny_platform::signing::{SigningKey, TokenGrant};
+use sea_orm::ConnectionTrait;
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tonic::transport::{Channel, Endpoint};
+use uuid::Uuid;
+
+/// Environment variable naming a PostgreSQL server for tests.
+pub const TEST_DATABASE_ENV: &str = "PENNY_TEST_DATABASE_URL";
+
+static INIT: Once = Once::new();
+
+/// Process-wide test setup: crypto provider, and logs when `TEST_LOG=1`.
+pub fn init() {
+    INIT.call_once(|| {
+        penny_platform::install_crypto_provider();
+        if std::env::var("TEST_LOG").is_ok_and(|v| v == "1") {
+            let _ = tracing_subscriber_init();
+        }
+    });
+}
+
+fn tracing_subscriber_init() -> anyhow::Result<()> {
+    penny_platform::telemetry::init(penny_platform::telemetry::LogFormat::Text, "penny-tests")
+        .map(std::mem::forget)
+}
+
+/// Polls `check` until it holds or `within` passes; for things that settle.
+#[macro_export]
+macro_rules! assert_eventually {
+    ($within:expr, $check:expr) => {{
+        let deadline = std::time::Instant::now() + $within;
+        loop {
+            if $check {
+                break;
+            }
+            if std::time::Instant::now() >= deadline {
+                panic!(
+                    "condition did not hold within {:?}: {}",
+                    $within,
+                    stringify!($check)
+                );
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }};
+}
+
+/// A temporary directory removed on drop.
+#[derive(Debug)]
+pub struct TempDir(PathBuf);
+
+impl TempDir {
+    /// A fresh directory under the system temp dir.
+    pub fn new(prefix: &str) -> Self {
+        let path = std::env::temp_dir().join(format!("{prefix}-{}", Uuid::new_v4()));
+        std::fs::create_dir_all(&path).expect("create temp dir");
+        Self(path)
+    }
+
+    /// Its path.
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A database URL for one service of one test: a SQLite file in `dir`, or a fresh
+/// PostgreSQL database when [`TEST_DATABASE_ENV`] is set.
+pub async fn fresh_database_url(dir: &Path, name: &str) -> String {
+    match std::env::var(TEST_DATABASE_ENV) {
+        Ok(admin_url) if !admin_url.is_empty() => {
+            let db_name = format!("penny_t_{}_{}", name, Uuid::new_v4().simple());
+            let admin = penny_platform::db::connect(&admin_url)
+                .await
+                .expect("connect to PENNY_TEST_DATABASE_URL");
+            admin
+                .execute_unprepared(&format!("CREATE DATABASE \"{db_name}\""))
+                .await
+                .expect("create test database");
+            admin.close().await.ok();
+            replace_database(&admin_url, &db_name)
+        }
+        _ => penny_platform::db::sqlite_url(dir, name),
+    }
+}
+
+/// `postgres://u@h:p/old?x` → `postgres://u@h:p/new?x`.
+pub fn replace_database(url: &str, db_name: &str) -> String {
+    let (base, query) = match url.split_once('?') {
+        Some((base, query)) => (base, Some(query)),
+        None => (url, None),
+    };
+    let scheme_end = base.find("://").map_or(0, |i| i + 3);
+    let path_start = base[scheme_end..].find('/').map(|i| i + scheme_end);
+    let host_part = path_start.map_or(base, |i| &base[..i]);
+    match query {
+        Some(query) => format!("{host_part}/{db_name}?{query}"),
+        None => format!("{host_part}/{db_name}"),
+    }
+}
+
+/// One server of the fleet.
+#[derive(Debug)]
+pub struct RunningServer {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+}
+
+impl RunningServer {
+    /// Starts `serve` on an ephemeral port.
+    pub async fn start<F, Fut>(serve: F) -> Self
+    where
+        F: FnOnce(TcpListener, oneshot::Receiver<()>) -> Fut,
+        Fut: std::future::Future<Output = anyhow::Result<()>> + Send + 'static,
+    {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("local addr");
+        let (stop, stopped) = oneshot::channel();
+        let task = tokio::spawn(serve(listener, stopped));
+        Self {
+            addr,
+            stop: Some(stop),
+            task: Some(task),
+        }
+    }
+
+    /// A channel to it.
+    pub async fn channel(&self) -> Channel {
+        Endpoint::from_shared(format!("http://{}", self.addr))
+            .expect("endpoint")
+            .connect_timeout(Duration::from_secs(5))
+            .connect()
+            .await
+            .expect("connect")
+    }
+
+    /// Asks it to stop and waits until it has drained.
+    pub async fn shutdown(&mut self) -> anyhow::Result<()> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        match self.task.take() {
+            Some(task) => task.await?,
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for RunningServer {
+    fn drop(&mut self) {
+        if let Some(task) = &self.task {
+            task.abort();
+        }
+    }
+}
+
+/// What a [`TestFleet`] runs.
+#[derive(Debug, Default)]
+pub struct TestFleetBuilder {
+    echo: bool,
+    keys: bool,
+    concurrency_limit: Option<usize>,
+}
+
+impl TestFleetBuilder {
+    /// Start the test-only echo service on the standard stack.
+    pub fn with_echo(mut self) -> Self {
+        self.echo = true;
+        self
+    }
+
+    /// Start the keys service: the local engine, or Vault when
+    /// `PENNY_TEST_KEYS_BACKEND=vault` (with `VAULT_ADDR` and `VAULT_TOKEN`).
+    pub fn with_keys(mut self) -> Self {
+        self.keys = true;
+        self
+    }
+
+    /// Override the concurrency limit of every server.
+    pub fn concurrency_limit(mut self, limit: usize) -> Self {
+        self.concurrency_limit = Some(limit);
+        self
+    }
+
+    /// Starts the chosen services.
+    pub async fn start(self) -> TestFleet {
+        init();
+        let data_dir = TempDir::new("penny-fleet");
+        let signing = SigningKey::load_or_create(data_dir.path()).expect("signing key");
+        let verifier = TokenVerifier::new(&signing.jwks()).expect("verifier");
+        let mut config = ServeConfig::new_for_dev(verifier);
+        config.readiness_interval = Duration::from_millis(100);
+        if let Some(limit) = self.concurrency_limit {
+            config.concurrency_limit = limit;
+        }
+        let echo = if self.echo {
+            let config = config.clone();
+            Some(
+                RunningServer::start(move |listener, stopped| {
+                    penny_platform::serve(config, echo::bundle(), listener, async move {
+                        let _ = stopped.await;
+                    })
+                })
+                .await,
+            )
+        } else {
+            None
+        };
+        let keys = if self.keys {
+            Some(start_keys(&config, data_dir.path()).await)
+        } else {
+            None
+        };
+        TestFleet {
+            signing,
+            config,
+            echo,
+            keys,
+            data_dir,
+        }
+    }
+}
+
+/// Running services plus what tests need to call them.
+#[derive(Debug)]
+pub struct TestFleet {
+    /// The fleet's token-signing key.
+    pub signing: SigningKey,
+    /// The serve configuration every server got.
+    pub config: ServeConfig,
+    /// The echo server, when started.
+    pub echo: Option<RunningServer>,
+    /// The keys server, when started.
+    pub keys: Option<KeysServer>,
+    /// The fleet's data directory (databases, keys).
+    pub data_dir: TempDir,
+}
+
+impl TestFleet {
+    /// What to start.
+    pub fn builder() -> TestFleetBuilder {
+        TestFleetBuilder::default()
+    }
+
+    /// A token for any grant.
+    pub fn token(&self, grant: &TokenGrant) -> String {
+        self.signing.mint(grant).expect("mint")
+    }
+
+    /// A platform admin's token.
+    pub fn admin_token(&self) -> String {
+        self.token(&TokenGrant {
+            subject: "test-admin".into(),
+            tenant_id: PLATFORM_TENANT_ID,
+            roles: vec!["admin".into()],
+            kind: PrincipalKind::User,
+            session_id: None,
+            lifetime: Duration::from_secs(600),
+        })
+    }
+
+    /// A fleet service's token.
+    pub fn service_token(&self) -> String {
+        self.token(&TokenGrant {
+            subject: "svc-test".into(),
+            tenant_id: PLATFORM_TENANT_ID,
+            roles: vec![],
+            kind: PrincipalKind::Service,
+            session_id: None,
+            lifetime: Duration::from_secs(600),
+        })
+    }
+
+    /// A tenant user's token with the given roles.
+    pub fn user_token(&self, tenant_id: Uuid, roles: &[&str]) -> String {
+        self.token(&TokenGrant {
+            subject: format!("user-{}", Uuid::new_v4()),
+            tenant_id,
+            roles: roles.iter().map(|r| (*r).to_owned()).collect(),
+            kind: PrincipalKind::User,
+            session_id: Some(Uuid::new_v4().to_string()),
+            lifetime: Duration::from_secs(600),
+        })
+    }
+
+    /// The keys server; panics when it was not started.
+    pub fn keys(&self) -> &KeysServer {
+        self.keys.as_ref().expect("fleet started without keys")
+    }
+
+    /// The echo server; panics when it was not started.
+    pub fn echo(&self) -> &RunningServer {
+        self.echo.as_ref().expect("fleet started without echo")
+    }
+}
+
+/// The keys service of a test fleet, with what tests need to inspect it.
+#[derive(Debug)]
+pub struct KeysServer {
+    /// The server.
+    pub server: RunningServer,
+    /// Its database.
+    pub database_url: String,
+    /// The master key (local engine), hex.
+    pub master_key_hex: Option<String>,
+}
+
+/// Environment variable choosing the keys backend of test fleets (`local` or `vault`).
+pub const TEST_KEYS_BACKEND_ENV: &str = "PENNY_TEST_KEYS_BACKEND";
+
+/// Whether test fleets run the keys service on Vault.
+pub fn keys_on_vault() -> bool {
+    std::env::var(TEST_KEYS_BACKEND_ENV).is_ok_and(|v| v == "vault")
+}
+
+async fn start_keys(config: &ServeConfig, dir: &Path) -> KeysServer {
+    use penny_keys::{BackendConfig, KeysConfig};
+    let database_url = fresh_database_url(dir, "keys").await;
+    let (backend, master_key_hex) = if keys_on_vault() {
+        let settings = penny_keys::vault::VaultSettings {
+            address: std::env::var("VAULT_ADDR").expect("VAULT_ADDR for the vault backend"),
+            mount: std::env::var("PENNY_VAULT_TRANSIT_MOUNT").unwrap_or_else(|_| "transit".into()),
+            auth: penny_keys::vault::VaultAuth::Token(zeroize::Zeroizing::new(
+                std::env::var("VAULT_TOKEN").expect("VAULT_TOKEN for the vault backend"),
+            )),
+            timeout: Duration::from_secs(3),
+        };
+        (BackendConfig::Vault(settings), None)
+    } else {
+        let hex = penny_keys::local::MasterKey::generate_hex();
+        let master = penny_keys::local::MasterKey::parse(&hex).expect("master key");
+        (BackendConfig::Local(master), Some(hex.to_string()))
+    };
+    let keys_config = KeysConfig {
+        database_url: database_url.clone(),
+        backend,
+    };
+    let keys = penny_keys::build(keys_config)
+        .await
+        .expect("build keys service");
+    let bundle = penny_keys::bundle(keys, config);
+    let config = config.clone();
+    let server = RunningServer::start(move |listener, stopped| {
+        penny_platform::serve(config, bundle, listener, async move {
+            let _ = stopped.await;
+        })
+    })
+    .await;
+    KeysServer {
+        server,
+        database_url,
+        master_key_hex,
+    }
+}
+
+/// Adds `authorization: Bearer <token>` to a request.
+pub fn with_token<T>(message: T, token: &str) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    request.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {token}").parse().expect("metadata value"),
+    );
+    request
+}
+
+#[cfg(test)]
+mod tests {
+    use super::replace_database;
+
+    #[test]
+    fn database_name_replacement() {
+        assert_eq!(
+            replace_database("postgres://postgres@127.0.0.1:5432/postgres", "x"),
+            "postgres://postgres@127.0.0.1:5432/x"
+        );
+        assert_eq!(
+            replace_database("postgres://u:p@h/db?sslmode=disable", "y"),
+            "postgres://u:p@h/y?sslmode=disable"
+        );
+        assert_eq!(replace_database("postgres://h:1", "z"), "postgres://h:1/z");
+    }
+}
