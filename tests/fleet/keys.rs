@@ -776,7 +776,7 @@ async fn list_keys_pages_through_every_key() {
                     page_size: 3,
                     page_token: token.clone(),
                 },
-                &h.service,
+                &h.admin,
             ))
             .await
             .unwrap()
@@ -798,25 +798,46 @@ async fn list_keys_pages_through_every_key() {
                 page_size: 3,
                 page_token: "bogus!".into(),
             },
-            &h.service,
+            &h.admin,
         ))
         .await
         .unwrap_err();
     assert_eq!(status_reason(&status), "PAGE_TOKEN_INVALID");
+    // Listing every tenant's key is for platform staff only.
+    let status = h
+        .client
+        .list_keys(with_token(pb::ListKeysRequest::default(), &h.service))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::PermissionDenied);
 }
 
 /// The keys database never holds a plaintext key: not the data keys handed out, not the
 /// version keys, not the master key. Local engine only (Vault keeps its own material).
 #[tokio::test]
 async fn the_keys_database_never_contains_a_plaintext_key() {
-    if keys_on_vault() {
-        // Vault holds the key material; the database only mirrors metadata, which the
-        // wrapped_key column (always empty for Vault) shows.
-        return;
-    }
     use sea_orm::{ConnectionTrait, Statement};
     let mut h = Harness::start().await;
     let tenant = h.new_tenant().await;
+    if keys_on_vault() {
+        // Vault holds the key material: the database mirrors metadata only, so every
+        // wrapped_key is empty.
+        let db = penny_platform::db::connect(&h.fleet.keys().database_url)
+            .await
+            .unwrap();
+        let rows = db
+            .query_all_raw(Statement::from_string(
+                db.get_database_backend(),
+                "SELECT wrapped_key FROM key_versions",
+            ))
+            .await
+            .unwrap();
+        assert!(!rows.is_empty());
+        for row in rows {
+            assert!(row.try_get_by_index::<Vec<u8>>(0).unwrap().is_empty());
+        }
+        return;
+    }
     h.client
         .rotate_key(with_token(
             pb::RotateKeyRequest {

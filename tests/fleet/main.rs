@@ -5,3 +5,4 @@
 mod db;
 mod keys;
 mod platform;
+mod vault_contract;

@@ -22,18 +22,19 @@ use crate::error::batch_item_error;
 const DEFAULT_PAGE_SIZE: u32 = 100;
 const MAX_PAGE_SIZE: u32 = 1000;
 
-/// Who may call what. Rotation, configuration and deletion are for platform staff; the
-/// rest for the fleet's services (and staff). Anything not listed is refused.
+/// Who may call what. Listing every tenant's key, rotation, configuration and deletion are
+/// for platform staff; the rest for the fleet's services (and staff). Anything not listed
+/// is refused.
 fn policy() -> AccessPolicy {
     use Requirement::{PlatformAdmin, ServiceOrAdmin};
     [
         ("CreateKey", ServiceOrAdmin),
         ("GetKey", ServiceOrAdmin),
-        ("ListKeys", ServiceOrAdmin),
         ("GenerateDataKey", ServiceOrAdmin),
         ("Encrypt", ServiceOrAdmin),
         ("Decrypt", ServiceOrAdmin),
         ("Rewrap", ServiceOrAdmin),
+        ("ListKeys", PlatformAdmin),
         ("RotateKey", PlatformAdmin),
         ("UpdateKeyConfig", PlatformAdmin),
         ("DeleteKey", PlatformAdmin),

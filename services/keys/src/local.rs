@@ -3,10 +3,13 @@
 //!
 //! Ciphertexts are `penny:v<N>:<base64(nonce ‖ ciphertext ‖ tag)>`, AES-256-GCM with a
 //! random 96-bit nonce and the encoded [`EncryptionContext`] plus the version as associated
-//! data. Unwrapped version keys are cached in memory for one second at most, so a change
-//! made by another replica (rotation, minimum version, deletion) is seen within that bound.
+//! data. Unwrapped version keys are cached in memory for one second (plus a half-second
+//! grace while one caller re-reads them), so a change made by another replica (rotation,
+//! minimum version, deletion) is seen within 1.5 s; changes made through this replica are
+//! seen at once.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
@@ -33,6 +36,9 @@ const NONCE_LEN: usize = 12;
 const TAG_LEN: usize = 16;
 /// How long a cached keyring is trusted before it is read again.
 const CACHE_TTL: Duration = Duration::from_secs(1);
+/// While one caller re-reads an expired keyring, the others keep using it for at most this
+/// much longer, so expiry costs one database read instead of one per concurrent caller.
+const REFRESH_GRACE: Duration = Duration::from_millis(500);
 
 /// The 256-bit master key every KEK derives from.
 pub struct MasterKey(Zeroizing<[u8; 32]>);
@@ -156,6 +162,7 @@ struct LoadedKeyring {
     info: KeyInfo,
     ciphers: HashMap<u32, Aes256Gcm>,
     loaded_at: Instant,
+    refreshing: AtomicBool,
 }
 
 impl LoadedKeyring {
@@ -244,12 +251,27 @@ impl LocalBackend {
 
     /// The tenant's keyring, from the cache when fresh.
     async fn keyring(&self, tenant: TenantId) -> Result<Arc<LoadedKeyring>, KeysError> {
-        if let Ok(cache) = self.cache.read()
-            && let Some(ring) = cache.get(&tenant)
-            && ring.loaded_at.elapsed() < CACHE_TTL
-        {
-            return Ok(ring.clone());
+        let cached = self.cache.read().ok().and_then(|c| c.get(&tenant).cloned());
+        if let Some(ring) = &cached {
+            let age = ring.loaded_at.elapsed();
+            if age < CACHE_TTL {
+                return Ok(ring.clone());
+            }
+            // Expired: one caller refreshes, the others use it a little longer (bounded).
+            if age < CACHE_TTL + REFRESH_GRACE && ring.refreshing.swap(true, Ordering::AcqRel) {
+                return Ok(ring.clone());
+            }
         }
+        let loaded = self.load_keyring(tenant).await;
+        if loaded.is_err()
+            && let Some(ring) = &cached
+        {
+            ring.refreshing.store(false, Ordering::Release);
+        }
+        loaded
+    }
+
+    async fn load_keyring(&self, tenant: TenantId) -> Result<Arc<LoadedKeyring>, KeysError> {
         let stored = self.store.load(tenant).await?.ok_or_else(|| {
             self.forget(tenant);
             KeysError::KeyNotFound
@@ -269,6 +291,7 @@ impl LocalBackend {
             info: stored.info,
             ciphers,
             loaded_at: Instant::now(),
+            refreshing: AtomicBool::new(false),
         });
         if let Ok(mut cache) = self.cache.write() {
             cache.insert(tenant, ring.clone());

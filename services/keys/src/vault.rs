@@ -8,9 +8,10 @@
 //! `vaultrs`). Vault sealed or unreachable is UNAVAILABLE at once; there is never a
 //! fallback to another engine.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use base64::Engine;
@@ -82,9 +83,16 @@ pub struct VaultBackend {
     client: RwLock<Arc<VaultClient>>,
     settings: VaultSettings,
     store: Store,
-    /// Tenants whose transit key is known to exist: encrypt never upserts a key.
-    known: RwLock<HashSet<TenantId>>,
+    /// Tenants whose transit key was seen to exist, and when: encrypt never upserts a key.
+    /// Entries expire so that a deletion by another replica is noticed.
+    known: RwLock<HashMap<TenantId, Instant>>,
+    /// Set when Vault answered 403 (token expired or revoked, policy changed): the service
+    /// reports NOT_SERVING and, with Kubernetes auth, logs in again on the next probe.
+    refused: AtomicBool,
 }
+
+/// How long a key seen in Vault is assumed to still exist.
+const KNOWN_TTL: Duration = Duration::from_millis(1500);
 
 impl std::fmt::Debug for VaultBackend {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -314,8 +322,29 @@ impl VaultBackend {
             client: RwLock::new(Arc::new(client)),
             settings,
             store,
-            known: RwLock::new(HashSet::new()),
+            known: RwLock::new(HashMap::new()),
+            refused: AtomicBool::new(false),
         })
+    }
+
+    /// Records a failure that an operator (or a fresh login) must fix.
+    fn note<T>(&self, result: Result<T, KeysError>) -> Result<T, KeysError> {
+        match &result {
+            Err(KeysError::BackendRefused(_)) => self.refused.store(true, Ordering::Release),
+            Ok(_) => self.refused.store(false, Ordering::Release),
+            Err(_) => {}
+        }
+        result
+    }
+
+    /// Logs in again (Kubernetes auth) and swaps the client in.
+    async fn relogin(&self) -> Result<(), KeysError> {
+        let token = login(&self.settings).await?;
+        let client = build_client(&self.settings, &token)?;
+        if let Ok(mut guard) = self.client.write() {
+            *guard = Arc::new(client);
+        }
+        Ok(())
     }
 
     fn client(&self) -> Result<Arc<VaultClient>, KeysError> {
@@ -332,7 +361,7 @@ impl VaultBackend {
     fn remember(&self, tenant: TenantId, exists: bool) {
         if let Ok(mut known) = self.known.write() {
             if exists {
-                known.insert(tenant);
+                known.insert(tenant, Instant::now());
             } else {
                 known.remove(&tenant);
             }
@@ -342,7 +371,11 @@ impl VaultBackend {
     /// Fails with KEY_NOT_FOUND unless the tenant's transit key exists, so no call can
     /// upsert a key Vault would create with defaults.
     async fn ensure_exists(&self, tenant: TenantId) -> Result<(), KeysError> {
-        if self.known.read().is_ok_and(|k| k.contains(&tenant)) {
+        let fresh = self.known.read().is_ok_and(|k| {
+            k.get(&tenant)
+                .is_some_and(|seen| seen.elapsed() < KNOWN_TTL)
+        });
+        if fresh {
             return Ok(());
         }
         self.read_key(tenant).await.map(drop)
@@ -350,9 +383,11 @@ impl VaultBackend {
 
     async fn read_key(&self, tenant: TenantId) -> Result<KeyInfo, KeysError> {
         let client = self.client()?;
-        let read = vaultrs::transit::key::read(client.as_ref(), self.mount(), &tenant.key_name())
-            .await
-            .map_err(map_client_error);
+        let read = self.note(
+            vaultrs::transit::key::read(client.as_ref(), self.mount(), &tenant.key_name())
+                .await
+                .map_err(map_client_error),
+        );
         let read = match read {
             Ok(read) => read,
             Err(err) => {
@@ -432,12 +467,28 @@ impl KeyBackend for VaultBackend {
     }
 
     async fn ready(&self) -> bool {
+        if self.refused.load(Ordering::Acquire) {
+            if matches!(self.settings.auth, VaultAuth::Kubernetes { .. })
+                && self.relogin().await.is_ok()
+            {
+                tracing::info!("logged in to vault again after a refusal");
+                self.refused.store(false, Ordering::Release);
+            } else {
+                return false;
+            }
+        }
         let Ok(client) = self.client() else {
             return false;
         };
-        let sealed = vaultrs::sys::status(client.as_ref()).await;
-        matches!(sealed, Ok(vaultrs::sys::ServerStatus::OK))
-            && penny_platform::db::ping(self.store.connection()).await
+        // Active and standby nodes serve transit (standbys forward); sealed, uninitialized
+        // or unreachable do not.
+        let status = vaultrs::sys::status(client.as_ref()).await;
+        matches!(
+            status,
+            Ok(vaultrs::sys::ServerStatus::OK
+                | vaultrs::sys::ServerStatus::STANDBY
+                | vaultrs::sys::ServerStatus::PERFSTANDBY)
+        ) && penny_platform::db::ping(self.store.connection()).await
     }
 
     async fn create_key(&self, tenant: TenantId) -> Result<(KeyInfo, bool), KeysError> {

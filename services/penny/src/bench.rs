@@ -13,11 +13,17 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use hdrhistogram::Histogram;
+use penny_keys::local::MasterKey;
+use penny_keys::{BackendConfig, KeysConfig};
 use penny_platform::ServiceBundle;
 use penny_platform::principal::TokenVerifier;
+use penny_platform::principal::{PLATFORM_TENANT_ID, PrincipalKind};
 use penny_platform::server::{ServeConfig, always_ready};
 use penny_platform::signing::SigningKey;
+use penny_platform::signing::TokenGrant;
 use penny_platform::{AccessPolicy, serve};
+use penny_proto::keys::v1 as pb;
+use penny_proto::keys::v1::key_service_client::KeyServiceClient;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tonic::transport::{Channel, Endpoint};
@@ -29,6 +35,10 @@ use tonic_health::pb::health_client::HealthClient;
 pub enum Scenario {
     /// The empty gRPC health `Check` through the full standard stack: the ceiling.
     Baseline,
+    /// `KeyService.GenerateDataKey` (256-bit, local engine), after a baseline phase.
+    KeysDatakey,
+    /// `KeyService.Decrypt` of one wrapped data key (local engine), after a baseline phase.
+    KeysDecrypt,
 }
 
 /// `penny bench` options.
@@ -55,6 +65,53 @@ pub struct BenchArgs {
     /// Measure the baseline against an already running server (`host:port`) instead.
     #[arg(long)]
     pub target: Option<String>,
+    /// Fail unless the scenario reaches this fraction of the baseline's throughput.
+    #[arg(long)]
+    pub min_throughput_ratio: Option<f64>,
+    /// Fail unless the scenario's p99 is at most this multiple of the baseline's p99.
+    #[arg(long)]
+    pub max_p99_ratio: Option<f64>,
+    /// Fail unless the scenario's p99 is at most this many microseconds.
+    #[arg(long)]
+    pub max_p99_us: Option<u64>,
+}
+
+/// Checks a scenario against the targets given on the command line.
+fn check_targets(
+    args: &BenchArgs,
+    scenario: &PhaseReport,
+    baseline: &PhaseReport,
+) -> anyhow::Result<()> {
+    let mut missed = Vec::new();
+    let throughput = scenario.throughput() / baseline.throughput().max(f64::EPSILON);
+    let p99 = scenario.p(0.99) as f64 / (baseline.p(0.99).max(1)) as f64;
+    if let Some(min) = args.min_throughput_ratio
+        && throughput < min
+    {
+        missed.push(format!("throughput {throughput:.2}x of baseline < {min}"));
+    }
+    if let Some(max) = args.max_p99_ratio
+        && p99 > max
+    {
+        missed.push(format!("p99 {p99:.2}x of baseline > {max}"));
+    }
+    if let Some(max) = args.max_p99_us
+        && scenario.p(0.99) > max
+    {
+        missed.push(format!("p99 {}us > {max}us", scenario.p(0.99)));
+    }
+    if !scenario.errors.is_empty() {
+        missed.push(format!(
+            "{} failed calls",
+            scenario.errors.values().sum::<u64>()
+        ));
+    }
+    if missed.is_empty() {
+        println!("targets met");
+        Ok(())
+    } else {
+        anyhow::bail!("targets missed: {}", missed.join("; "))
+    }
 }
 
 /// How long a phase runs.
@@ -154,6 +211,23 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     .await?;
     baseline.print();
 
+    if let Some(server) = &server
+        && args.scenario != Scenario::Baseline
+    {
+        let report = keys_phase(
+            args.scenario,
+            server,
+            &channels,
+            args.concurrency,
+            warmup,
+            limit,
+        )
+        .await?;
+        report.print();
+        print_ratio(&report, &baseline);
+        check_targets(&args, &report, &baseline)?;
+    }
+
     if let Some(server) = server {
         server.stop().await?;
         if let Some(rss) = peak_rss_kib() {
@@ -167,7 +241,6 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
 }
 
 /// Prints how a scenario compares to the baseline of the same run.
-#[allow(dead_code)]
 fn print_ratio(scenario: &PhaseReport, baseline: &PhaseReport) {
     println!(
         "{} / baseline: throughput {:.2}x, p99 {:.2}x",
@@ -181,6 +254,7 @@ fn print_ratio(scenario: &PhaseReport, baseline: &PhaseReport) {
 struct BenchServer {
     stop: oneshot::Sender<()>,
     task: tokio::task::JoinHandle<anyhow::Result<()>>,
+    signing: SigningKey,
     _data_dir: TempDir,
 }
 
@@ -207,6 +281,17 @@ async fn start_server(scenario: Scenario) -> anyhow::Result<(String, BenchServer
             descriptors: Vec::new(),
             readiness: always_ready(),
         },
+        Scenario::KeysDatakey | Scenario::KeysDecrypt => {
+            let hex = MasterKey::generate_hex();
+            let keys = penny_keys::build(KeysConfig {
+                database_url: penny_platform::db::sqlite_url(&data_dir.0, "keys"),
+                backend: BackendConfig::Local(
+                    MasterKey::parse(&hex).map_err(|why| anyhow::anyhow!("master key: {why}"))?,
+                ),
+            })
+            .await?;
+            penny_keys::bundle(keys, &config)
+        }
     };
     let (stop, stopped) = oneshot::channel::<()>();
     let task = tokio::spawn(serve(config, bundle, listener, async move {
@@ -217,6 +302,7 @@ async fn start_server(scenario: Scenario) -> anyhow::Result<(String, BenchServer
         BenchServer {
             stop,
             task,
+            signing,
             _data_dir: data_dir,
         },
     ))
@@ -233,6 +319,117 @@ async fn connect(addr: &str, connections: u32) -> anyhow::Result<Vec<Channel>> {
         channels.push(channel);
     }
     Ok(channels)
+}
+
+/// Creates a tenant key, then measures the keys scenario through the full stack with a
+/// service token (verified once, then served from the verifier's cache like production).
+async fn keys_phase(
+    scenario: Scenario,
+    server: &BenchServer,
+    channels: &[Channel],
+    concurrency: u32,
+    warmup: Duration,
+    limit: Limit,
+) -> anyhow::Result<PhaseReport> {
+    let token = Arc::new(server.signing.mint(&TokenGrant {
+        subject: "svc-bench".to_owned(),
+        tenant_id: PLATFORM_TENANT_ID,
+        roles: Vec::new(),
+        kind: PrincipalKind::Service,
+        session_id: None,
+        lifetime: Duration::from_secs(3600),
+    })?);
+    let tenant = uuid::Uuid::new_v4().to_string();
+    let context = pb::EncryptionContext {
+        purpose: "file".to_owned(),
+        object_id: "bench-object".to_owned(),
+    };
+    let channel = channels.first().context("no connection")?.clone();
+    let mut client = KeyServiceClient::new(channel);
+    client
+        .create_key(authorized(
+            pb::CreateKeyRequest {
+                tenant_id: tenant.clone(),
+            },
+            &token,
+        )?)
+        .await
+        .map_err(|s| anyhow::anyhow!("create key: {s:?}"))?;
+    let datakey = pb::GenerateDataKeyRequest {
+        tenant_id: tenant.clone(),
+        context: Some(context.clone()),
+        key_bits: 256,
+    };
+    match scenario {
+        Scenario::Baseline => anyhow::bail!("not a keys scenario"),
+        Scenario::KeysDatakey => {
+            phase(
+                "keys-datakey",
+                channels,
+                concurrency,
+                warmup,
+                limit,
+                move |channel| {
+                    let request = authorized(datakey.clone(), &token);
+                    async move {
+                        let request =
+                            request.map_err(|e| tonic::Status::internal(e.to_string()))?;
+                        KeyServiceClient::new(channel)
+                            .generate_data_key(request)
+                            .await
+                            .map(drop)
+                    }
+                },
+            )
+            .await
+        }
+        Scenario::KeysDecrypt => {
+            let wrapped = client
+                .generate_data_key(authorized(datakey, &token)?)
+                .await
+                .map_err(|s| anyhow::anyhow!("generate data key: {s:?}"))?
+                .into_inner()
+                .wrapped_key;
+            let decrypt = pb::DecryptRequest {
+                tenant_id: tenant,
+                items: vec![pb::DecryptItem {
+                    ciphertext: wrapped,
+                    context: Some(context),
+                }],
+            };
+            phase(
+                "keys-decrypt",
+                channels,
+                concurrency,
+                warmup,
+                limit,
+                move |channel| {
+                    let request = authorized(decrypt.clone(), &token);
+                    async move {
+                        let request =
+                            request.map_err(|e| tonic::Status::internal(e.to_string()))?;
+                        let reply = KeyServiceClient::new(channel)
+                            .decrypt(request)
+                            .await?
+                            .into_inner();
+                        match reply.results.first().and_then(|r| r.result.as_ref()) {
+                            Some(pb::decrypt_result::Result::Plaintext(_)) => Ok(()),
+                            _ => Err(tonic::Status::internal("decrypt item failed")),
+                        }
+                    }
+                },
+            )
+            .await
+        }
+    }
+}
+
+fn authorized<T>(message: T, token: &str) -> anyhow::Result<tonic::Request<T>> {
+    let mut request = tonic::Request::new(message);
+    request
+        .metadata_mut()
+        .insert("authorization", format!("Bearer {token}").parse()?);
+    Ok(request)
 }
 
 /// Runs `call` from `concurrency` tasks: first unmeasured for `warmup`, then measured.

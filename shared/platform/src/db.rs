@@ -33,6 +33,9 @@ pub async fn connect(url: &str) -> Result<DatabaseConnection, DbErr> {
                     .synchronous(SqliteSynchronous::Normal)
                     .busy_timeout(Duration::from_secs(5))
                     .foreign_keys(true)
+                    // Deleted rows are overwritten, not left in free pages: deleting a
+                    // wrapped key must destroy it. Set on every pooled connection.
+                    .pragma("secure_delete", "ON")
             });
     } else {
         options.max_connections(32).min_connections(1);

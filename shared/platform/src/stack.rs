@@ -90,11 +90,13 @@ where
             "grpc",
             rpc = %req.uri().path(),
             request_id = %request_id,
+            principal = tracing::field::Empty,
             otel.kind = "server",
         );
         let _no_parent = span.set_parent(telemetry::extract_context(req.headers()));
         req.extensions_mut().insert(RequestId(request_id.clone()));
-        let fut = self.inner.call(req);
+        // Inner layers run inside the span, so the auth layer can record the principal.
+        let fut = span.in_scope(|| self.inner.call(req));
         Box::pin(
             async move {
                 let mut response = fut.await?;

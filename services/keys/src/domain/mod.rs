@@ -87,7 +87,8 @@ pub struct KeyInfo {
 
 /// Largest plaintext item accepted by `Encrypt`.
 pub const MAX_PLAINTEXT_BYTES: usize = 1024 * 1024;
-/// Largest ciphertext accepted by `Decrypt` / `Rewrap` (base64 of the largest plaintext).
-pub const MAX_CIPHERTEXT_CHARS: usize = 1_500_000;
+/// Largest ciphertext accepted by `Decrypt` / `Rewrap`: 2 MiB of text, above the base64 of
+/// the largest plaintext with its nonce, tag and prefix.
+pub const MAX_CIPHERTEXT_CHARS: usize = 2 * 1024 * 1024;
 /// Most items in one `Encrypt`, `Decrypt` or `Rewrap`.
 pub const MAX_BATCH_ITEMS: usize = 1000;

@@ -1,14 +1,15 @@
 //! The keys database: keyrings and their (wrapped) versions. Returns domain types.
 //!
 //! Deleting a keyring deletes its wrapped versions in the same transaction; on SQLite
-//! `secure_delete` overwrites the freed pages so the wrapped material does not linger.
+//! `secure_delete` (set by the platform on every connection) overwrites the freed pages so
+//! the wrapped material does not linger.
 
 mod entity;
 
 use sea_orm::sea_query::{Expr, OnConflict};
 use sea_orm::{
-    ActiveValue::Set, ColumnTrait, ConnectionTrait, DatabaseConnection, DbBackend, DbErr,
-    EntityTrait, QueryFilter, QueryOrder, QuerySelect,
+    ActiveValue::Set, ColumnTrait, DatabaseConnection, DbErr, EntityTrait, QueryFilter, QueryOrder,
+    QuerySelect,
 };
 use time::OffsetDateTime;
 use uuid::Uuid;
@@ -68,11 +69,9 @@ fn info_from(ring: keyrings::Model, versions: &[key_versions::Model]) -> KeyInfo
 
 impl Store {
     /// Wraps a connection whose schema is migrated.
+    /// (On SQLite, `penny_platform::db::connect` turns `secure_delete` on for every pooled
+    /// connection, so deleted wrapped keys do not linger in free pages.)
     pub async fn new(db: DatabaseConnection) -> Result<Self, DbErr> {
-        if db.get_database_backend() == DbBackend::Sqlite {
-            // Freed pages are zeroed, so deleted wrapped keys do not linger in the file.
-            db.execute_unprepared("PRAGMA secure_delete = ON").await?;
-        }
         Ok(Self { db })
     }
 
