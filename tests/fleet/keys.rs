@@ -8,7 +8,7 @@ use base64::engine::general_purpose::STANDARD;
 use penny_proto::common::v1::{BatchItemError, ErrorReason};
 use penny_proto::keys::v1 as pb;
 use penny_proto::keys::v1::key_service_client::KeyServiceClient;
-use penny_tests::{TestFleet, keys_on_vault, with_token};
+use penny_tests::{TestFleet, assert_eventually, keys_on_vault, with_token};
 use tonic::Code;
 use tonic::transport::Channel;
 use tonic_types::StatusExt;
@@ -947,4 +947,74 @@ async fn the_keys_database_never_contains_a_plaintext_key() {
             "a plaintext key is in the database, hex-encoded"
         );
     }
+}
+
+/// Two replicas on one database: a rotation or a deletion through one is in force on the
+/// other within the cache bound (1.5 s), without restarting it.
+#[tokio::test]
+async fn changes_made_through_one_replica_reach_the_other() {
+    let mut h = Harness::start().await;
+    let replica = h.fleet.start_keys_replica().await;
+    let mut other = KeyServiceClient::new(replica.server.channel().await);
+    let tenant = h.new_tenant().await;
+    let context = ctx("file", "f-1");
+    let encrypt_on_other = |other: &mut KeyServiceClient<Channel>, token: String| {
+        let mut other = other.clone();
+        let tenant = tenant.clone();
+        let context = context.clone();
+        async move {
+            other
+                .encrypt(with_token(
+                    pb::EncryptRequest {
+                        tenant_id: tenant,
+                        items: vec![pb::EncryptItem {
+                            plaintext: b"x".to_vec(),
+                            context: Some(context),
+                        }],
+                    },
+                    &token,
+                ))
+                .await
+        }
+    };
+    // The replica has cached version 1.
+    let first = encrypt_on_other(&mut other, h.service.clone())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(first.results[0].key_version, 1);
+
+    h.client
+        .rotate_key(with_token(
+            pb::RotateKeyRequest {
+                tenant_id: tenant.clone(),
+            },
+            &h.admin,
+        ))
+        .await
+        .unwrap();
+    assert_eventually!(std::time::Duration::from_secs(3), {
+        let reply = encrypt_on_other(&mut other, h.service.clone())
+            .await
+            .unwrap()
+            .into_inner();
+        reply.results[0].key_version == 2
+    });
+
+    h.update(&tenant, None, Some(true)).await.unwrap();
+    h.client
+        .delete_key(with_token(
+            pb::DeleteKeyRequest {
+                tenant_id: tenant.clone(),
+            },
+            &h.admin,
+        ))
+        .await
+        .unwrap();
+    assert_eventually!(std::time::Duration::from_secs(3), {
+        matches!(
+            encrypt_on_other(&mut other, h.service.clone()).await,
+            Err(status) if status.code() == Code::NotFound
+        )
+    });
 }

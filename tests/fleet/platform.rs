@@ -405,3 +405,69 @@ async fn service_principals_carry_their_kind() {
     let reply = client.echo(with_token(echo("hi"), &token)).await.unwrap();
     assert_eq!(reply.into_inner().principal_id, "svc-files");
 }
+
+#[tokio::test]
+async fn mtls_admits_only_clients_with_a_certificate_from_the_ca() {
+    use penny_tests::tls::TestPki;
+    use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
+    let pki = TestPki::generate();
+    let fleet = TestFleet::builder()
+        .with_echo()
+        .tls(pki.server_mtls())
+        .start()
+        .await;
+    let addr = fleet.echo().addr;
+    let token = fleet.admin_token();
+    let ca = pki.ca_pem.clone();
+    let connect = |identity: Option<Identity>| {
+        let mut tls = ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(&ca))
+            .domain_name("localhost");
+        if let Some(identity) = identity {
+            tls = tls.identity(identity);
+        }
+        let token = token.clone();
+        async move {
+            let channel = Endpoint::from_shared(format!("https://localhost:{}", addr.port()))?
+                .tls_config(tls)?
+                .connect()
+                .await?;
+            let mut client = EchoServiceClient::new(channel);
+            client.echo(with_token(echo("over tls"), &token)).await?;
+            Ok::<_, Box<dyn std::error::Error>>(())
+        }
+    };
+    connect(Some(Identity::from_pem(
+        &pki.client_cert_pem,
+        &pki.client_key_pem,
+    )))
+    .await
+    .expect("a client with a certificate from the CA is served");
+    assert!(
+        connect(None).await.is_err(),
+        "a client without a certificate is refused"
+    );
+    assert!(
+        connect(Some(Identity::from_pem(
+            &pki.rogue_client_cert_pem,
+            &pki.rogue_client_key_pem
+        )))
+        .await
+        .is_err(),
+        "a client certificate from another CA is refused"
+    );
+    // Plaintext to a TLS port fails too.
+    let plaintext = Endpoint::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await;
+    if let Ok(channel) = plaintext {
+        let mut client = EchoServiceClient::new(channel);
+        assert!(
+            client
+                .echo(with_token(echo("x"), &fleet.admin_token()))
+                .await
+                .is_err()
+        );
+    }
+}

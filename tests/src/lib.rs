@@ -10,6 +10,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 pub mod echo;
+pub mod tls;
 pub mod tokens;
 
 use std::net::SocketAddr;
@@ -189,6 +190,7 @@ pub struct TestFleetBuilder {
     echo: bool,
     keys: bool,
     concurrency_limit: Option<usize>,
+    tls: Option<penny_platform::server::TlsMaterial>,
 }
 
 impl TestFleetBuilder {
@@ -202,6 +204,12 @@ impl TestFleetBuilder {
     /// `PENNY_TEST_KEYS_BACKEND=vault` (with `VAULT_ADDR` and `VAULT_TOKEN`).
     pub fn with_keys(mut self) -> Self {
         self.keys = true;
+        self
+    }
+
+    /// Serve TLS (and mTLS when the material names a client CA).
+    pub fn tls(mut self, material: penny_platform::server::TlsMaterial) -> Self {
+        self.tls = Some(material);
         self
     }
 
@@ -222,6 +230,7 @@ impl TestFleetBuilder {
         if let Some(limit) = self.concurrency_limit {
             config.concurrency_limit = limit;
         }
+        config.tls = self.tls;
         let echo = if self.echo {
             let config = config.clone();
             Some(
@@ -317,6 +326,18 @@ impl TestFleet {
         self.keys.as_ref().expect("fleet started without keys")
     }
 
+    /// A second keys server sharing the first one's database (and master key or Vault):
+    /// another replica, for tests that must not assume a single one.
+    pub async fn start_keys_replica(&self) -> KeysServer {
+        let first = self.keys();
+        start_keys_on(
+            &self.config,
+            first.database_url.clone(),
+            first.master_key_hex.clone(),
+        )
+        .await
+    }
+
     /// The echo server; panics when it was not started.
     pub fn echo(&self) -> &RunningServer {
         self.echo.as_ref().expect("fleet started without echo")
@@ -343,9 +364,19 @@ pub fn keys_on_vault() -> bool {
 }
 
 async fn start_keys(config: &ServeConfig, dir: &Path) -> KeysServer {
-    use penny_keys::{BackendConfig, KeysConfig};
     let database_url = fresh_database_url(dir, "keys").await;
-    let (backend, master_key_hex) = if keys_on_vault() {
+    let master_key_hex =
+        (!keys_on_vault()).then(|| penny_keys::local::MasterKey::generate_hex().to_string());
+    start_keys_on(config, database_url, master_key_hex).await
+}
+
+async fn start_keys_on(
+    config: &ServeConfig,
+    database_url: String,
+    master_key_hex: Option<String>,
+) -> KeysServer {
+    use penny_keys::{BackendConfig, KeysConfig};
+    let backend = if keys_on_vault() {
         let settings = penny_keys::vault::VaultSettings {
             address: std::env::var("VAULT_ADDR").expect("VAULT_ADDR for the vault backend"),
             mount: std::env::var("PENNY_VAULT_TRANSIT_MOUNT").unwrap_or_else(|_| "transit".into()),
@@ -354,11 +385,12 @@ async fn start_keys(config: &ServeConfig, dir: &Path) -> KeysServer {
             )),
             timeout: Duration::from_secs(3),
         };
-        (BackendConfig::Vault(settings), None)
+        BackendConfig::Vault(settings)
     } else {
-        let hex = penny_keys::local::MasterKey::generate_hex();
-        let master = penny_keys::local::MasterKey::parse(&hex).expect("master key");
-        (BackendConfig::Local(master), Some(hex.to_string()))
+        let hex = master_key_hex
+            .as_deref()
+            .expect("master key for the local engine");
+        BackendConfig::Local(penny_keys::local::MasterKey::parse(hex).expect("master key"))
     };
     let keys_config = KeysConfig {
         database_url: database_url.clone(),

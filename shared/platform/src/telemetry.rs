@@ -46,7 +46,7 @@ impl Drop for TelemetryGuard {
 /// OTLP exporter needs it). Filter from `RUST_LOG`, default `info`. Traces go over OTLP/gRPC
 /// when `OTEL_EXPORTER_OTLP_ENDPOINT` is set.
 pub fn init(format: LogFormat, service_name: &str) -> anyhow::Result<TelemetryGuard> {
-    global::set_text_map_propagator(TraceContextPropagator::new());
+    install_propagator();
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
 
     let provider = match std::env::var("OTEL_EXPORTER_OTLP_ENDPOINT") {
@@ -101,6 +101,11 @@ fn otlp_provider(endpoint: &str, service_name: &str) -> anyhow::Result<SdkTracer
         .build())
 }
 
+/// Installs the W3C trace-context propagator (`traceparent`, `tracestate`) process-wide.
+pub fn install_propagator() {
+    global::set_text_map_propagator(TraceContextPropagator::new());
+}
+
 struct HeaderExtractor<'a>(&'a http::HeaderMap);
 
 impl Extractor for HeaderExtractor<'_> {
@@ -141,5 +146,52 @@ impl tonic::service::Interceptor for TraceContextInterceptor {
             propagator.inject_context(&context, &mut MetadataInjector(req.metadata_mut()));
         });
         Ok(req)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tonic::service::Interceptor;
+
+    /// An inbound `traceparent` becomes the parent of the server's span, and an outbound call
+    /// made inside that span carries the same trace id with the server span as its parent.
+    #[test]
+    fn w3c_trace_context_flows_from_inbound_to_outbound_calls() {
+        install_propagator();
+        let provider = SdkTracerProvider::builder().build();
+        let subscriber = tracing_subscriber::registry()
+            .with(tracing_opentelemetry::layer().with_tracer(provider.tracer("test")));
+        tracing::subscriber::with_default(subscriber, || {
+            let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
+            let mut headers = http::HeaderMap::new();
+            headers.insert(
+                "traceparent",
+                http::HeaderValue::from_static(
+                    "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+                ),
+            );
+            let span = tracing::info_span!("grpc");
+            span.set_parent(extract_context(&headers))
+                .expect("set parent");
+            let _entered = span.enter();
+
+            let outbound = TraceContextInterceptor
+                .call(tonic::Request::new(()))
+                .expect("interceptor");
+            let traceparent = outbound
+                .metadata()
+                .get("traceparent")
+                .and_then(|v| v.to_str().ok())
+                .expect("traceparent injected")
+                .to_owned();
+            let parts: Vec<&str> = traceparent.split('-').collect();
+            assert_eq!(parts.len(), 4, "{traceparent}");
+            assert_eq!(parts[1], trace_id, "the trace continues");
+            assert_ne!(
+                parts[2], "00f067aa0ba902b7",
+                "the caller's span is the parent, not the child"
+            );
+        });
     }
 }
