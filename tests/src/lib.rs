@@ -189,6 +189,7 @@ impl Drop for RunningServer {
 pub struct TestFleetBuilder {
     echo: bool,
     keys: bool,
+    authz: bool,
     concurrency_limit: Option<usize>,
     tls: Option<penny_platform::server::TlsMaterial>,
 }
@@ -204,6 +205,12 @@ impl TestFleetBuilder {
     /// `PENNY_TEST_KEYS_BACKEND=vault` (with `VAULT_ADDR` and `VAULT_TOKEN`).
     pub fn with_keys(mut self) -> Self {
         self.keys = true;
+        self
+    }
+
+    /// Start the authz service.
+    pub fn with_authz(mut self) -> Self {
+        self.authz = true;
         self
     }
 
@@ -249,11 +256,18 @@ impl TestFleetBuilder {
         } else {
             None
         };
+        let authz = if self.authz {
+            let database_url = fresh_database_url(data_dir.path(), "authz").await;
+            Some(start_authz(&config, database_url).await)
+        } else {
+            None
+        };
         TestFleet {
             signing,
             config,
             echo,
             keys,
+            authz,
             data_dir,
         }
     }
@@ -270,6 +284,8 @@ pub struct TestFleet {
     pub echo: Option<RunningServer>,
     /// The keys server, when started.
     pub keys: Option<KeysServer>,
+    /// The authz server, when started.
+    pub authz: Option<AuthzServer>,
     /// The fleet's data directory (databases, keys).
     pub data_dir: TempDir,
 }
@@ -324,6 +340,16 @@ impl TestFleet {
     /// The keys server; panics when it was not started.
     pub fn keys(&self) -> &KeysServer {
         self.keys.as_ref().expect("fleet started without keys")
+    }
+
+    /// The authz server; panics when it was not started.
+    pub fn authz(&self) -> &AuthzServer {
+        self.authz.as_ref().expect("fleet started without authz")
+    }
+
+    /// A second authz server on the first one's database: another replica.
+    pub async fn start_authz_replica(&self) -> AuthzServer {
+        start_authz(&self.config, self.authz().database_url.clone()).await
     }
 
     /// A second keys server sharing the first one's database (and master key or Vault):
@@ -411,6 +437,35 @@ async fn start_keys_on(
         server,
         database_url,
         master_key_hex,
+    }
+}
+
+/// The authz service of a test fleet.
+#[derive(Debug)]
+pub struct AuthzServer {
+    /// The server.
+    pub server: RunningServer,
+    /// Its database.
+    pub database_url: String,
+}
+
+async fn start_authz(config: &ServeConfig, database_url: String) -> AuthzServer {
+    let authz = penny_authz::build(penny_authz::AuthzConfig {
+        database_url: database_url.clone(),
+    })
+    .await
+    .expect("build authz service");
+    let bundle = penny_authz::bundle(authz, config);
+    let config = config.clone();
+    let server = RunningServer::start(move |listener, stopped| {
+        penny_platform::serve(config, bundle, listener, async move {
+            let _ = stopped.await;
+        })
+    })
+    .await;
+    AuthzServer {
+        server,
+        database_url,
     }
 }
 

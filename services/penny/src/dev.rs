@@ -82,6 +82,22 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         stop(),
     ));
 
+    // authz: roles and bindings in its own SQLite file.
+    let authz_config = penny_authz::AuthzConfig {
+        database_url: penny_platform::db::sqlite_url(&args.data_dir, "authz"),
+    };
+    let listener = bind(&args.host, AUTHZ_PORT, "authz").await?;
+    running.push(Running {
+        env_name: "PENNY_AUTHZ_ADDR",
+        addr: listener.local_addr()?,
+    });
+    tasks.spawn(penny_authz::serve(
+        authz_config,
+        serve_config.clone(),
+        listener,
+        stop(),
+    ));
+
     tokio::spawn(async move {
         penny_platform::shutdown_signal().await;
         let _ = stop_tx.send(true);
@@ -107,6 +123,8 @@ async fn wait(mut tasks: tokio::task::JoinSet<anyhow::Result<()>>) -> anyhow::Re
 
 /// The fixed dev port of the keys service.
 const KEYS_PORT: u16 = 50052;
+/// The fixed dev port of the authz service.
+const AUTHZ_PORT: u16 = 50053;
 
 async fn bind(host: &str, port: u16, service: &str) -> anyhow::Result<tokio::net::TcpListener> {
     tokio::net::TcpListener::bind((host, port))

@@ -13,6 +13,13 @@ pub enum ServeCommand {
         #[command(flatten)]
         keys: penny_keys::Args,
     },
+    /// Authorization (`penny.authz.v1.AuthzService`).
+    Authz {
+        #[command(flatten)]
+        server: ServerArgs,
+        #[command(flatten)]
+        authz: penny_authz::Args,
+    },
 }
 
 pub async fn run(command: ServeCommand) -> anyhow::Result<()> {
@@ -27,6 +34,21 @@ pub async fn run(command: ServeCommand) -> anyhow::Result<()> {
                 .map_err(|e| anyhow::anyhow!("PENNY_KEYS_LISTEN {listen}: {e}"))?;
             penny_keys::serve(
                 config,
+                serve_config,
+                listener,
+                penny_platform::shutdown_signal(),
+            )
+            .await
+        }
+        ServeCommand::Authz { server, authz } => {
+            let _telemetry = telemetry::init(server.log_format, "penny-authz")?;
+            let serve_config = server.serve_config()?;
+            let listen = authz.listen;
+            let listener = tokio::net::TcpListener::bind(listen)
+                .await
+                .map_err(|e| anyhow::anyhow!("PENNY_AUTHZ_LISTEN {listen}: {e}"))?;
+            penny_authz::serve(
+                authz.into_config(),
                 serve_config,
                 listener,
                 penny_platform::shutdown_signal(),
