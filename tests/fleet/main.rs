@@ -2,8 +2,10 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+mod access_tables;
 mod authz;
 mod db;
+mod enforcement;
 mod keys;
 mod platform;
 mod vault_contract;

@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use penny_platform::server::{ServiceBundle, always_ready};
-use penny_platform::stack::caller;
+use penny_platform::stack::{caller, tenant_scope};
 use penny_platform::validate::Violations;
 use penny_platform::{AccessPolicy, ApiError, Requirement};
 use tonic::{Request, Response, Status};
@@ -56,6 +56,20 @@ impl EchoService for Echo {
         }))
     }
 
+    async fn read_messages(
+        &self,
+        request: Request<pb::ReadMessagesRequest>,
+    ) -> Result<Response<pb::ReadMessagesResponse>, Status> {
+        let principal = caller(&request)?.clone();
+        let mut violations = Violations::new();
+        let requested = violations.uuid("tenant_id", &request.get_ref().tenant_id);
+        violations.finish()?;
+        let tenant = tenant_scope(&principal, requested)?;
+        Ok(Response::new(pb::ReadMessagesResponse {
+            tenant_id: tenant.to_string(),
+        }))
+    }
+
     async fn unlisted(
         &self,
         _request: Request<pb::UnlistedRequest>,
@@ -73,7 +87,12 @@ pub fn bundle() -> ServiceBundle {
         grpc_services: vec![SERVICE],
         policy: AccessPolicy::new()
             .rpc(SERVICE, "Echo", Requirement::Authenticated)
-            .rpc(SERVICE, "AdminEcho", Requirement::PlatformAdmin),
+            .rpc(SERVICE, "AdminEcho", Requirement::PlatformAdmin)
+            .rpc(
+                SERVICE,
+                "ReadMessages",
+                Requirement::Permission("message:read"),
+            ),
         descriptors: vec![pb::FILE_DESCRIPTOR_SET],
         readiness: always_ready(),
     }

@@ -238,6 +238,34 @@ impl TestFleetBuilder {
             config.concurrency_limit = limit;
         }
         config.tls = self.tls;
+        let keys = if self.keys {
+            Some(start_keys(&config, data_dir.path()).await)
+        } else {
+            None
+        };
+        let authz = if self.authz {
+            let database_url = fresh_database_url(data_dir.path(), "authz").await;
+            Some(start_authz(&config, database_url).await)
+        } else {
+            None
+        };
+        // With authz running, permission requirements are decided by it.
+        if let Some(authz) = &authz {
+            let service_token = signing
+                .mint(&TokenGrant {
+                    subject: "svc-platform".into(),
+                    tenant_id: PLATFORM_TENANT_ID,
+                    roles: vec![],
+                    kind: PrincipalKind::Service,
+                    session_id: None,
+                    lifetime: Duration::from_secs(3600),
+                })
+                .expect("service token");
+            config.authorizer = Some(penny_platform::Authorizer::new(
+                authz.server.channel().await,
+                service_token,
+            ));
+        }
         let echo = if self.echo {
             let config = config.clone();
             Some(
@@ -248,17 +276,6 @@ impl TestFleetBuilder {
                 })
                 .await,
             )
-        } else {
-            None
-        };
-        let keys = if self.keys {
-            Some(start_keys(&config, data_dir.path()).await)
-        } else {
-            None
-        };
-        let authz = if self.authz {
-            let database_url = fresh_database_url(data_dir.path(), "authz").await;
-            Some(start_authz(&config, database_url).await)
         } else {
             None
         };

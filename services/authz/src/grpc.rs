@@ -6,7 +6,7 @@ use std::time::Duration;
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use penny_platform::principal::{Principal, PrincipalKind as PlatformKind};
-use penny_platform::stack::caller;
+use penny_platform::stack::{caller, draining};
 use penny_platform::validate::{Violations, page_size};
 use penny_platform::{AccessPolicy, ApiError, Reason, Requirement, ServeConfig, ServiceBundle};
 use penny_proto::authz::v1 as pb;
@@ -41,7 +41,7 @@ const HEARTBEAT: Duration = Duration::from_secs(5);
 /// Decisions and the change feed are for the fleet (the platform's enforcement layer) and
 /// staff; role management is open to any authenticated caller and decided by the domain
 /// (tenant boundary, `tenant:manage_roles` / `user:grant`, no escalation).
-fn policy() -> AccessPolicy {
+pub(crate) fn policy() -> AccessPolicy {
     use Requirement::{Authenticated, ServiceOrAdmin};
     [
         ("Check", ServiceOrAdmin),
@@ -657,6 +657,7 @@ impl AuthzService for AuthzGrpc {
         &self,
         request: Request<pb::WatchChangesRequest>,
     ) -> Result<Response<Self::WatchChangesStream>, Status> {
+        let mut draining = draining(&request);
         let after = request.into_inner().after_revision;
         let authz = self.authz.clone();
         let (tx, rx) = tokio::sync::mpsc::channel::<Result<pb::WatchChangesResponse, Status>>(16);
@@ -713,6 +714,8 @@ impl AuthzService for AuthzGrpc {
                         }
                     }
                     () = tx.closed() => return,
+                    // The server is shutting down: end the stream; watchers reconnect.
+                    () = draining.started() => return,
                 }
             }
         });

@@ -40,6 +40,11 @@ pub async fn build(config: AuthzConfig) -> anyhow::Result<Authz> {
     Ok(Authz::new(store::Store::new(db), PLATFORM_TENANT_ID).await?)
 }
 
+/// Who may call which RPC of this service (the table the standard stack enforces).
+pub fn access_policy() -> penny_platform::AccessPolicy {
+    grpc::policy()
+}
+
 /// The service on the standard stack.
 pub fn bundle(authz: Authz, serve_config: &ServeConfig) -> ServiceBundle {
     grpc::bundle(authz, serve_config)

@@ -25,7 +25,7 @@ const MAX_PAGE_SIZE: u32 = 1000;
 /// Who may call what. Listing every tenant's key, rotation, configuration and deletion are
 /// for platform staff; the rest for the fleet's services (and staff). Anything not listed
 /// is refused.
-fn policy() -> AccessPolicy {
+pub(crate) fn policy() -> AccessPolicy {
     use Requirement::{PlatformAdmin, ServiceOrAdmin};
     [
         ("CreateKey", ServiceOrAdmin),

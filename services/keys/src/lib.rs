@@ -51,6 +51,11 @@ pub async fn build(config: KeysConfig) -> anyhow::Result<Keys> {
     Ok(Keys::new(backend))
 }
 
+/// Who may call which RPC of this service (the table the standard stack enforces).
+pub fn access_policy() -> penny_platform::AccessPolicy {
+    grpc::policy()
+}
+
 /// The service on the standard stack.
 pub fn bundle(keys: Keys, serve_config: &ServeConfig) -> ServiceBundle {
     grpc::bundle(keys, serve_config)

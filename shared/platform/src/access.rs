@@ -20,18 +20,35 @@ pub enum Requirement {
     ServiceOrAdmin,
     /// Platform staff only.
     PlatformAdmin,
+    /// A permission (`resource:action`) held in the caller's own tenant, decided by the
+    /// authz service. Fleet services and platform staff pass; users and API keys need a
+    /// role that grants it. The handler still scopes the request to the caller's tenant.
+    Permission(&'static str),
 }
 
 impl Requirement {
+    /// The permission authz must confirm for this principal, if any.
+    pub fn permission_for(self, principal: &Principal) -> Option<&'static str> {
+        match self {
+            Self::Permission(permission)
+                if !(principal.is_service() || principal.is_platform_admin()) =>
+            {
+                Some(permission)
+            }
+            _ => None,
+        }
+    }
+
     /// Whether a credential is needed at all.
     pub fn needs_principal(self) -> bool {
         self != Self::Public
     }
 
-    /// Decides for an authenticated principal.
+    /// Decides what can be decided from the principal alone; a [`Self::Permission`] also
+    /// needs the authz service (see [`Self::permission_for`]).
     pub fn check(self, principal: &Principal) -> Result<(), ApiError> {
         let allowed = match self {
-            Self::Public | Self::Authenticated => true,
+            Self::Public | Self::Authenticated | Self::Permission(_) => true,
             Self::ServiceOrAdmin => principal.is_service() || principal.is_platform_admin(),
             Self::PlatformAdmin => principal.is_platform_admin(),
         };

@@ -78,6 +78,7 @@ impl ServerArgs {
             reflection: self.reflection,
             verifier,
             readiness_interval: Duration::from_secs(5),
+            authorizer: None,
         })
     }
 }

@@ -10,6 +10,7 @@
 #![forbid(unsafe_code)]
 
 pub mod access;
+pub mod authorizer;
 pub mod config;
 pub mod db;
 pub mod error;
@@ -21,6 +22,7 @@ pub mod telemetry;
 pub mod validate;
 
 pub use access::{AccessPolicy, Requirement};
+pub use authorizer::Authorizer;
 pub use error::{ApiError, Reason};
 pub use principal::{Principal, PrincipalKind};
 pub use server::{ServeConfig, ServiceBundle, serve, shutdown_signal};

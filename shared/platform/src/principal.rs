@@ -33,7 +33,7 @@ pub const LEEWAY_SECS: u64 = 30;
 const CACHE_CAPACITY: usize = 100_000;
 
 /// What kind of party a principal is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum PrincipalKind {
     /// A person, logged in through auth.

@@ -21,7 +21,7 @@ use tonic_health::server::HealthReporter;
 
 use crate::access::{AccessPolicy, Requirement};
 use crate::principal::TokenVerifier;
-use crate::stack::{AuthLayer, LoadShedLayer, TraceLayer};
+use crate::stack::{AuthLayer, DrainLayer, LoadShedLayer, TraceLayer};
 
 /// The gRPC name of the health service.
 pub const HEALTH_SERVICE: &str = "grpc.health.v1.Health";
@@ -75,6 +75,8 @@ pub struct ServeConfig {
     pub verifier: TokenVerifier,
     /// How often the readiness probe runs.
     pub readiness_interval: Duration,
+    /// Decides permission requirements; without it they are all refused.
+    pub authorizer: Option<crate::authorizer::Authorizer>,
 }
 
 impl ServeConfig {
@@ -88,6 +90,7 @@ impl ServeConfig {
             reflection: true,
             verifier,
             readiness_interval: Duration::from_secs(1),
+            authorizer: None,
         }
     }
 }
@@ -178,6 +181,7 @@ pub async fn serve(
     ));
     let drain_reporter = reporter.clone();
     let drain_services = grpc_services.clone();
+    let (drain_tx, drain_rx) = watch::channel(false);
     let signal = async move {
         shutdown.await;
         tracing::info!(
@@ -185,7 +189,16 @@ pub async fn serve(
             "shutdown requested, draining in-flight calls"
         );
         let _stopped = stop_tx.send(true);
+        let _draining = drain_tx.send(true);
         set_status(&drain_reporter, &drain_services, ServingStatus::NotServing).await;
+    };
+    // Unary calls end within the request timeout and streams end when told to drain; a
+    // server still busy past that (a stream that ignores the signal) is stopped anyway.
+    let drain_deadline = config.request_timeout + Duration::from_secs(1);
+    let mut deadline_rx = drain_rx.clone();
+    let deadline = async move {
+        let _ = deadline_rx.wait_for(|draining| *draining).await;
+        tokio::time::sleep(drain_deadline).await;
     };
 
     let mut server = Server::builder();
@@ -202,20 +215,32 @@ pub async fn serve(
         // A span per call, parented on the caller's trace, with a request id: first, so
         // that every refusal below is traced too.
         .layer(TraceLayer)
+        // Long-lived calls learn that the server is draining, so shutdown can finish.
+        .layer(DrainLayer::new(drain_rx))
         // Bounded concurrency: excess calls are refused at once instead of queueing.
         .layer(LoadShedLayer::new(config.concurrency_limit))
         // No handler runs without a verified principal and a matching access rule.
-        .layer(AuthLayer::new(policy, config.verifier.clone()));
+        .layer(AuthLayer::new(
+            policy,
+            config.verifier.clone(),
+            config.authorizer.clone(),
+        ));
 
     tracing::info!(service = name, addr = ?local_addr, tls = config.tls.is_some(), "serving");
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
-    let result = server
+    let serving = server
         // Bounds every call; a shorter grpc-timeout from the caller wins.
         .timeout(config.request_timeout)
         .layer(stack)
         .add_routes(routes)
-        .serve_with_incoming_shutdown(incoming, signal)
-        .await;
+        .serve_with_incoming_shutdown(incoming, signal);
+    let result = tokio::select! {
+        result = serving => result,
+        () = deadline => {
+            tracing::warn!(service = name, "drain deadline passed; stopping with calls still open");
+            Ok(())
+        }
+    };
     probe_task.abort();
     result.with_context(|| format!("{name} server"))?;
     tracing::info!(service = name, "stopped");

@@ -19,7 +19,8 @@ use tower::{Layer, Service};
 use tracing::Instrument;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
-use crate::access::AccessPolicy;
+use crate::access::{AccessPolicy, Requirement};
+use crate::authorizer::Authorizer;
 use crate::error::{ApiError, Reason};
 use crate::principal::{Principal, TokenError, TokenVerifier};
 use crate::telemetry;
@@ -34,6 +35,84 @@ const HEALTH_PREFIX: &str = "/grpc.health.v1.Health/";
 /// The request id of the current call, in the request's extensions.
 #[derive(Debug, Clone)]
 pub struct RequestId(pub String);
+
+/// Tells long-lived calls (server streams) that the server is draining, so they end and
+/// let graceful shutdown finish. In every request's extensions.
+#[derive(Debug, Clone)]
+pub struct Draining(tokio::sync::watch::Receiver<bool>);
+
+impl Draining {
+    /// A signal that never fires (for calls made outside the standard stack).
+    pub fn never() -> Self {
+        let (tx, rx) = tokio::sync::watch::channel(false);
+        // Keep the sender alive for the life of the process: the signal simply never fires.
+        std::mem::forget(tx);
+        Self(rx)
+    }
+
+    /// Resolves once the server starts draining.
+    pub async fn started(&mut self) {
+        if self.0.wait_for(|draining| *draining).await.is_err() {
+            // The server is gone: that is draining too.
+        }
+    }
+}
+
+/// The draining signal of a request.
+pub fn draining<T>(req: &tonic::Request<T>) -> Draining {
+    req.extensions()
+        .get::<Draining>()
+        .cloned()
+        .unwrap_or_else(Draining::never)
+}
+
+/// Puts the server's [`Draining`] signal into every request.
+#[derive(Debug, Clone)]
+pub struct DrainLayer {
+    signal: tokio::sync::watch::Receiver<bool>,
+}
+
+impl DrainLayer {
+    /// Hands `signal` to every request.
+    pub fn new(signal: tokio::sync::watch::Receiver<bool>) -> Self {
+        Self { signal }
+    }
+}
+
+impl<S> Layer<S> for DrainLayer {
+    type Service = Drain<S>;
+    fn layer(&self, inner: S) -> Drain<S> {
+        Drain {
+            inner,
+            signal: self.signal.clone(),
+        }
+    }
+}
+
+/// See [`DrainLayer`].
+#[derive(Debug, Clone)]
+pub struct Drain<S> {
+    inner: S,
+    signal: tokio::sync::watch::Receiver<bool>,
+}
+
+impl<S, B> Service<Request<B>> for Drain<S>
+where
+    S: Service<Request<B>>,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = S::Future;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: Request<B>) -> Self::Future {
+        req.extensions_mut().insert(Draining(self.signal.clone()));
+        self.inner.call(req)
+    }
+}
 
 fn refusal(err: ApiError) -> Response<Body> {
     tonic::Status::from(err).into_http()
@@ -184,19 +263,27 @@ where
 }
 
 /// Authentication and authorization before any handler: the bearer token becomes a
-/// [`Principal`] in the request's extensions, and the service's [`AccessPolicy`] decides.
+/// [`Principal`] in the request's extensions, and the service's [`AccessPolicy`] decides
+/// (asking the authz service, through the [`Authorizer`], for permission requirements).
 #[derive(Debug, Clone)]
 pub struct AuthLayer {
     policy: Arc<AccessPolicy>,
     verifier: TokenVerifier,
+    authorizer: Option<Authorizer>,
 }
 
 impl AuthLayer {
-    /// Enforces `policy`, verifying tokens with `verifier`.
-    pub fn new(policy: AccessPolicy, verifier: TokenVerifier) -> Self {
+    /// Enforces `policy`, verifying tokens with `verifier` and permissions with
+    /// `authorizer`. Without an authorizer every permission requirement is refused.
+    pub fn new(
+        policy: AccessPolicy,
+        verifier: TokenVerifier,
+        authorizer: Option<Authorizer>,
+    ) -> Self {
         Self {
             policy: Arc::new(policy),
             verifier,
+            authorizer,
         }
     }
 }
@@ -219,7 +306,10 @@ pub struct Auth<S> {
 }
 
 impl AuthLayer {
-    fn authenticate<B>(&self, req: &Request<B>) -> Result<Option<Principal>, ApiError> {
+    fn authenticate<B>(
+        &self,
+        req: &Request<B>,
+    ) -> Result<Option<(Principal, Requirement)>, ApiError> {
         let path = req.uri().path();
         let Some(requirement) = self.policy.requirement(path) else {
             tracing::warn!(rpc = %path, "rpc has no access rule, refused");
@@ -233,7 +323,7 @@ impl AuthLayer {
         let token = bearer_token(req.headers()).ok_or(TokenError::MalformedHeader)?;
         let principal = self.verifier.verify(token)?;
         requirement.check(&principal)?;
-        Ok(Some(principal))
+        Ok(Some((principal, requirement)))
     }
 }
 
@@ -250,9 +340,10 @@ fn bearer_token(headers: &http::HeaderMap) -> Option<&str> {
 
 impl<S, B> Service<Request<B>> for Auth<S>
 where
-    S: Service<Request<B>, Response = Response<Body>>,
+    S: Service<Request<B>, Response = Response<Body>> + Clone + Send + 'static,
     S::Future: Send + 'static,
     S::Error: Send + 'static,
+    B: Send + 'static,
 {
     type Response = Response<Body>;
     type Error = S::Error;
@@ -263,16 +354,51 @@ where
     }
 
     fn call(&mut self, mut req: Request<B>) -> Self::Future {
-        match self.layer.authenticate(&req) {
-            Ok(principal) => {
-                if let Some(principal) = principal {
-                    tracing::Span::current().record("principal", principal.id.as_str());
+        let (principal, requirement) = match self.layer.authenticate(&req) {
+            Ok(Some((principal, requirement))) => (principal, requirement),
+            Ok(None) => return Box::pin(self.inner.call(req)),
+            Err(err) => return Box::pin(std::future::ready(Ok(refusal(err)))),
+        };
+        tracing::Span::current().record("principal", principal.id.as_str());
+        let Some(permission) = requirement.permission_for(&principal) else {
+            req.extensions_mut().insert(principal);
+            return Box::pin(self.inner.call(req));
+        };
+        let Some(authorizer) = self.layer.authorizer.clone() else {
+            tracing::error!(
+                permission,
+                "rpc needs a permission but no authorizer is configured; refused"
+            );
+            return Box::pin(std::future::ready(Ok(refusal(
+                ApiError::permission_denied("the caller may not perform this operation"),
+            ))));
+        };
+        // The inner service was made ready by poll_ready: take it, leave a clone behind.
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        Box::pin(async move {
+            match authorizer.allows(&principal, permission).await {
+                Ok(true) => {
                     req.extensions_mut().insert(principal);
+                    inner.call(req).await
                 }
-                Box::pin(self.inner.call(req))
+                Ok(false) => Ok(refusal(ApiError::permission_denied(
+                    "the caller may not perform this operation",
+                ))),
+                Err(err) => Ok(refusal(err)),
             }
-            Err(err) => Box::pin(std::future::ready(Ok(refusal(err)))),
-        }
+        })
+    }
+}
+
+/// The tenant a request may act in. Users and API keys act only in their own tenant:
+/// another tenant's id gets NOT_FOUND, exactly as if nothing were there. Fleet services and
+/// platform staff may act in any tenant.
+pub fn tenant_scope(principal: &Principal, requested: uuid::Uuid) -> Result<uuid::Uuid, ApiError> {
+    if principal.is_service() || principal.is_platform_admin() || principal.tenant_id == requested {
+        Ok(requested)
+    } else {
+        Err(ApiError::not_found(Reason::NotFound, "not found"))
     }
 }
 
