@@ -6,6 +6,7 @@ mod access_tables;
 mod authz;
 mod db;
 mod enforcement;
+mod isolation;
 mod keys;
 mod platform;
 mod vault_contract;

@@ -92,9 +92,22 @@ impl Drop for TempDir {
     }
 }
 
-/// A database URL for one service of one test: a SQLite file in `dir`, or a fresh
-/// PostgreSQL database when [`TEST_DATABASE_ENV`] is set.
-pub async fn fresh_database_url(dir: &Path, name: &str) -> String {
+/// The role test servers use on PostgreSQL: owns nothing, neither superuser nor BYPASSRLS.
+pub const TEST_APP_ROLE: &str = "penny_test_app";
+
+/// A database for one service of one test.
+#[derive(Debug, Clone)]
+pub struct TestDatabase {
+    /// What the service serves through (on PostgreSQL, the unprivileged app role).
+    pub url: String,
+    /// The owner's URL for migrations (PostgreSQL only).
+    pub migration_url: Option<String>,
+}
+
+/// A database for one service of one test: a SQLite file in `dir`, or a fresh PostgreSQL
+/// database when [`TEST_DATABASE_ENV`] is set, served through [`TEST_APP_ROLE`] and migrated
+/// through the admin URL, as production does.
+pub async fn fresh_database(dir: &Path, name: &str) -> TestDatabase {
     match std::env::var(TEST_DATABASE_ENV) {
         Ok(admin_url) if !admin_url.is_empty() => {
             let db_name = format!("penny_t_{}_{}", name, Uuid::new_v4().simple());
@@ -105,11 +118,42 @@ pub async fn fresh_database_url(dir: &Path, name: &str) -> String {
                 .execute_unprepared(&format!("CREATE DATABASE \"{db_name}\""))
                 .await
                 .expect("create test database");
+            // Roles are cluster-wide: create the app role once, whoever gets there first.
+            admin
+                .execute_unprepared(&format!(
+                    "DO $$ BEGIN CREATE ROLE {TEST_APP_ROLE} LOGIN NOSUPERUSER NOBYPASSRLS NOCREATEDB NOCREATEROLE; \
+                     EXCEPTION WHEN duplicate_object OR unique_violation THEN NULL; END $$"
+                ))
+                .await
+                .expect("create the test app role");
             admin.close().await.ok();
-            replace_database(&admin_url, &db_name)
+            let migration_url = replace_database(&admin_url, &db_name);
+            TestDatabase {
+                url: replace_user(&migration_url, TEST_APP_ROLE),
+                migration_url: Some(migration_url),
+            }
         }
-        _ => penny_platform::db::sqlite_url(dir, name),
+        _ => TestDatabase {
+            url: penny_platform::db::sqlite_url(dir, name),
+            migration_url: None,
+        },
     }
+}
+
+/// The URL of a fresh database, for tests of the platform's database helpers.
+pub async fn fresh_database_url(dir: &Path, name: &str) -> String {
+    let database = fresh_database(dir, name).await;
+    database.migration_url.unwrap_or(database.url)
+}
+
+/// `postgres://old@h/db` → `postgres://new@h/db` (no password: trust auth on loopback).
+pub fn replace_user(url: &str, user: &str) -> String {
+    let Some(scheme_end) = url.find("://").map(|i| i + 3) else {
+        return url.to_owned();
+    };
+    let rest = &url[scheme_end..];
+    let host_start = rest.find('@').map_or(0, |i| i + 1);
+    format!("{}{user}@{}", &url[..scheme_end], &rest[host_start..])
 }
 
 /// `postgres://u@h:p/old?x` → `postgres://u@h:p/new?x`.
@@ -244,8 +288,8 @@ impl TestFleetBuilder {
             None
         };
         let authz = if self.authz {
-            let database_url = fresh_database_url(data_dir.path(), "authz").await;
-            Some(start_authz(&config, database_url).await)
+            let database = fresh_database(data_dir.path(), "authz").await;
+            Some(start_authz(&config, database).await)
         } else {
             None
         };
@@ -366,7 +410,7 @@ impl TestFleet {
 
     /// A second authz server on the first one's database: another replica.
     pub async fn start_authz_replica(&self) -> AuthzServer {
-        start_authz(&self.config, self.authz().database_url.clone()).await
+        start_authz(&self.config, self.authz().database.clone()).await
     }
 
     /// A second keys server sharing the first one's database (and master key or Vault):
@@ -375,7 +419,7 @@ impl TestFleet {
         let first = self.keys();
         start_keys_on(
             &self.config,
-            first.database_url.clone(),
+            first.database.clone(),
             first.master_key_hex.clone(),
         )
         .await
@@ -392,8 +436,10 @@ impl TestFleet {
 pub struct KeysServer {
     /// The server.
     pub server: RunningServer,
-    /// Its database.
+    /// Its database, as the owner sees it (for tests that inspect it).
     pub database_url: String,
+    /// Its database, as the service uses it.
+    pub database: TestDatabase,
     /// The master key (local engine), hex.
     pub master_key_hex: Option<String>,
 }
@@ -407,15 +453,15 @@ pub fn keys_on_vault() -> bool {
 }
 
 async fn start_keys(config: &ServeConfig, dir: &Path) -> KeysServer {
-    let database_url = fresh_database_url(dir, "keys").await;
+    let database = fresh_database(dir, "keys").await;
     let master_key_hex =
         (!keys_on_vault()).then(|| penny_keys::local::MasterKey::generate_hex().to_string());
-    start_keys_on(config, database_url, master_key_hex).await
+    start_keys_on(config, database, master_key_hex).await
 }
 
 async fn start_keys_on(
     config: &ServeConfig,
-    database_url: String,
+    database: TestDatabase,
     master_key_hex: Option<String>,
 ) -> KeysServer {
     use penny_keys::{BackendConfig, KeysConfig};
@@ -436,7 +482,8 @@ async fn start_keys_on(
         BackendConfig::Local(penny_keys::local::MasterKey::parse(hex).expect("master key"))
     };
     let keys_config = KeysConfig {
-        database_url: database_url.clone(),
+        database_url: database.url.clone(),
+        migration_database_url: database.migration_url.clone(),
         backend,
     };
     let keys = penny_keys::build(keys_config)
@@ -452,7 +499,11 @@ async fn start_keys_on(
     .await;
     KeysServer {
         server,
-        database_url,
+        database_url: database
+            .migration_url
+            .clone()
+            .unwrap_or_else(|| database.url.clone()),
+        database,
         master_key_hex,
     }
 }
@@ -463,12 +514,13 @@ pub struct AuthzServer {
     /// The server.
     pub server: RunningServer,
     /// Its database.
-    pub database_url: String,
+    pub database: TestDatabase,
 }
 
-async fn start_authz(config: &ServeConfig, database_url: String) -> AuthzServer {
+async fn start_authz(config: &ServeConfig, database: TestDatabase) -> AuthzServer {
     let authz = penny_authz::build(penny_authz::AuthzConfig {
-        database_url: database_url.clone(),
+        database_url: database.url.clone(),
+        migration_database_url: database.migration_url.clone(),
     })
     .await
     .expect("build authz service");
@@ -480,10 +532,7 @@ async fn start_authz(config: &ServeConfig, database_url: String) -> AuthzServer 
         })
     })
     .await;
-    AuthzServer {
-        server,
-        database_url,
-    }
+    AuthzServer { server, database }
 }
 
 /// Adds `authorization: Bearer <token>` to a request.
@@ -499,6 +548,18 @@ pub fn with_token<T>(message: T, token: &str) -> tonic::Request<T> {
 #[cfg(test)]
 mod tests {
     use super::replace_database;
+
+    #[test]
+    fn user_replacement() {
+        assert_eq!(
+            super::replace_user("postgres://postgres@127.0.0.1:5432/x", "app"),
+            "postgres://app@127.0.0.1:5432/x"
+        );
+        assert_eq!(
+            super::replace_user("postgres://h/x", "app"),
+            "postgres://app@h/x"
+        );
+    }
 
     #[test]
     fn database_name_replacement() {

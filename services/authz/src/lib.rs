@@ -30,13 +30,14 @@ pub const SERVICE_NAME: &str = "penny.authz.v1.AuthzService";
 
 /// Connects the database (migrating it) and starts following the change feed.
 pub async fn build(config: AuthzConfig) -> anyhow::Result<Authz> {
-    let db = penny_platform::db::connect_and_migrate::<migration::Migrator>(&config.database_url)
-        .await
-        .map_err(|e| {
-            anyhow::anyhow!(
-                "PENNY_AUTHZ_DATABASE_URL: cannot open or migrate the authz database: {e}"
-            )
-        })?;
+    let db = penny_platform::db::open::<migration::Migrator>(
+        &config.database_url,
+        config.migration_database_url.as_deref(),
+    )
+    .await
+    .map_err(|e| {
+        anyhow::anyhow!("PENNY_AUTHZ_DATABASE_URL: cannot open the authz database: {e}")
+    })?;
     Ok(Authz::new(store::Store::new(db), PLATFORM_TENANT_ID).await?)
 }
 

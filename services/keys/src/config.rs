@@ -40,9 +40,16 @@ pub struct Args {
         default_value = "0.0.0.0:50052"
     )]
     pub listen: SocketAddr,
-    /// Database URL (`sqlite://…?mode=rwc` or `postgres://…`).
+    /// Database URL (`sqlite://…?mode=rwc` or `postgres://…`). On PostgreSQL its role must
+    /// own nothing and have neither SUPERUSER nor BYPASSRLS.
     #[arg(long = "keys-database-url", env = "PENNY_KEYS_DATABASE_URL")]
     pub database_url: String,
+    /// PostgreSQL: the owner's URL, used only to migrate and to grant the serving role.
+    #[arg(
+        long = "keys-migration-database-url",
+        env = "PENNY_KEYS_MIGRATION_DATABASE_URL"
+    )]
+    pub migration_database_url: Option<String>,
     /// Key engine.
     #[arg(long = "keys-backend", env = "PENNY_KEYS_BACKEND", value_enum, default_value_t = BackendChoice::Local)]
     pub backend: BackendChoice,
@@ -98,8 +105,10 @@ pub enum BackendConfig {
 /// Everything the keys service needs, validated.
 #[derive(Debug)]
 pub struct KeysConfig {
-    /// Where the keys database is.
+    /// Where the keys database is (the serving role).
     pub database_url: String,
+    /// The owner's URL for migrations (PostgreSQL).
+    pub migration_database_url: Option<String>,
     /// The engine.
     pub backend: BackendConfig,
 }
@@ -156,6 +165,7 @@ impl Args {
         };
         Ok(KeysConfig {
             database_url: self.database_url,
+            migration_database_url: self.migration_database_url,
             backend,
         })
     }

@@ -32,13 +32,12 @@ pub const SERVICE_NAME: &str = "penny.keys.v1.KeyService";
 
 /// Connects the database (migrating it) and the engine.
 pub async fn build(config: KeysConfig) -> anyhow::Result<Keys> {
-    let db = penny_platform::db::connect_and_migrate::<migration::Migrator>(&config.database_url)
-        .await
-        .map_err(|e| {
-            anyhow::anyhow!(
-                "PENNY_KEYS_DATABASE_URL: cannot open or migrate the keys database: {e}"
-            )
-        })?;
+    let db = penny_platform::db::open::<migration::Migrator>(
+        &config.database_url,
+        config.migration_database_url.as_deref(),
+    )
+    .await
+    .map_err(|e| anyhow::anyhow!("PENNY_KEYS_DATABASE_URL: cannot open the keys database: {e}"))?;
     let store = store::Store::new(db).await?;
     let backend: Arc<dyn domain::KeyBackend> = match config.backend {
         BackendConfig::Local(master) => Arc::new(local::LocalBackend::new(store, master)),

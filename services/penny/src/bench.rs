@@ -285,6 +285,7 @@ async fn start_server(scenario: Scenario) -> anyhow::Result<(String, BenchServer
             let hex = MasterKey::generate_hex();
             let keys = penny_keys::build(KeysConfig {
                 database_url: penny_platform::db::sqlite_url(&data_dir.0, "keys"),
+                migration_database_url: None,
                 backend: BackendConfig::Local(
                     MasterKey::parse(&hex).map_err(|why| anyhow::anyhow!("master key: {why}"))?,
                 ),

@@ -68,6 +68,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     let master = load_or_create_master_key(&args.data_dir)?;
     let keys_config = KeysConfig {
         database_url: penny_platform::db::sqlite_url(&args.data_dir, "keys"),
+        migration_database_url: None,
         backend: BackendConfig::Local(master),
     };
     let listener = bind(&args.host, KEYS_PORT, "keys").await?;
@@ -85,6 +86,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     // authz: roles and bindings in its own SQLite file.
     let authz_config = penny_authz::AuthzConfig {
         database_url: penny_platform::db::sqlite_url(&args.data_dir, "authz"),
+        migration_database_url: None,
     };
     let listener = bind(&args.host, AUTHZ_PORT, "authz").await?;
     running.push(Running {

@@ -3,6 +3,11 @@
 //! Each service owns its own database and migrator. On PostgreSQL, tenant-scoped work runs
 //! in a transaction that first sets `app.current_tenant` (transaction-local), which the row
 //! level security policies read; on SQLite the store layer filters by tenant itself.
+//!
+//! On PostgreSQL the role that serves requests must own nothing and be neither superuser
+//! nor BYPASSRLS, or row level security would not bind it: [`open`] migrates through a
+//! separate owner connection, grants the serving role what it needs, and refuses to start
+//! when the serving role could bypass the policies.
 
 use std::time::Duration;
 
@@ -14,8 +19,18 @@ use sea_orm::{
 use sea_orm_migration::MigratorTrait;
 use uuid::Uuid;
 
-/// Connects to `url` (`sqlite://path?mode=rwc` or `postgres://…`).
+/// Connects to `url` (`sqlite://path?mode=rwc` or `postgres://…`) with the default pool
+/// (8 connections for SQLite, 32 for PostgreSQL).
 pub async fn connect(url: &str) -> Result<DatabaseConnection, DbErr> {
+    connect_pool(url, None).await
+}
+
+/// Connects with a pool of at most `max_connections` (tests pin it to 1 to prove a reused
+/// connection carries nothing from one tenant to the next).
+pub async fn connect_pool(
+    url: &str,
+    max_connections: Option<u32>,
+) -> Result<DatabaseConnection, DbErr> {
     let mut options = ConnectOptions::new(url.to_owned());
     options
         .sqlx_logging(false)
@@ -26,7 +41,7 @@ pub async fn connect(url: &str) -> Result<DatabaseConnection, DbErr> {
         // readers run beside the writer; NORMAL sync is durable in WAL mode except for the
         // last transactions before a power loss (never corrupt).
         options
-            .max_connections(8)
+            .max_connections(max_connections.unwrap_or(8))
             .min_connections(1)
             .map_sqlx_sqlite_opts(|opts| {
                 opts.journal_mode(SqliteJournalMode::Wal)
@@ -38,16 +53,136 @@ pub async fn connect(url: &str) -> Result<DatabaseConnection, DbErr> {
                     .pragma("secure_delete", "ON")
             });
     } else {
-        options.max_connections(32).min_connections(1);
+        options
+            .max_connections(max_connections.unwrap_or(32))
+            .min_connections(1);
     }
     Database::connect(options).await
 }
 
-/// Connects and brings the schema up to date.
+/// Connects and brings the schema up to date through the same connection (SQLite, tests of
+/// one store). Services use [`open`].
 pub async fn connect_and_migrate<M: MigratorTrait>(url: &str) -> Result<DatabaseConnection, DbErr> {
     let db = connect(url).await?;
     M::up(&db, None).await?;
     Ok(db)
+}
+
+/// Why a service's database cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    /// Connecting or migrating failed.
+    #[error("{0}")]
+    Db(#[from] DbErr),
+    /// The serving role could bypass row level security.
+    #[error(
+        "the serving database role {role} {why}; serve through a role that owns nothing and has neither SUPERUSER nor BYPASSRLS (migrations run through the migration URL)"
+    )]
+    PrivilegedRole {
+        /// The role.
+        role: String,
+        /// What is wrong with it.
+        why: &'static str,
+    },
+}
+
+/// Opens a service's database for serving: migrates it (through `migration_url` when given,
+/// the owner's connection), and on PostgreSQL grants the serving role row access and checks
+/// that it cannot bypass row level security.
+pub async fn open<M: MigratorTrait>(
+    serve_url: &str,
+    migration_url: Option<&str>,
+) -> Result<DatabaseConnection, OpenError> {
+    let db = connect(serve_url).await?;
+    if db.get_database_backend() != DbBackend::Postgres {
+        M::up(&db, None).await?;
+        return Ok(db);
+    }
+    let serving_role = one_string(&db, "SELECT current_user::text").await?;
+    match migration_url {
+        Some(url) => {
+            let owner = connect(url).await?;
+            M::up(&owner, None).await?;
+            grant_rows(&owner, &serving_role).await?;
+            owner.close().await?;
+        }
+        None => M::up(&db, None).await?,
+    }
+    check_unprivileged(&db, &serving_role).await?;
+    Ok(db)
+}
+
+async fn one_string(db: &DatabaseConnection, sql: &str) -> Result<String, DbErr> {
+    db.query_one_raw(Statement::from_string(DbBackend::Postgres, sql))
+        .await?
+        .ok_or_else(|| DbErr::RecordNotFound(sql.to_owned()))?
+        .try_get_by_index::<String>(0)
+}
+
+/// Lets `role` read and write rows (never DDL) in the public schema.
+async fn grant_rows(owner: &DatabaseConnection, role: &str) -> Result<(), DbErr> {
+    let role = quote_ident(role);
+    for sql in [
+        format!("GRANT USAGE ON SCHEMA public TO {role}"),
+        format!("GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO {role}"),
+        format!("GRANT USAGE, SELECT ON ALL SEQUENCES IN SCHEMA public TO {role}"),
+    ] {
+        owner.execute_unprepared(&sql).await?;
+    }
+    Ok(())
+}
+
+/// A PostgreSQL identifier, quoted.
+pub fn quote_ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+async fn check_unprivileged(db: &DatabaseConnection, role: &str) -> Result<(), OpenError> {
+    let row = db
+        .query_one_raw(Statement::from_sql_and_values(
+            DbBackend::Postgres,
+            "SELECT r.rolsuper, r.rolbypassrls, \
+                    (SELECT count(*) FROM pg_tables t WHERE t.tableowner = r.rolname)::bigint \
+             FROM pg_roles r WHERE r.rolname = $1",
+            [role.into()],
+        ))
+        .await?
+        .ok_or_else(|| DbErr::RecordNotFound("pg_roles".into()))?;
+    let superuser: bool = row.try_get_by_index(0)?;
+    let bypass: bool = row.try_get_by_index(1)?;
+    let owned: i64 = row.try_get_by_index(2)?;
+    let why = if superuser {
+        Some("is a superuser")
+    } else if bypass {
+        Some("has BYPASSRLS")
+    } else if owned > 0 {
+        Some("owns tables")
+    } else {
+        None
+    };
+    match why {
+        Some(why) => Err(OpenError::PrivilegedRole {
+            role: role.to_owned(),
+            why,
+        }),
+        None => Ok(()),
+    }
+}
+
+/// Row level security on a tenant-scoped table: rows are visible and writable only when
+/// `app.current_tenant` names their tenant, or in a platform-scope transaction; an unset or
+/// empty setting matches nothing. The SQL for a PostgreSQL migration; SQLite has no RLS.
+pub fn row_level_security_sql(table: &str) -> Vec<String> {
+    let predicate = "tenant_id = NULLIF(current_setting('app.current_tenant', true), '')::uuid \
+                     OR current_setting('app.platform_scope', true) = 'on'";
+    vec![
+        format!("ALTER TABLE {table} ENABLE ROW LEVEL SECURITY"),
+        format!("ALTER TABLE {table} FORCE ROW LEVEL SECURITY"),
+        format!("DROP POLICY IF EXISTS tenant_isolation ON {table}"),
+        format!(
+            "CREATE POLICY tenant_isolation ON {table} USING ({predicate}) WITH CHECK ({predicate})"
+        ),
+    ]
 }
 
 /// The SQLite URL of database `name` inside `dir`, created if missing.
@@ -73,6 +208,17 @@ pub async fn begin_tenant(
             [tenant.to_string().into()],
         ))
         .await?;
+    }
+    Ok(txn)
+}
+
+/// Begins a transaction that may read across tenants (platform listings, change feeds).
+/// Only for operations the access table reserves to services or platform staff.
+pub async fn begin_platform(db: &DatabaseConnection) -> Result<DatabaseTransaction, DbErr> {
+    let txn = db.begin().await?;
+    if db.get_database_backend() == DbBackend::Postgres {
+        txn.execute_unprepared("SELECT set_config('app.platform_scope', 'on', true)")
+            .await?;
     }
     Ok(txn)
 }

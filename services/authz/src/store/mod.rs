@@ -484,12 +484,15 @@ impl Store {
     /// Changes after `revision`, oldest first, at most `limit`.
     pub async fn changes_after(&self, revision: u64, limit: u64) -> Result<Vec<Change>, DbErr> {
         let after = i64::try_from(revision).unwrap_or(i64::MAX);
+        // The feed spans every tenant: a platform-scope read (for services and staff only).
+        let txn = penny_platform::db::begin_platform(&self.db).await?;
         let rows = changes::Entity::find()
             .filter(changes::Column::Revision.gt(after))
             .order_by_asc(changes::Column::Revision)
             .limit(limit)
-            .all(&self.db)
+            .all(&txn)
             .await?;
+        txn.commit().await?;
         Ok(rows.into_iter().filter_map(change_from).collect())
     }
 

@@ -3,6 +3,7 @@
 use sea_orm_migration::prelude::*;
 
 mod m20261204_000001_create_keyrings;
+pub mod m20261204_000002_row_level_security;
 
 /// Runs the keys service's migrations.
 #[derive(Debug)]
@@ -11,7 +12,10 @@ pub struct Migrator;
 #[async_trait::async_trait]
 impl MigratorTrait for Migrator {
     fn migrations() -> Vec<Box<dyn MigrationTrait>> {
-        vec![Box::new(m20261204_000001_create_keyrings::Migration)]
+        vec![
+            Box::new(m20261204_000001_create_keyrings::Migration),
+            Box::new(m20261204_000002_row_level_security::Migration),
+        ]
     }
 
     fn migration_table_name() -> DynIden {

@@ -152,13 +152,16 @@ impl Store {
         if let Some(after) = after {
             query = query.filter(keyrings::Column::TenantId.gt(after));
         }
-        let rings = query.limit(limit).all(&self.db).await?;
+        // Every tenant's keyring: a platform-scope read (ListKeys is for platform staff).
+        let txn = penny_platform::db::begin_platform(&self.db).await?;
+        let rings = query.limit(limit).all(&txn).await?;
         let ids: Vec<Uuid> = rings.iter().map(|r| r.tenant_id).collect();
         let versions = key_versions::Entity::find()
             .filter(key_versions::Column::TenantId.is_in(ids))
             .order_by_asc(key_versions::Column::Version)
-            .all(&self.db)
+            .all(&txn)
             .await?;
+        txn.commit().await?;
         Ok(rings
             .into_iter()
             .map(|ring| {
