@@ -39,6 +39,9 @@ pub enum Scenario {
     KeysDatakey,
     /// `KeyService.Decrypt` of one wrapped data key (local engine), after a baseline phase.
     KeysDecrypt,
+    /// `AuthzService.Check` of a viewer's permission (a decision from the cache), after a
+    /// baseline phase.
+    AuthzCheck,
 }
 
 /// `penny bench` options.
@@ -214,15 +217,22 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     if let Some(server) = &server
         && args.scenario != Scenario::Baseline
     {
-        let report = keys_phase(
-            args.scenario,
-            server,
-            &channels,
-            args.concurrency,
-            warmup,
-            limit,
-        )
-        .await?;
+        let report = match args.scenario {
+            Scenario::AuthzCheck => {
+                authz_phase(server, &channels, args.concurrency, warmup, limit).await?
+            }
+            _ => {
+                keys_phase(
+                    args.scenario,
+                    server,
+                    &channels,
+                    args.concurrency,
+                    warmup,
+                    limit,
+                )
+                .await?
+            }
+        };
         report.print();
         print_ratio(&report, &baseline);
         check_targets(&args, &report, &baseline)?;
@@ -293,6 +303,14 @@ async fn start_server(scenario: Scenario) -> anyhow::Result<(String, BenchServer
             .await?;
             penny_keys::bundle(keys, &config)
         }
+        Scenario::AuthzCheck => {
+            let authz = penny_authz::build(penny_authz::AuthzConfig {
+                database_url: penny_platform::db::sqlite_url(&data_dir.0, "authz"),
+                migration_database_url: None,
+            })
+            .await?;
+            penny_authz::bundle(authz, &config)
+        }
     };
     let (stop, stopped) = oneshot::channel::<()>();
     let task = tokio::spawn(serve(config, bundle, listener, async move {
@@ -332,14 +350,7 @@ async fn keys_phase(
     warmup: Duration,
     limit: Limit,
 ) -> anyhow::Result<PhaseReport> {
-    let token = Arc::new(server.signing.mint(&TokenGrant {
-        subject: "svc-bench".to_owned(),
-        tenant_id: PLATFORM_TENANT_ID,
-        roles: Vec::new(),
-        kind: PrincipalKind::Service,
-        session_id: None,
-        lifetime: Duration::from_secs(3600),
-    })?);
+    let token = bench_service_token(server)?;
     let tenant = uuid::Uuid::new_v4().to_string();
     let context = pb::EncryptionContext {
         purpose: "file".to_owned(),
@@ -362,7 +373,7 @@ async fn keys_phase(
         key_bits: 256,
     };
     match scenario {
-        Scenario::Baseline => anyhow::bail!("not a keys scenario"),
+        Scenario::Baseline | Scenario::AuthzCheck => anyhow::bail!("not a keys scenario"),
         Scenario::KeysDatakey => {
             phase(
                 "keys-datakey",
@@ -423,6 +434,79 @@ async fn keys_phase(
             .await
         }
     }
+}
+
+fn bench_service_token(server: &BenchServer) -> anyhow::Result<Arc<String>> {
+    Ok(Arc::new(server.signing.mint(&TokenGrant {
+        subject: "svc-bench".to_owned(),
+        tenant_id: PLATFORM_TENANT_ID,
+        roles: Vec::new(),
+        kind: PrincipalKind::Service,
+        session_id: None,
+        lifetime: Duration::from_secs(3600),
+    })?))
+}
+
+/// Grants a viewer role, then measures `Check` of a permission the role grants, as the
+/// platform's enforcement layer asks it (a service token, a cached decision).
+async fn authz_phase(
+    server: &BenchServer,
+    channels: &[Channel],
+    concurrency: u32,
+    warmup: Duration,
+    limit: Limit,
+) -> anyhow::Result<PhaseReport> {
+    use penny_proto::authz::v1 as authz_pb;
+    use penny_proto::authz::v1::authz_service_client::AuthzServiceClient;
+    let token = bench_service_token(server)?;
+    let tenant = uuid::Uuid::new_v4().to_string();
+    let subject = authz_pb::Subject {
+        kind: penny_proto::common::v1::PrincipalKind::User as i32,
+        id: "bench-user".to_owned(),
+        tenant_id: tenant.clone(),
+    };
+    let channel = channels.first().context("no connection")?.clone();
+    AuthzServiceClient::new(channel)
+        .grant_role(authorized(
+            authz_pb::GrantRoleRequest {
+                tenant_id: tenant.clone(),
+                subject: Some(subject.clone()),
+                role: "viewer".to_owned(),
+                workspace_id: String::new(),
+            },
+            &token,
+        )?)
+        .await
+        .map_err(|s| anyhow::anyhow!("grant role: {s:?}"))?;
+    let check = authz_pb::CheckRequest {
+        tenant_id: tenant,
+        subject: Some(subject),
+        permission: "file:read".to_owned(),
+        workspace_id: String::new(),
+    };
+    phase(
+        "authz-check",
+        channels,
+        concurrency,
+        warmup,
+        limit,
+        move |channel| {
+            let request = authorized(check.clone(), &token);
+            async move {
+                let request = request.map_err(|e| tonic::Status::internal(e.to_string()))?;
+                let reply = AuthzServiceClient::new(channel)
+                    .check(request)
+                    .await?
+                    .into_inner();
+                if reply.allowed {
+                    Ok(())
+                } else {
+                    Err(tonic::Status::internal("check denied a granted permission"))
+                }
+            }
+        },
+    )
+    .await
 }
 
 fn authorized<T>(message: T, token: &str) -> anyhow::Result<tonic::Request<T>> {
