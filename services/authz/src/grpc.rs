@@ -165,6 +165,39 @@ fn required_permission(v: &mut Violations, field: &str, value: &str) -> Option<R
     }
 }
 
+/// One decision question, validated: every bad field recorded under `prefix`.
+struct Question {
+    tenant: Uuid,
+    subject: Subject,
+    required: Option<Required>,
+    workspace: Option<Uuid>,
+}
+
+fn question(
+    v: &mut Violations,
+    prefix: &str,
+    tenant_id: &str,
+    subject: Option<&pb::Subject>,
+    permission: &str,
+    workspace_id: &str,
+) -> Question {
+    Question {
+        tenant: v.uuid(&format!("{prefix}tenant_id"), tenant_id),
+        subject: subject_in(v, &format!("{prefix}subject"), subject),
+        required: required_permission(v, &format!("{prefix}permission"), permission),
+        workspace: optional_uuid(v, &format!("{prefix}workspace_id"), workspace_id),
+    }
+}
+
+impl Question {
+    /// The permission; always present once the violations were checked.
+    fn required(&self) -> Result<&Required, ApiError> {
+        self.required
+            .as_ref()
+            .ok_or_else(|| ApiError::invalid_field("permission", "required"))
+    }
+}
+
 fn grants_in(v: &mut Violations, field: &str, values: &[String]) -> Vec<Grant> {
     if values.len() > MAX_ROLE_PERMISSIONS {
         v.add(field, format!("at most {MAX_ROLE_PERMISSIONS} permissions"));
@@ -267,17 +300,18 @@ impl AuthzService for AuthzGrpc {
     ) -> Result<Response<pb::CheckResponse>, Status> {
         let request = request.into_inner();
         let mut v = Violations::new();
-        let tenant = v.uuid("tenant_id", &request.tenant_id);
-        let subject = subject_in(&mut v, "subject", request.subject.as_ref());
-        let required = required_permission(&mut v, "permission", &request.permission);
-        let workspace = optional_uuid(&mut v, "workspace_id", &request.workspace_id);
+        let q = question(
+            &mut v,
+            "",
+            &request.tenant_id,
+            request.subject.as_ref(),
+            &request.permission,
+            &request.workspace_id,
+        );
         v.finish()?;
-        let Some(required) = required else {
-            return Err(ApiError::invalid_field("permission", "required").into());
-        };
         let decision = self
             .authz
-            .check(tenant, &subject, &required, workspace)
+            .check(q.tenant, &q.subject, q.required()?, q.workspace)
             .await?;
         Ok(Response::new(pb::CheckResponse {
             allowed: decision.allowed(),
@@ -295,37 +329,25 @@ impl AuthzService for AuthzGrpc {
         let mut checks = Vec::new();
         if request.items.len() <= MAX_BATCH_CHECKS {
             for (i, item) in request.items.iter().enumerate() {
-                let tenant = v.uuid(&format!("items[{i}].tenant_id"), &item.tenant_id);
-                let subject = subject_in(
+                checks.push(question(
                     &mut v,
-                    &format!("items[{i}].subject"),
+                    &format!("items[{i}]."),
+                    &item.tenant_id,
                     item.subject.as_ref(),
-                );
-                let required = required_permission(
-                    &mut v,
-                    &format!("items[{i}].permission"),
                     &item.permission,
-                );
-                let workspace = optional_uuid(
-                    &mut v,
-                    &format!("items[{i}].workspace_id"),
                     &item.workspace_id,
-                );
-                checks.push((tenant, subject, required, workspace));
+                ));
             }
         }
         v.finish()?;
         let revision = self.authz.revision();
         let mut results = Vec::with_capacity(checks.len());
-        for (tenant, subject, required, workspace) in checks {
-            let allowed = match required {
-                Some(required) => self
-                    .authz
-                    .check(tenant, &subject, &required, workspace)
-                    .await?
-                    .allowed(),
-                None => false,
-            };
+        for q in checks {
+            let allowed = self
+                .authz
+                .check(q.tenant, &q.subject, q.required()?, q.workspace)
+                .await?
+                .allowed();
             results.push(pb::BatchCheckResult { allowed });
         }
         Ok(Response::new(pb::BatchCheckResponse { results, revision }))
@@ -375,19 +397,22 @@ impl AuthzService for AuthzGrpc {
     ) -> Result<Response<pb::ExplainResponse>, Status> {
         let request = request.into_inner();
         let mut v = Violations::new();
-        let tenant = v.uuid("tenant_id", &request.tenant_id);
-        let subject = subject_in(&mut v, "subject", request.subject.as_ref());
-        let required = required_permission(&mut v, "permission", &request.permission);
-        let workspace = optional_uuid(&mut v, "workspace_id", &request.workspace_id);
+        let q = question(
+            &mut v,
+            "",
+            &request.tenant_id,
+            request.subject.as_ref(),
+            &request.permission,
+            &request.workspace_id,
+        );
         v.finish()?;
-        let Some(required) = required else {
-            return Err(ApiError::invalid_field("permission", "required").into());
-        };
+        let required = q.required()?;
         let decision = self
             .authz
-            .check(tenant, &subject, &required, workspace)
+            .check(q.tenant, &q.subject, required, q.workspace)
             .await?;
-        let evaluated = self.authz.bindings_for_explain(tenant, &subject).await?;
+        let (tenant, subject) = (q.tenant, &q.subject);
+        let evaluated = self.authz.bindings_for_explain(tenant, subject).await?;
         let evaluated_bindings = evaluated.iter().map(binding_out).collect();
         let revision = self.authz.revision();
         let reply = match decision {
