@@ -630,3 +630,32 @@ async fn a_revocation_through_one_replica_is_enforced_by_another_within_two_seco
         .unwrap();
     assert_eventually!(Duration::from_secs(2), !check_on_other(&mut other).await);
 }
+
+#[tokio::test]
+async fn watch_streams_end_when_the_server_drains() {
+    let mut h = Harness::start().await;
+    let mut stream = h
+        .client
+        .watch_changes(with_token(
+            pb::WatchChangesRequest { after_revision: 0 },
+            &h.service,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(stream.message().await.unwrap().unwrap().reset);
+    // Shutdown finishes well before the drain deadline (request timeout + 1 s = 31 s)
+    // because the stream ends when told to drain.
+    let server = &mut h.fleet.authz.as_mut().unwrap().server;
+    tokio::time::timeout(Duration::from_secs(10), server.shutdown())
+        .await
+        .expect("drained without waiting for the deadline")
+        .unwrap();
+    let end = tokio::time::timeout(Duration::from_secs(5), stream.message())
+        .await
+        .expect("the stream ended");
+    assert!(
+        !matches!(end, Ok(Some(_))),
+        "no more messages after the drain"
+    );
+}

@@ -309,13 +309,15 @@ impl AuthzService for AuthzGrpc {
             &request.workspace_id,
         );
         v.finish()?;
+        // The revision before the decision: the answer reflects at least this much.
+        let revision = self.authz.revision();
         let decision = self
             .authz
             .check(q.tenant, &q.subject, q.required()?, q.workspace)
             .await?;
         Ok(Response::new(pb::CheckResponse {
             allowed: decision.allowed(),
-            revision: self.authz.revision(),
+            revision,
         }))
     }
 
@@ -407,6 +409,7 @@ impl AuthzService for AuthzGrpc {
         );
         v.finish()?;
         let required = q.required()?;
+        let revision = self.authz.revision();
         let decision = self
             .authz
             .check(q.tenant, &q.subject, required, q.workspace)
@@ -414,7 +417,6 @@ impl AuthzService for AuthzGrpc {
         let (tenant, subject) = (q.tenant, &q.subject);
         let evaluated = self.authz.bindings_for_explain(tenant, subject).await?;
         let evaluated_bindings = evaluated.iter().map(binding_out).collect();
-        let revision = self.authz.revision();
         let reply = match decision {
             Decision::Allowed {
                 binding,
@@ -703,9 +705,13 @@ impl AuthzService for AuthzGrpc {
             } else {
                 after
             };
+            let mut next_heartbeat = tokio::time::Instant::now() + HEARTBEAT;
             loop {
-                // Send everything committed after `last`, in pages.
-                loop {
+                // Send what this replica has applied after `last`: a watcher that drops a
+                // cached decision on a change must not be able to ask this replica again
+                // before its own cache has dropped it too.
+                let applied = authz.revision();
+                while last < applied {
                     let changes = match authz.changes_after(last, 500).await {
                         Ok(changes) => changes,
                         Err(err) => {
@@ -713,6 +719,10 @@ impl AuthzService for AuthzGrpc {
                             return;
                         }
                     };
+                    let changes: Vec<_> = changes
+                        .into_iter()
+                        .filter(|c| c.revision <= applied)
+                        .collect();
                     let Some(newest) = changes.last().map(|c| c.revision) else {
                         break;
                     };
@@ -725,6 +735,7 @@ impl AuthzService for AuthzGrpc {
                     if tx.send(Ok(message)).await.is_err() {
                         return;
                     }
+                    next_heartbeat = tokio::time::Instant::now() + HEARTBEAT;
                 }
                 tokio::select! {
                     changed = updates.changed() => {
@@ -732,11 +743,12 @@ impl AuthzService for AuthzGrpc {
                             return;
                         }
                     }
-                    () = tokio::time::sleep(HEARTBEAT) => {
+                    () = tokio::time::sleep_until(next_heartbeat) => {
                         let heartbeat = pb::WatchChangesResponse { changes: Vec::new(), revision: last, reset: false };
                         if tx.send(Ok(heartbeat)).await.is_err() {
                             return;
                         }
+                        next_heartbeat = tokio::time::Instant::now() + HEARTBEAT;
                     }
                     () = tx.closed() => return,
                     // The server is shutting down: end the stream; watchers reconnect.

@@ -28,7 +28,8 @@ pub const FEED_POLL: Duration = Duration::from_millis(200);
 pub struct Actor {
     /// Who it is.
     pub subject: Subject,
-    /// A fleet service: trusted to manage any customer tenant (not `admin`).
+    /// A fleet service: trusted to manage any customer tenant (never the platform tenant,
+    /// never `admin`).
     pub is_service: bool,
     /// Platform staff: may manage any tenant, and `admin` in the platform tenant.
     pub is_platform_admin: bool,
@@ -171,6 +172,9 @@ impl Authz {
         if let Ok(mut cache) = self.cache.write()
             && cache.generation(tenant) == generation
         {
+            if cache.tenants.len() >= MAX_CACHED_TENANTS && !cache.tenants.contains_key(&tenant) {
+                cache.tenants.clear();
+            }
             cache.tenants.entry(tenant).or_default().roles = Some(loaded.clone());
         }
         Ok(loaded)
@@ -195,6 +199,9 @@ impl Authz {
         if let Ok(mut cache) = self.cache.write()
             && cache.generation(tenant) == generation
         {
+            if cache.tenants.len() >= MAX_CACHED_TENANTS && !cache.tenants.contains_key(&tenant) {
+                cache.tenants.clear();
+            }
             cache
                 .tenants
                 .entry(tenant)
@@ -290,7 +297,7 @@ impl Authz {
         tenant: Uuid,
         permission: &str,
     ) -> Result<(), AuthzError> {
-        if actor.is_platform_admin || actor.is_service {
+        if actor.is_platform_admin || (actor.is_service && tenant != self.platform_tenant) {
             return Ok(());
         }
         if actor.subject.tenant_id != tenant {
@@ -322,7 +329,7 @@ impl Authz {
             && !(actor.is_platform_admin && tenant == self.platform_tenant)
         {
             return Err(AuthzError::Escalation(
-                "'*' belongs to the built-in admin role alone",
+                "only platform staff may grant admin, and only in the platform tenant",
             ));
         }
         if actor.is_platform_admin || actor.is_service {
@@ -364,6 +371,7 @@ impl Authz {
             return Err(AuthzError::BuiltInReadOnly);
         }
         self.authorize(actor, tenant, MANAGE_ROLES).await?;
+        refuse_everything(&grants)?;
         self.may_hand_out(actor, tenant, &grants).await?;
         let now = OffsetDateTime::now_utc();
         let role = Role {
@@ -400,6 +408,7 @@ impl Authz {
             .cloned()
             .ok_or(AuthzError::NotFound("role"))?;
         if let Some(grants) = grants {
+            refuse_everything(&grants)?;
             self.may_hand_out(actor, tenant, &grants).await?;
             role.grants = grants;
         }
@@ -530,6 +539,20 @@ impl Authz {
             .await?)
     }
 }
+
+/// `*` belongs to the built-in `admin` alone: no custom role may hold it, whoever asks.
+fn refuse_everything(grants: &[Grant]) -> Result<(), AuthzError> {
+    if grants.contains(&Grant::All) {
+        Err(AuthzError::Escalation(
+            "'*' belongs to the built-in admin role alone",
+        ))
+    } else {
+        Ok(())
+    }
+}
+
+/// Most tenants cached at once; past it the cache starts over (decisions reload lazily).
+const MAX_CACHED_TENANTS: usize = 10_000;
 
 fn invalidate(cache: &Cache, tenant: Uuid) {
     if let Ok(mut cache) = cache.write() {

@@ -21,6 +21,9 @@ use uuid::Uuid;
 use crate::error::{ApiError, Reason};
 use crate::principal::{Principal, PrincipalKind};
 
+/// Most decisions cached at once; past it the cache starts over.
+const MAX_CACHED_DECISIONS: usize = 100_000;
+
 /// How long to wait before reconnecting a broken change feed.
 const RECONNECT_DELAY: Duration = Duration::from_millis(250);
 
@@ -35,6 +38,8 @@ struct Shared {
     decisions: RwLock<Decisions>,
     /// Bumped by every invalidation.
     generation: AtomicU64,
+    /// The newest feed revision seen: an answer from a replica behind it is not cached.
+    feed_revision: AtomicU64,
     /// Whether the change feed is connected (cached decisions are trusted only then).
     live: AtomicBool,
     stopped: AtomicBool,
@@ -105,6 +110,7 @@ impl Authorizer {
         let shared = Arc::new(Shared {
             decisions: RwLock::new(Decisions::default()),
             generation: AtomicU64::new(0),
+            feed_revision: AtomicU64::new(0),
             live: AtomicBool::new(false),
             stopped: AtomicBool::new(false),
         });
@@ -135,6 +141,7 @@ impl Authorizer {
             return Ok(*allowed);
         }
         let generation = self.shared.generation.load(Ordering::Acquire);
+        let seen = self.shared.feed_revision.load(Ordering::Acquire);
         let request = pb::CheckRequest {
             tenant_id: tenant.to_string(),
             subject: Some(pb::Subject {
@@ -145,7 +152,7 @@ impl Authorizer {
             permission: permission.to_owned(),
             workspace_id: String::new(),
         };
-        let allowed = self
+        let reply = self
             .client
             .clone()
             .check(with_token(request, &self.token)?)
@@ -158,19 +165,25 @@ impl Authorizer {
                     Duration::from_secs(1),
                 )
             })?
-            .into_inner()
-            .allowed;
+            .into_inner();
+        // Cache only an answer that nothing has invalidated since it was asked for, from a
+        // replica that had applied every change the feed had announced by then.
         if self.shared.live.load(Ordering::Acquire)
+            && reply.revision >= seen
             && self.shared.generation.load(Ordering::Acquire) == generation
             && let Ok(mut decisions) = self.shared.decisions.write()
         {
+            let entries: usize = decisions.tenants.values().map(HashMap::len).sum();
+            if entries >= MAX_CACHED_DECISIONS {
+                decisions.tenants.clear();
+            }
             decisions
                 .tenants
                 .entry(tenant)
                 .or_default()
-                .insert(key, allowed);
+                .insert(key, reply.allowed);
         }
-        Ok(allowed)
+        Ok(reply.allowed)
     }
 }
 
@@ -190,6 +203,9 @@ async fn follow(mut client: AuthzServiceClient<Channel>, token: Arc<str>, shared
                     }
                     match tokio::time::timeout(Duration::from_secs(15), stream.message()).await {
                         Ok(Ok(Some(message))) => {
+                            shared
+                                .feed_revision
+                                .fetch_max(message.revision, Ordering::AcqRel);
                             if message.reset {
                                 shared.invalidate_all();
                                 shared.live.store(true, Ordering::Release);

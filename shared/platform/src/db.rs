@@ -141,8 +141,11 @@ async fn check_unprivileged(db: &DatabaseConnection, role: &str) -> Result<(), O
     let row = db
         .query_one_raw(Statement::from_sql_and_values(
             DbBackend::Postgres,
+            // Owning a table, or being a member of a role that does (SET ROLE would
+            // switch the policies off), both count as owning.
             "SELECT r.rolsuper, r.rolbypassrls, \
-                    (SELECT count(*) FROM pg_tables t WHERE t.tableowner = r.rolname)::bigint \
+                    (SELECT count(*) FROM pg_tables t \
+                      WHERE t.schemaname = 'public' AND pg_has_role(r.rolname, t.tableowner, 'MEMBER'))::bigint \
              FROM pg_roles r WHERE r.rolname = $1",
             [role.into()],
         ))
@@ -156,7 +159,7 @@ async fn check_unprivileged(db: &DatabaseConnection, role: &str) -> Result<(), O
     } else if bypass {
         Some("has BYPASSRLS")
     } else if owned > 0 {
-        Some("owns tables")
+        Some("owns tables (or is a member of their owner)")
     } else {
         None
     };

@@ -1,10 +1,11 @@
 //! The layers of the standard server stack, one type per concern.
 //!
 //! [`crate::server::serve`] assembles them, outermost first: [`TraceLayer`] (span per call,
-//! W3C parent, request id), tonic's own timeout, [`LoadShedLayer`] (bounded concurrency,
-//! excess refused at once), [`AuthLayer`] (principal and the service's access table). A
-//! refusal is written as a trailers-only gRPC response carrying the rich status, so callers
-//! see the same details whichever layer refused them.
+//! W3C parent, request id), [`DrainLayer`] (the draining signal), [`LoadShedLayer`] (bounded
+//! concurrency, excess refused at once), [`AuthLayer`] (principal and the service's access
+//! table). tonic's own per-request timeout wraps all of them (so a timed-out call's reply
+//! carries no request id). A refusal is written as a trailers-only gRPC response carrying
+//! the rich status, so callers see the same details whichever layer refused them.
 
 use std::future::Future;
 use std::pin::Pin;
