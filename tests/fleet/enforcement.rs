@@ -145,3 +145,62 @@ async fn without_an_authorizer_permission_requirements_are_refused() {
         .unwrap_err();
     assert_eq!(status.code(), Code::PermissionDenied);
 }
+
+/// Behind a balancer over two authz replicas, a revocation made through one of them is
+/// enforced within 2 s and stays enforced: no lookup answered by the replica that had not yet
+/// applied it brings the old decision back into the cache.
+#[tokio::test]
+async fn a_revocation_stays_revoked_behind_two_authz_replicas() {
+    let fleet = TestFleet::builder()
+        .with_two_authz_replicas()
+        .with_echo()
+        .start()
+        .await;
+    let mut echo = EchoServiceClient::new(fleet.echo().channel().await);
+    let mut authz = AuthzServiceClient::new(fleet.authz().server.channel().await);
+    let service = fleet.service_token();
+    let tenant = Uuid::new_v4();
+    let token = user_token(&fleet, tenant, "dora");
+    let binding = || authz_pb::GrantRoleRequest {
+        tenant_id: tenant.to_string(),
+        subject: Some(subject(tenant, "dora")),
+        role: "viewer".into(),
+        workspace_id: String::new(),
+    };
+    authz
+        .grant_role(with_token(binding(), &service))
+        .await
+        .unwrap();
+    assert_eventually!(
+        Duration::from_secs(2),
+        echo.read_messages(with_token(read(tenant), &token))
+            .await
+            .is_ok()
+    );
+    authz
+        .revoke_role(with_token(
+            authz_pb::RevokeRoleRequest {
+                tenant_id: tenant.to_string(),
+                subject: Some(subject(tenant, "dora")),
+                role: "viewer".into(),
+                workspace_id: String::new(),
+            },
+            &service,
+        ))
+        .await
+        .unwrap();
+    assert_eventually!(Duration::from_secs(2), {
+        matches!(
+            echo.read_messages(with_token(read(tenant), &token)).await,
+            Err(status) if status.code() == Code::PermissionDenied
+        )
+    });
+    // Once refused, refused: 200 more calls over both replicas, none allowed.
+    for _ in 0..200 {
+        let status = echo
+            .read_messages(with_token(read(tenant), &token))
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), Code::PermissionDenied);
+    }
+}

@@ -234,6 +234,7 @@ pub struct TestFleetBuilder {
     echo: bool,
     keys: bool,
     authz: bool,
+    authz_replicas: usize,
     concurrency_limit: Option<usize>,
     tls: Option<penny_platform::server::TlsMaterial>,
 }
@@ -255,6 +256,14 @@ impl TestFleetBuilder {
     /// Start the authz service.
     pub fn with_authz(mut self) -> Self {
         self.authz = true;
+        self
+    }
+
+    /// Run a second authz replica on the same database and let the platform's authorizer
+    /// spread its calls over both.
+    pub fn with_two_authz_replicas(mut self) -> Self {
+        self.authz = true;
+        self.authz_replicas = 2;
         self
     }
 
@@ -293,6 +302,12 @@ impl TestFleetBuilder {
         } else {
             None
         };
+        let authz_replica = match &authz {
+            Some(first) if self.authz_replicas > 1 => {
+                Some(start_authz(&config, first.database.clone()).await)
+            }
+            _ => None,
+        };
         // With authz running, permission requirements are decided by it.
         if let Some(authz) = &authz {
             let service_token = signing
@@ -305,10 +320,16 @@ impl TestFleetBuilder {
                     lifetime: Duration::from_secs(3600),
                 })
                 .expect("service token");
-            config.authorizer = Some(penny_platform::Authorizer::new(
-                authz.server.channel().await,
-                service_token,
-            ));
+            let channel = match &authz_replica {
+                // Calls (and the change feed) go to either replica, as behind a balancer.
+                Some(replica) => {
+                    Channel::balance_list([authz.server.addr, replica.server.addr].into_iter().map(
+                        |addr| Endpoint::from_shared(format!("http://{addr}")).expect("endpoint"),
+                    ))
+                }
+                None => authz.server.channel().await,
+            };
+            config.authorizer = Some(penny_platform::Authorizer::new(channel, service_token));
         }
         let echo = if self.echo {
             let config = config.clone();
@@ -329,6 +350,7 @@ impl TestFleetBuilder {
             echo,
             keys,
             authz,
+            authz_replica,
             data_dir,
         }
     }
@@ -347,6 +369,8 @@ pub struct TestFleet {
     pub keys: Option<KeysServer>,
     /// The authz server, when started.
     pub authz: Option<AuthzServer>,
+    /// A second authz replica on the same database, when asked for.
+    pub authz_replica: Option<AuthzServer>,
     /// The fleet's data directory (databases, keys).
     pub data_dir: TempDir,
 }

@@ -53,7 +53,22 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         lifetime: DEV_TOKEN_LIFETIME,
     })?;
 
-    let serve_config = ServeConfig::new_for_dev(TokenVerifier::new(&signing.jwks())?);
+    let mut serve_config = ServeConfig::new_for_dev(TokenVerifier::new(&signing.jwks())?);
+    // Permission requirements are decided by the in-process authz service, which the
+    // services call with a service token of their own.
+    let service_token = signing.mint(&TokenGrant {
+        subject: "svc-penny-dev".to_owned(),
+        tenant_id: PLATFORM_TENANT_ID,
+        roles: Vec::new(),
+        kind: PrincipalKind::Service,
+        session_id: None,
+        lifetime: DEV_TOKEN_LIFETIME,
+    })?;
+    let authz_url = format!("http://{}:{AUTHZ_PORT}", args.host);
+    serve_config.authorizer = Some(penny_platform::Authorizer::new(
+        tonic::transport::Endpoint::from_shared(authz_url)?.connect_lazy(),
+        service_token,
+    ));
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let stop = move || {
         let mut stop_rx = stop_rx.clone();

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 
+use crate::authorizer::Authorizer;
 use crate::principal::{Jwks, TokenVerifier};
 use crate::server::{ServeConfig, TlsMaterial};
 use crate::telemetry::LogFormat;
@@ -48,6 +49,13 @@ pub struct ServerArgs {
     /// Log format.
     #[arg(long, env = "PENNY_LOG_FORMAT", value_enum, default_value_t)]
     pub log_format: LogFormat,
+    /// The authz service (`http://host:port`) that decides permission requirements. Without
+    /// it every permission requirement is refused.
+    #[arg(long, env = "PENNY_AUTHZ_URL", requires = "service_token_file")]
+    pub authz_url: Option<String>,
+    /// File holding this service's bearer token, used to call other services (authz).
+    #[arg(long, env = "PENNY_SERVICE_TOKEN_FILE")]
+    pub service_token_file: Option<PathBuf>,
 }
 
 impl ServerArgs {
@@ -69,7 +77,20 @@ impl ServerArgs {
             }),
             _ => None,
         };
+        let authorizer = match (&self.authz_url, &self.service_token_file) {
+            (Some(url), Some(token_file)) => {
+                let token =
+                    String::from_utf8(read_setting("PENNY_SERVICE_TOKEN_FILE", token_file)?)
+                        .context("PENNY_SERVICE_TOKEN_FILE: not UTF-8")?;
+                let channel = tonic::transport::Endpoint::from_shared(url.clone())
+                    .with_context(|| format!("PENNY_AUTHZ_URL: not a URL: {url}"))?
+                    .connect_lazy();
+                Some(Authorizer::new(channel, token.trim().to_owned()))
+            }
+            _ => None,
+        };
         Ok(ServeConfig {
+            authorizer,
             tls,
             request_timeout: Duration::from_secs(self.request_timeout_secs),
             concurrency_limit: usize::try_from(self.concurrency_limit).unwrap_or(usize::MAX),
@@ -78,7 +99,6 @@ impl ServerArgs {
             reflection: self.reflection,
             verifier,
             readiness_interval: Duration::from_secs(5),
-            authorizer: None,
         })
     }
 }
