@@ -266,6 +266,22 @@ fn role_name(v: &mut Violations, value: &str) {
     }
 }
 
+/// The tenant, subject and scope of a grant or revocation, validated (and the role's name).
+fn binding_target(
+    tenant_id: &str,
+    subject: Option<&pb::Subject>,
+    role: &str,
+    workspace_id: &str,
+) -> Result<(Uuid, Subject, Option<Uuid>), ApiError> {
+    let mut v = Violations::new();
+    let tenant = v.uuid("tenant_id", tenant_id);
+    let subject = subject_in(&mut v, "subject", subject);
+    role_name(&mut v, role);
+    let workspace = optional_uuid(&mut v, "workspace_id", workspace_id);
+    v.finish()?;
+    Ok((tenant, subject, workspace))
+}
+
 fn page_token_error() -> ApiError {
     ApiError::new(
         tonic::Code::InvalidArgument,
@@ -597,12 +613,12 @@ impl AuthzService for AuthzGrpc {
     ) -> Result<Response<pb::GrantRoleResponse>, Status> {
         let actor = actor(caller(&request)?);
         let request = request.into_inner();
-        let mut v = Violations::new();
-        let tenant = v.uuid("tenant_id", &request.tenant_id);
-        let subject = subject_in(&mut v, "subject", request.subject.as_ref());
-        role_name(&mut v, &request.role);
-        let workspace = optional_uuid(&mut v, "workspace_id", &request.workspace_id);
-        v.finish()?;
+        let (tenant, subject, workspace) = binding_target(
+            &request.tenant_id,
+            request.subject.as_ref(),
+            &request.role,
+            &request.workspace_id,
+        )?;
         let (binding, created, privilege_change) = self
             .authz
             .grant(&actor, tenant, subject, &request.role, workspace)
@@ -620,12 +636,12 @@ impl AuthzService for AuthzGrpc {
     ) -> Result<Response<pb::RevokeRoleResponse>, Status> {
         let actor = actor(caller(&request)?);
         let request = request.into_inner();
-        let mut v = Violations::new();
-        let tenant = v.uuid("tenant_id", &request.tenant_id);
-        let subject = subject_in(&mut v, "subject", request.subject.as_ref());
-        role_name(&mut v, &request.role);
-        let workspace = optional_uuid(&mut v, "workspace_id", &request.workspace_id);
-        v.finish()?;
+        let (tenant, subject, workspace) = binding_target(
+            &request.tenant_id,
+            request.subject.as_ref(),
+            &request.role,
+            &request.workspace_id,
+        )?;
         let binding = self
             .authz
             .revoke(&actor, tenant, &subject, &request.role, workspace)
