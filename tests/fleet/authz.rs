@@ -94,6 +94,7 @@ impl Harness {
                     subject: Some(who.subject()),
                     permission: permission.into(),
                     workspace_id: String::new(),
+                    min_revision: 0,
                 },
                 &self.service,
             ))
@@ -493,6 +494,7 @@ async fn batch_check_holds_at_most_100_and_decisions_need_a_service() {
                 subject: Some(user.subject()),
                 permission: "file:read".into(),
                 workspace_id: String::new(),
+                min_revision: 0,
             },
             &user.token,
         ))
@@ -508,6 +510,7 @@ async fn batch_check_holds_at_most_100_and_decisions_need_a_service() {
                 subject: Some(user.subject()),
                 permission: "file:*".into(),
                 workspace_id: String::new(),
+                min_revision: 0,
             },
             &h.service,
         ))
@@ -601,6 +604,7 @@ async fn a_revocation_through_one_replica_is_enforced_by_another_within_two_seco
             subject: Some(user.subject()),
             permission: "message:write".into(),
             workspace_id: String::new(),
+            min_revision: 0,
         };
         let service = service.clone();
         async move {

@@ -259,8 +259,8 @@ impl TestFleetBuilder {
         self
     }
 
-    /// Run a second authz replica on the same database and let the platform's authorizer
-    /// spread its calls over both.
+    /// Run a second authz replica on the same database, lagging (its feed follower polls
+    /// once an hour), and let the platform's authorizer spread its calls over both.
     pub fn with_two_authz_replicas(mut self) -> Self {
         self.authz = true;
         self.authz_replicas = 2;
@@ -303,9 +303,12 @@ impl TestFleetBuilder {
             None
         };
         let authz_replica = match &authz {
-            Some(first) if self.authz_replicas > 1 => {
-                Some(start_authz(&config, first.database.clone()).await)
-            }
+            // The second replica lags: its follower polls once an hour, so only a
+            // caller's min_revision makes it catch up with changes made through the first.
+            Some(first) if self.authz_replicas > 1 => Some(
+                start_authz_polling(&config, first.database.clone(), Duration::from_secs(3600))
+                    .await,
+            ),
             _ => None,
         };
         // With authz running, permission requirements are decided by it.
@@ -542,9 +545,19 @@ pub struct AuthzServer {
 }
 
 async fn start_authz(config: &ServeConfig, database: TestDatabase) -> AuthzServer {
+    start_authz_polling(config, database, penny_authz::service::FEED_POLL).await
+}
+
+/// An authz server whose feed follower polls every `feed_poll` (a lagging replica when long).
+async fn start_authz_polling(
+    config: &ServeConfig,
+    database: TestDatabase,
+    feed_poll: Duration,
+) -> AuthzServer {
     let authz = penny_authz::build(penny_authz::AuthzConfig {
         database_url: database.url.clone(),
         migration_database_url: database.migration_url.clone(),
+        feed_poll,
     })
     .await
     .expect("build authz service");

@@ -31,6 +31,8 @@ pub struct AuthzConfig {
     pub database_url: String,
     /// The owner's URL for migrations (PostgreSQL).
     pub migration_database_url: Option<String>,
+    /// How often the feed follower looks for changes made through other replicas.
+    pub feed_poll: std::time::Duration,
 }
 
 impl Args {
@@ -39,6 +41,7 @@ impl Args {
         AuthzConfig {
             database_url: self.database_url,
             migration_database_url: self.migration_database_url,
+            feed_poll: crate::service::FEED_POLL,
         }
     }
 }

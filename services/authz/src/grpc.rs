@@ -35,6 +35,8 @@ pub const MAX_BATCH_CHECKS: usize = 100;
 const MAX_SUBJECT_ID_LEN: usize = 256;
 /// Longest role description.
 const MAX_DESCRIPTION_LEN: usize = 1024;
+/// How often an open watch stream looks for changes committed through other replicas.
+const STREAM_POLL: Duration = Duration::from_millis(200);
 /// A heartbeat on every watch stream at least this often.
 const HEARTBEAT: Duration = Duration::from_secs(5);
 
@@ -325,6 +327,7 @@ impl AuthzService for AuthzGrpc {
             &request.workspace_id,
         );
         v.finish()?;
+        self.authz.catch_up(request.min_revision).await?;
         // The revision before the decision: the answer reflects at least this much.
         let revision = self.authz.revision();
         let decision = self
@@ -723,9 +726,13 @@ impl AuthzService for AuthzGrpc {
             };
             let mut next_heartbeat = tokio::time::Instant::now() + HEARTBEAT;
             loop {
-                // Send what this replica has applied after `last`: a watcher that drops a
-                // cached decision on a change must not be able to ask this replica again
-                // before its own cache has dropped it too.
+                // Apply what was committed (through any replica), then send it: a watcher
+                // that drops a cached decision on a change must not be able to ask this
+                // replica again before its own cache has dropped it too.
+                if let Err(err) = authz.apply_committed().await {
+                    let _ = tx.send(Err(Status::from(err))).await;
+                    return;
+                }
                 let applied = authz.revision();
                 while last < applied {
                     let changes = match authz.changes_after(last, 500).await {
@@ -766,6 +773,9 @@ impl AuthzService for AuthzGrpc {
                         }
                         next_heartbeat = tokio::time::Instant::now() + HEARTBEAT;
                     }
+                    // Changes committed through other replicas reach this stream within a poll,
+                    // whatever this replica's own follower is doing.
+                    () = tokio::time::sleep(STREAM_POLL) => {}
                     () = tx.closed() => return,
                     // The server is shutting down: end the stream; watchers reconnect.
                     () = draining.started() => return,

@@ -38,7 +38,7 @@ pub async fn build(config: AuthzConfig) -> anyhow::Result<Authz> {
     .map_err(|e| {
         anyhow::anyhow!("PENNY_AUTHZ_DATABASE_URL: cannot open the authz database: {e}")
     })?;
-    Ok(Authz::new(store::Store::new(db), PLATFORM_TENANT_ID).await?)
+    Ok(Authz::new(store::Store::new(db), PLATFORM_TENANT_ID, config.feed_poll).await?)
 }
 
 /// Who may call which RPC of this service (the table the standard stack enforces).

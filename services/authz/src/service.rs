@@ -20,7 +20,7 @@ use crate::domain::{Binding, Change, Decision, Grant, Required, Role, Subject};
 use crate::error::AuthzError;
 use crate::store::{BindingFilter, Store};
 
-/// How often the feed follower looks for changes made elsewhere.
+/// How often the feed follower looks for changes made elsewhere, by default.
 pub const FEED_POLL: Duration = Duration::from_millis(200);
 
 /// The caller of a management operation.
@@ -94,7 +94,11 @@ pub const READ_ROLES: &str = "user:read";
 impl Authz {
     /// Authorization over `store`; `platform_tenant` is where `admin` lives. Starts the
     /// feed follower, which runs until the last handle is dropped.
-    pub async fn new(store: Store, platform_tenant: Uuid) -> Result<Self, AuthzError> {
+    pub async fn new(
+        store: Store,
+        platform_tenant: Uuid,
+        feed_poll: Duration,
+    ) -> Result<Self, AuthzError> {
         let current = store.current_revision().await?;
         let (revision, _) = watch::channel(current);
         let (stop_tx, stop_rx) = watch::channel(false);
@@ -103,6 +107,7 @@ impl Authz {
             store.clone(),
             cache.clone(),
             revision.clone(),
+            feed_poll,
             stop_rx,
         ));
         Ok(Self {
@@ -127,6 +132,37 @@ impl Authz {
     /// A receiver woken whenever the applied revision moves.
     pub fn subscribe(&self) -> watch::Receiver<u64> {
         self.revision.subscribe()
+    }
+
+    /// Applies every committed change up to at least `min` before returning (a caller that
+    /// heard of a change through another replica must not get an answer from before it).
+    pub async fn catch_up(&self, min: u64) -> Result<(), AuthzError> {
+        while self.revision() < min {
+            if !self.apply_next().await? {
+                // Asked for a revision nobody has committed: decide with what exists.
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    /// Applies every change committed so far (through any replica).
+    pub async fn apply_committed(&self) -> Result<(), AuthzError> {
+        while self.apply_next().await? {}
+        Ok(())
+    }
+
+    /// Applies the next page of committed changes; false when there was none.
+    async fn apply_next(&self) -> Result<bool, AuthzError> {
+        let changes = self.store.changes_after(self.revision(), 1000).await?;
+        let Some(newest) = changes.last().map(|c| c.revision) else {
+            return Ok(false);
+        };
+        for change in &changes {
+            self.invalidate(change.tenant_id);
+        }
+        advance(&self.revision, newest);
+        Ok(true)
     }
 
     /// Changes after `revision`.
@@ -578,6 +614,7 @@ async fn follow_feed(
     store: Store,
     cache: Cache,
     revision: watch::Sender<u64>,
+    poll: Duration,
     mut stop: watch::Receiver<bool>,
 ) {
     let mut seen = *revision.borrow();
@@ -593,7 +630,7 @@ async fn follow_feed(
             Err(err) => tracing::warn!(error = %err, "authz change feed unreadable; retrying"),
         }
         tokio::select! {
-            () = tokio::time::sleep(FEED_POLL) => {}
+            () = tokio::time::sleep(poll) => {}
             _ = stop.changed() => return,
         }
     }

@@ -307,6 +307,7 @@ async fn start_server(scenario: Scenario) -> anyhow::Result<(String, BenchServer
             let authz = penny_authz::build(penny_authz::AuthzConfig {
                 database_url: penny_platform::db::sqlite_url(&data_dir.0, "authz"),
                 migration_database_url: None,
+                feed_poll: penny_authz::service::FEED_POLL,
             })
             .await?;
             penny_authz::bundle(authz, &config)
@@ -483,6 +484,7 @@ async fn authz_phase(
         subject: Some(subject),
         permission: "file:read".to_owned(),
         workspace_id: String::new(),
+        min_revision: 0,
     };
     phase(
         "authz-check",

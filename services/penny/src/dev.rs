@@ -102,6 +102,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     let authz_config = penny_authz::AuthzConfig {
         database_url: penny_platform::db::sqlite_url(&args.data_dir, "authz"),
         migration_database_url: None,
+        feed_poll: penny_authz::service::FEED_POLL,
     };
     let listener = bind(&args.host, AUTHZ_PORT, "authz").await?;
     running.push(Running {

@@ -151,6 +151,8 @@ impl Authorizer {
             }),
             permission: permission.to_owned(),
             workspace_id: String::new(),
+            // Never an answer from before a change this authorizer already heard of.
+            min_revision: seen,
         };
         let reply = self
             .client
