@@ -330,19 +330,25 @@ async fn excess_calls_are_shed_with_unavailable() {
     let token = fleet.admin_token();
     let mut slow = EchoServiceClient::new(channel.clone());
     let slow_token = token.clone();
+    let marker = format!("slow-{}", uuid::Uuid::new_v4().simple());
+    let message = marker.clone();
     let in_flight = tokio::spawn(async move {
         slow.echo(with_token(
             EchoRequest {
-                message: "slow".into(),
-                delay_ms: 1500,
+                message,
+                delay_ms: 3000,
             },
             &slow_token,
         ))
         .await
     });
     let mut client = EchoServiceClient::new(channel);
-    // Wait until the slow call holds the only permit, then the next call is shed.
-    assert_eventually!(Duration::from_secs(5), {
+    // Once the slow call holds the only permit, the next call is shed.
+    assert_eventually!(
+        Duration::from_secs(10),
+        penny_tests::echo::in_flight(&marker)
+    );
+    assert_eventually!(Duration::from_secs(2), {
         match client.echo(with_token(echo("fast"), &token)).await {
             Err(status) => {
                 status.code() == Code::Unavailable
@@ -368,26 +374,31 @@ async fn graceful_shutdown_finishes_in_flight_calls() {
     let channel = fleet.echo().channel().await;
     let token = fleet.admin_token();
     let mut client = EchoServiceClient::new(channel);
+    let marker = format!("drain-{}", uuid::Uuid::new_v4().simple());
+    let message = marker.clone();
     let in_flight = tokio::spawn(async move {
         client
             .echo(with_token(
                 EchoRequest {
-                    message: "drain".into(),
+                    message,
                     delay_ms: 700,
                 },
                 &token,
             ))
             .await
     });
-    // Let the call reach the handler, then ask the server to stop.
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Once the call is inside the handler, ask the server to stop.
+    assert_eventually!(
+        Duration::from_secs(10),
+        penny_tests::echo::in_flight(&marker)
+    );
     let server = fleet.echo.as_mut().unwrap();
     server.shutdown().await.unwrap();
     let reply = in_flight
         .await
         .unwrap()
         .expect("in-flight call completes during drain");
-    assert_eq!(reply.into_inner().message, "drain");
+    assert_eq!(reply.into_inner().message, marker);
 }
 
 #[tokio::test]

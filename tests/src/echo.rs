@@ -17,6 +17,27 @@ pub mod pb {
 
 use pb::echo_service_server::{EchoService, EchoServiceServer};
 
+/// Messages of delayed calls now inside the handler, so tests can wait until a call has
+/// really arrived instead of sleeping and hoping.
+static IN_FLIGHT: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+
+fn mark_in_flight(message: &str, inside: bool) {
+    if let Ok(mut in_flight) = IN_FLIGHT.lock() {
+        if inside {
+            in_flight.push(message.to_owned());
+        } else if let Some(i) = in_flight.iter().position(|m| m == message) {
+            in_flight.remove(i);
+        }
+    }
+}
+
+/// Whether a delayed call carrying `message` is inside the handler now.
+pub fn in_flight(message: &str) -> bool {
+    IN_FLIGHT
+        .lock()
+        .is_ok_and(|in_flight| in_flight.iter().any(|m| m == message))
+}
+
 /// The gRPC name of the echo service.
 pub const SERVICE: &str = "penny.testing.v1.EchoService";
 
@@ -38,7 +59,9 @@ impl EchoService for Echo {
         }
         violations.finish()?;
         if message.delay_ms > 0 {
+            mark_in_flight(&message.message, true);
             tokio::time::sleep(Duration::from_millis(u64::from(message.delay_ms))).await;
+            mark_in_flight(&message.message, false);
         }
         Ok(Response::new(pb::EchoResponse {
             message: message.message,
