@@ -33,5 +33,20 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .build_client(true)
         .build_server(true)
         .compile_with_config(config, &files, &[root])?;
+
+    // The google.rpc error details, for reflection only (tonic-types has the Rust types):
+    // compiled to a descriptor set; the code prost writes is left unused in OUT_DIR.
+    let out_dir = PathBuf::from(std::env::var("OUT_DIR")?);
+    let reflection_root = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR")?).join("reflection");
+    let details = reflection_root.join("google/rpc/error_details.proto");
+    println!("cargo:rerun-if-changed={}", details.display());
+    let unused = out_dir.join("unused");
+    std::fs::create_dir_all(&unused)?;
+    let mut config = prost_build::Config::new();
+    config
+        .protoc_executable(protoc_bin_vendored::protoc_bin_path()?)
+        .file_descriptor_set_path(out_dir.join("error_details_descriptor.bin"))
+        .out_dir(unused);
+    config.compile_protos(&[details], &[reflection_root])?;
     Ok(())
 }

@@ -142,10 +142,13 @@ pub async fn serve(
     routes = routes.add_service(health_service);
 
     if config.reflection {
+        // Health, and the google.rpc error details so clients can decode them by reflection.
         let mut v1 = tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET);
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(penny_proto::ERROR_DETAILS_DESCRIPTOR_SET);
         let mut v1alpha = tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET);
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(penny_proto::ERROR_DETAILS_DESCRIPTOR_SET);
         for descriptor in &descriptors {
             v1 = v1.register_encoded_file_descriptor_set(descriptor);
             v1alpha = v1alpha.register_encoded_file_descriptor_set(descriptor);

@@ -6,6 +6,11 @@
 /// The encoded `FileDescriptorSet` of every Penny proto, for server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("penny_descriptor");
 
+/// The google.rpc error details Penny's statuses carry, for server reflection (so grpcurl
+/// prints them decoded). Descriptors only: the Rust types are tonic-types'.
+pub const ERROR_DETAILS_DESCRIPTOR_SET: &[u8] =
+    tonic::include_file_descriptor_set!("error_details_descriptor");
+
 /// `penny.common.v1`.
 pub mod common {
     pub mod v1 {
