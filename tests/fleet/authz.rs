@@ -295,7 +295,7 @@ async fn custom_roles_are_bounded_by_the_creator_and_cannot_shadow_built_ins() {
         ),
         ("god", &["*"][..], "PRIVILEGE_ESCALATION"),
         ("owner", &["billing:read"][..], "INVALID_ARGUMENT"),
-        ("bad", &["not a permission"][..], "INVALID_ARGUMENT"),
+        ("bad", &["not a permission"][..], "PERMISSION_MALFORMED"),
     ] {
         let status = h
             .client

@@ -694,6 +694,12 @@ async fn bad_input_gets_precise_statuses() {
             .unwrap_err();
         assert_eq!(status.code(), Code::InvalidArgument, "{count} items");
         assert_eq!(fields(&status), ["items"]);
+        let expected = if count > 1000 {
+            "BATCH_TOO_LARGE"
+        } else {
+            "INVALID_ARGUMENT"
+        };
+        assert_eq!(status_reason(&status), expected);
     }
 
     // Unknown tenant key.

@@ -161,7 +161,7 @@ fn required_permission(v: &mut Violations, field: &str, value: &str) -> Option<R
     match Required::parse(value) {
         Ok(required) => Some(required),
         Err(why) => {
-            v.add(field, why);
+            v.add_with_reason(field, why, Reason::PermissionMalformed);
             None
         }
     }
@@ -210,7 +210,9 @@ fn grants_in(v: &mut Violations, field: &str, values: &[String]) -> Vec<Grant> {
         match Grant::parse(value) {
             Ok(grant) if !grants.contains(&grant) => grants.push(grant),
             Ok(_) => {}
-            Err(why) => v.add(format!("{field}[{i}]"), why),
+            Err(why) => {
+                v.add_with_reason(format!("{field}[{i}]"), why, Reason::PermissionMalformed)
+            }
         }
     }
     grants

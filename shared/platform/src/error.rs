@@ -117,6 +117,13 @@ impl ApiError {
         err
     }
 
+    /// The same failure with a more precise reason.
+    #[must_use]
+    pub fn with_reason(mut self, reason: Reason) -> Self {
+        self.reason = reason;
+        self
+    }
+
     /// Adds a key/value to `ErrorInfo.metadata`. Never put secrets here.
     #[must_use]
     pub fn with_metadata(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {

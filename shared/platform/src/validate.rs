@@ -6,12 +6,15 @@
 
 use uuid::Uuid;
 
-use crate::error::{ApiError, FieldViolation};
+use crate::error::{ApiError, FieldViolation, Reason};
 
 /// Collects the bad fields of one request.
 #[derive(Debug, Default)]
 pub struct Violations {
     violations: Vec<FieldViolation>,
+    /// A more precise `ErrorInfo.reason` than INVALID_ARGUMENT, from the first violation
+    /// that had one.
+    reason: Option<Reason>,
 }
 
 impl Violations {
@@ -26,6 +29,17 @@ impl Violations {
             field: field.into(),
             description: description.into(),
         });
+    }
+
+    /// Records a bad field whose kind has its own reason (e.g. `BATCH_TOO_LARGE`).
+    pub fn add_with_reason(
+        &mut self,
+        field: impl Into<String>,
+        description: impl Into<String>,
+        reason: Reason,
+    ) {
+        self.add(field, description);
+        self.reason.get_or_insert(reason);
     }
 
     /// Whether nothing was recorded so far.
@@ -81,7 +95,11 @@ impl Violations {
         if count < min {
             self.add(field, format!("must hold at least {min} item(s)"));
         } else if count > max {
-            self.add(field, format!("must hold at most {max} items"));
+            self.add_with_reason(
+                field,
+                format!("must hold at most {max} items"),
+                Reason::BatchTooLarge,
+            );
         }
     }
 
@@ -103,7 +121,11 @@ impl Violations {
         if self.violations.is_empty() {
             Ok(())
         } else {
-            Err(ApiError::invalid_argument(self.violations))
+            let err = ApiError::invalid_argument(self.violations);
+            Err(match self.reason {
+                Some(reason) => err.with_reason(reason),
+                None => err,
+            })
         }
     }
 }
@@ -133,6 +155,7 @@ mod tests {
         v.length("object_id", "", 1, 256);
         v.count("items", 1001, 1, 1000);
         let err = v.finish().expect_err("four violations");
+        assert_eq!(err.reason(), Reason::BatchTooLarge);
         let fields: Vec<_> = err.violations().iter().map(|v| v.field.as_str()).collect();
         assert_eq!(fields, ["tenant_id", "purpose", "object_id", "items"]);
     }
