@@ -3,7 +3,7 @@
 use anyhow::Context as _;
 use penny_proto::keys::v1 as pb;
 use penny_proto::keys::v1::key_service_client::KeyServiceClient;
-use tonic::transport::Endpoint;
+use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
 
 /// Where the service is and who is asking.
 #[derive(Debug, clap::Args)]
@@ -14,6 +14,18 @@ pub struct Target {
     /// A platform admin's bearer token; `penny dev` writes one to dev.env.
     #[arg(long = "token-env", default_value = "PENNY_TOKEN", hide = true)]
     token_env: String,
+    /// PEM CA bundle: speak TLS to the service and trust certificates it signed.
+    #[arg(long, env = "PENNY_CLIENT_TLS_CA")]
+    tls_ca: Option<std::path::PathBuf>,
+    /// The name the server's certificate is for (default: the host of --addr).
+    #[arg(long, env = "PENNY_CLIENT_TLS_DOMAIN", requires = "tls_ca")]
+    tls_domain: Option<String>,
+    /// PEM client certificate, for servers that require mTLS.
+    #[arg(long, env = "PENNY_CLIENT_TLS_CERT", requires_all = ["tls_ca", "tls_key"])]
+    tls_cert: Option<std::path::PathBuf>,
+    /// PEM private key of the client certificate.
+    #[arg(long, env = "PENNY_CLIENT_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<std::path::PathBuf>,
 }
 
 /// `penny keys …`
@@ -66,7 +78,28 @@ fn authorized<T>(message: T, token_env: &str) -> anyhow::Result<tonic::Request<T
 }
 
 async fn client(target: &Target) -> anyhow::Result<KeyServiceClient<tonic::transport::Channel>> {
-    let channel = Endpoint::from_shared(format!("http://{}", target.addr))?
+    let read = |path: &std::path::Path| {
+        std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))
+    };
+    let endpoint = match &target.tls_ca {
+        None => Endpoint::from_shared(format!("http://{}", target.addr))?,
+        Some(ca) => {
+            let host = target
+                .addr
+                .rsplit_once(':')
+                .map_or(target.addr.as_str(), |(h, _)| h);
+            let mut tls = ClientTlsConfig::new()
+                .ca_certificate(Certificate::from_pem(read(ca)?))
+                .domain_name(target.tls_domain.clone().unwrap_or_else(|| host.to_owned()));
+            if let (Some(cert), Some(key)) = (&target.tls_cert, &target.tls_key) {
+                tls = tls.identity(Identity::from_pem(read(cert)?, read(key)?));
+            }
+            Endpoint::from_shared(format!("https://{}", target.addr))?
+                .tls_config(tls)
+                .context("client TLS configuration")?
+        }
+    };
+    let channel = endpoint
         .connect()
         .await
         .with_context(|| format!("cannot reach the keys service at {}", target.addr))?;
