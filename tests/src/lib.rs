@@ -574,12 +574,7 @@ async fn start_authz_polling(
 
 /// Adds `authorization: Bearer <token>` to a request.
 pub fn with_token<T>(message: T, token: &str) -> tonic::Request<T> {
-    let mut request = tonic::Request::new(message);
-    request.metadata_mut().insert(
-        "authorization",
-        format!("Bearer {token}").parse().expect("metadata value"),
-    );
-    request
+    penny_platform::principal::bearer_request(message, token).expect("token as a header value")
 }
 
 #[cfg(test)]

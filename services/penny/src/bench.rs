@@ -512,11 +512,7 @@ async fn authz_phase(
 }
 
 fn authorized<T>(message: T, token: &str) -> anyhow::Result<tonic::Request<T>> {
-    let mut request = tonic::Request::new(message);
-    request
-        .metadata_mut()
-        .insert("authorization", format!("Bearer {token}").parse()?);
-    Ok(request)
+    Ok(penny_platform::principal::bearer_request(message, token)?)
 }
 
 /// Runs `call` from `concurrency` tasks: first unmeasured for `warmup`, then measured.

@@ -67,14 +67,8 @@ fn authorized<T>(message: T, token_env: &str) -> anyhow::Result<tonic::Request<T
     let token = std::env::var(token_env).with_context(|| {
         format!("{token_env} is not set: source the dev.env that `penny dev` wrote")
     })?;
-    let mut request = tonic::Request::new(message);
-    request.metadata_mut().insert(
-        "authorization",
-        format!("Bearer {token}")
-            .parse()
-            .context("the token is not a valid header value")?,
-    );
-    Ok(request)
+    penny_platform::principal::bearer_request(message, &token)
+        .map_err(|_| anyhow::anyhow!("{token_env} does not hold a valid token"))
 }
 
 async fn client(target: &Target) -> anyhow::Result<KeyServiceClient<tonic::transport::Channel>> {

@@ -19,7 +19,7 @@ use tonic::transport::Channel;
 use uuid::Uuid;
 
 use crate::error::{ApiError, Reason};
-use crate::principal::{Principal, PrincipalKind};
+use crate::principal::{Principal, PrincipalKind, bearer_request};
 
 /// Most decisions cached at once; past it the cache starts over.
 const MAX_CACHED_DECISIONS: usize = 100_000;
@@ -94,15 +94,6 @@ fn pb_kind(kind: PrincipalKind) -> PbKind {
     }
 }
 
-fn with_token<T>(message: T, token: &str) -> Result<tonic::Request<T>, ApiError> {
-    let mut request = tonic::Request::new(message);
-    let value = format!("Bearer {token}")
-        .parse()
-        .map_err(|_| ApiError::internal(&"service token is not a valid header value"))?;
-    request.metadata_mut().insert("authorization", value);
-    Ok(request)
-}
-
 impl Authorizer {
     /// Checks through the authz service at `channel`, calling it with `service_token`.
     /// Starts following the change feed; it stops when the last clone is dropped.
@@ -157,7 +148,7 @@ impl Authorizer {
         let reply = self
             .client
             .clone()
-            .check(with_token(request, &self.token)?)
+            .check(bearer_request(request, &self.token)?)
             .await
             .map_err(|status| {
                 tracing::warn!(code = ?status.code(), "authz unreachable; refusing");
@@ -192,7 +183,7 @@ impl Authorizer {
 /// Follows the authz change feed for as long as the authorizer lives.
 async fn follow(mut client: AuthzServiceClient<Channel>, token: Arc<str>, shared: Arc<Shared>) {
     while !shared.stopped.load(Ordering::Acquire) {
-        let stream = match with_token(pb::WatchChangesRequest { after_revision: 0 }, &token) {
+        let stream = match bearer_request(pb::WatchChangesRequest { after_revision: 0 }, &token) {
             Ok(request) => client.watch_changes(request).await,
             Err(_) => return,
         };
