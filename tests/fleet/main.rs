@@ -9,4 +9,5 @@ mod enforcement;
 mod isolation;
 mod keys;
 mod platform;
+mod tenants;
 mod vault_contract;

@@ -235,6 +235,7 @@ pub struct TestFleetBuilder {
     keys: bool,
     authz: bool,
     authz_replicas: usize,
+    tenants: bool,
     concurrency_limit: Option<usize>,
     tls: Option<penny_platform::server::TlsMaterial>,
 }
@@ -264,6 +265,14 @@ impl TestFleetBuilder {
     pub fn with_two_authz_replicas(mut self) -> Self {
         self.authz = true;
         self.authz_replicas = 2;
+        self
+    }
+
+    /// Start the tenants service, with the keys and authz services it calls.
+    pub fn with_tenants(mut self) -> Self {
+        self.tenants = true;
+        self.keys = true;
+        self.authz = true;
         self
     }
 
@@ -334,6 +343,13 @@ impl TestFleetBuilder {
             };
             config.authorizer = Some(penny_platform::Authorizer::new(channel, service_token));
         }
+        let tenants = match &keys {
+            Some(keys) if self.tenants => {
+                let database = fresh_database(data_dir.path(), "tenants").await;
+                Some(start_tenants(&config, database, format!("http://{}", keys.server.addr)).await)
+            }
+            _ => None,
+        };
         let echo = if self.echo {
             let config = config.clone();
             Some(
@@ -354,6 +370,7 @@ impl TestFleetBuilder {
             keys,
             authz,
             authz_replica,
+            tenants,
             data_dir,
         }
     }
@@ -374,6 +391,8 @@ pub struct TestFleet {
     pub authz: Option<AuthzServer>,
     /// A second authz replica on the same database, when asked for.
     pub authz_replica: Option<AuthzServer>,
+    /// The tenants server, when started.
+    pub tenants: Option<TenantsServer>,
     /// The fleet's data directory (databases, keys).
     pub data_dir: TempDir,
 }
@@ -450,6 +469,23 @@ impl TestFleet {
             first.master_key_hex.clone(),
         )
         .await
+    }
+
+    /// The tenants server; panics when it was not started.
+    pub fn tenants(&self) -> &TenantsServer {
+        self.tenants
+            .as_ref()
+            .expect("fleet started without tenants")
+    }
+
+    /// Another tenants server on `database`, calling keys at `keys_url` (a replica, or one
+    /// pointed at a keys service that is down).
+    pub async fn start_tenants_on(
+        &self,
+        database: TestDatabase,
+        keys_url: String,
+    ) -> TenantsServer {
+        start_tenants(&self.config, database, keys_url).await
     }
 
     /// The echo server; panics when it was not started.
@@ -570,6 +606,41 @@ async fn start_authz_polling(
     })
     .await;
     AuthzServer { server, database }
+}
+
+/// The tenants service of a test fleet.
+#[derive(Debug)]
+pub struct TenantsServer {
+    /// The server.
+    pub server: RunningServer,
+    /// Its database.
+    pub database: TestDatabase,
+}
+
+async fn start_tenants(
+    config: &ServeConfig,
+    database: TestDatabase,
+    keys_url: String,
+) -> TenantsServer {
+    let tenants = penny_tenants::build(
+        penny_tenants::TenantsConfig {
+            database_url: database.url.clone(),
+            migration_database_url: database.migration_url.clone(),
+            keys_url,
+        },
+        config,
+    )
+    .await
+    .expect("build tenants service");
+    let bundle = penny_tenants::bundle(tenants, config);
+    let config = config.clone();
+    let server = RunningServer::start(move |listener, stopped| {
+        penny_platform::serve(config, bundle, listener, async move {
+            let _ = stopped.await;
+        })
+    })
+    .await;
+    TenantsServer { server, database }
 }
 
 /// Adds `authorization: Bearer <token>` to a request.

@@ -3,8 +3,7 @@
 use std::pin::Pin;
 use std::time::Duration;
 
-use base64::Engine;
-use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use penny_platform::page::{decode_page_token, encode_page_token, page_token_error};
 use penny_platform::principal::{Principal, PrincipalKind as PlatformKind};
 use penny_platform::stack::{caller, draining};
 use penny_platform::validate::{Violations, page_size};
@@ -286,30 +285,6 @@ fn binding_target(
     Ok((tenant, subject, workspace))
 }
 
-fn page_token_error() -> ApiError {
-    ApiError::new(
-        tonic::Code::InvalidArgument,
-        Reason::PageTokenInvalid,
-        "page_token is not a token this service issued",
-    )
-}
-
-fn decode_token(token: &str) -> Result<Option<String>, ApiError> {
-    if token.is_empty() {
-        return Ok(None);
-    }
-    URL_SAFE_NO_PAD
-        .decode(token)
-        .ok()
-        .and_then(|bytes| String::from_utf8(bytes).ok())
-        .map(Some)
-        .ok_or_else(page_token_error)
-}
-
-fn encode_token(last: &str) -> String {
-    URL_SAFE_NO_PAD.encode(last.as_bytes())
-}
-
 type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::WatchChangesResponse, Status>> + Send>>;
 
 #[tonic::async_trait]
@@ -387,7 +362,7 @@ impl AuthzService for AuthzGrpc {
         let workspace = optional_uuid(&mut v, "workspace_id", &request.workspace_id);
         let size = page_size(&mut v, request.page_size, DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE) as usize;
         v.finish()?;
-        let after = decode_token(&request.page_token)?;
+        let after = decode_page_token(&request.page_token)?;
         let mut permissions: Vec<String> = self
             .authz
             .grants(tenant, &subject, workspace)
@@ -403,7 +378,7 @@ impl AuthzService for AuthzGrpc {
             permissions.truncate(size);
             permissions
                 .last()
-                .map(|p| encode_token(p))
+                .map(|p| encode_page_token(p))
                 .unwrap_or_default()
         } else {
             String::new()
@@ -588,7 +563,7 @@ impl AuthzService for AuthzGrpc {
         let tenant = v.uuid("tenant_id", &request.tenant_id);
         let size = page_size(&mut v, request.page_size, DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE) as usize;
         v.finish()?;
-        let after = decode_token(&request.page_token)?;
+        let after = decode_page_token(&request.page_token)?;
         let roles = self.authz.list_roles(&actor, tenant).await?;
         let start = match &after {
             Some(name) => roles
@@ -601,7 +576,7 @@ impl AuthzService for AuthzGrpc {
         let page: Vec<&Role> = roles.iter().skip(start).take(size).collect();
         let next_page_token = if start + page.len() < roles.len() {
             page.last()
-                .map(|r| encode_token(&r.name))
+                .map(|r| encode_page_token(&r.name))
                 .unwrap_or_default()
         } else {
             String::new()
@@ -671,7 +646,7 @@ impl AuthzService for AuthzGrpc {
         let workspace_id = optional_uuid(&mut v, "workspace_id", &request.workspace_id);
         let size = page_size(&mut v, request.page_size, DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE);
         v.finish()?;
-        let after = match decode_token(&request.page_token)? {
+        let after = match decode_page_token(&request.page_token)? {
             Some(text) => Some(Uuid::try_parse(&text).map_err(|_| page_token_error())?),
             None => None,
         };
@@ -688,7 +663,7 @@ impl AuthzService for AuthzGrpc {
             bindings.truncate(size as usize);
             bindings
                 .last()
-                .map(|b| encode_token(&b.id.to_string()))
+                .map(|b| encode_page_token(&b.id.to_string()))
                 .unwrap_or_default()
         } else {
             String::new()

@@ -1,9 +1,8 @@
 //! The gRPC face of the keys service: decode, validate, call the domain, map errors. Thin.
 
-use base64::Engine;
-use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use penny_platform::page::{decode_page_token, encode_page_token, page_token_error};
 use penny_platform::validate::{Violations, page_size};
-use penny_platform::{AccessPolicy, ApiError, Reason, Requirement, ServeConfig, ServiceBundle};
+use penny_platform::{AccessPolicy, ApiError, Requirement, ServeConfig, ServiceBundle};
 use penny_proto::keys::v1 as pb;
 use penny_proto::keys::v1::key_service_server::{KeyService, KeyServiceServer};
 use time::OffsetDateTime;
@@ -172,26 +171,15 @@ fn ciphertext_items(
         .collect()
 }
 
-fn encode_page_token(last: TenantId) -> String {
-    URL_SAFE_NO_PAD.encode(last.0.as_bytes())
-}
-
-fn decode_page_token(token: &str) -> Result<Option<TenantId>, ApiError> {
-    if token.is_empty() {
-        return Ok(None);
-    }
-    URL_SAFE_NO_PAD
-        .decode(token)
-        .ok()
-        .and_then(|bytes| Uuid::from_slice(&bytes).ok())
-        .map(|id| Some(TenantId(id)))
-        .ok_or_else(|| {
-            ApiError::new(
-                tonic::Code::InvalidArgument,
-                Reason::PageTokenInvalid,
-                "page_token is not a token this service issued",
-            )
+/// Keys are listed by tenant id: the token carries the last one.
+fn decode_tenant_token(token: &str) -> Result<Option<TenantId>, ApiError> {
+    decode_page_token(token)?
+        .map(|text| {
+            Uuid::try_parse(&text)
+                .map(TenantId)
+                .map_err(|_| page_token_error())
         })
+        .transpose()
 }
 
 #[tonic::async_trait]
@@ -233,13 +221,13 @@ impl KeyService for KeyGrpc {
         let mut v = Violations::new();
         let size = page_size(&mut v, request.page_size, DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE);
         v.finish()?;
-        let after = decode_page_token(&request.page_token)?;
+        let after = decode_tenant_token(&request.page_token)?;
         // One more than asked tells whether another page exists.
         let mut keys = self.keys.list_keys(after, size + 1).await?;
         let next_page_token = if keys.len() > size as usize {
             keys.truncate(size as usize);
             keys.last()
-                .map(|k| encode_page_token(k.tenant_id))
+                .map(|k| encode_page_token(&k.tenant_id.0.to_string()))
                 .unwrap_or_default()
         } else {
             String::new()

@@ -116,6 +116,24 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         stop(),
     ));
 
+    // tenants: creates each tenant's key in keys and its owner's binding in authz.
+    let tenants_config = penny_tenants::TenantsConfig {
+        database_url: penny_platform::db::sqlite_url(&args.data_dir, "tenants"),
+        migration_database_url: None,
+        keys_url: format!("http://{}:{KEYS_PORT}", args.host),
+    };
+    let listener = bind(&args.host, TENANTS_PORT, "tenants").await?;
+    running.push(Running {
+        env_name: "PENNY_TENANTS_ADDR",
+        addr: listener.local_addr()?,
+    });
+    tasks.spawn(penny_tenants::serve(
+        tenants_config,
+        serve_config.clone(),
+        listener,
+        stop(),
+    ));
+
     tokio::spawn(async move {
         penny_platform::shutdown_signal().await;
         let _ = stop_tx.send(true);
@@ -143,6 +161,8 @@ async fn wait(mut tasks: tokio::task::JoinSet<anyhow::Result<()>>) -> anyhow::Re
 const KEYS_PORT: u16 = 50052;
 /// The fixed dev port of the authz service.
 const AUTHZ_PORT: u16 = 50053;
+/// The fixed dev port of the tenants service.
+const TENANTS_PORT: u16 = 50056;
 
 async fn bind(host: &str, port: u16, service: &str) -> anyhow::Result<tokio::net::TcpListener> {
     tokio::net::TcpListener::bind((host, port))
@@ -172,6 +192,7 @@ fn print_walkthrough(env_path: &Path, running: &[Running]) {
         println!("  {:<18} {}", service.env_name, service.addr);
     }
     let tenant = uuid::Uuid::new_v4();
+    let request = uuid::Uuid::new_v4();
     println!(
         "\nTry it (another terminal):\n  \
          set -a; source {env}; set +a\n  \
@@ -181,7 +202,10 @@ fn print_walkthrough(env_path: &Path, running: &[Running]) {
          $PENNY_KEYS_ADDR penny.keys.v1.KeyService/CreateKey\n  \
          grpcurl -plaintext -H \"authorization: Bearer $PENNY_TOKEN\" \\\n    \
          -d '{{\"tenant_id\":\"{tenant}\",\"context\":{{\"purpose\":\"file\",\"object_id\":\"doc-1\"}}}}' \\\n    \
-         $PENNY_KEYS_ADDR penny.keys.v1.KeyService/GenerateDataKey\n\n\
+         $PENNY_KEYS_ADDR penny.keys.v1.KeyService/GenerateDataKey\n  \
+         grpcurl -plaintext -H \"authorization: Bearer $PENNY_TOKEN\" \\\n    \
+         -d '{{\"request_id\":\"{request}\",\"name\":\"Acme\",\"slug\":\"acme\",\"owner\":{{\"email\":\"ada@acme.test\",\"display_name\":\"Ada\"}}}}' \\\n    \
+         $PENNY_TENANTS_ADDR penny.tenants.v1.TenantService/CreateTenant\n\n\
          Ctrl-C stops the fleet; the data directory keeps keys and databases.",
         env = env_path.display()
     );

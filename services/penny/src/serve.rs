@@ -20,6 +20,14 @@ pub enum ServeCommand {
         #[command(flatten)]
         authz: penny_authz::Args,
     },
+    /// Tenants, users and workspaces (`penny.tenants.v1.TenantService`). Needs the keys
+    /// service and, through the standard settings, the authz service.
+    Tenants {
+        #[command(flatten)]
+        server: ServerArgs,
+        #[command(flatten)]
+        tenants: penny_tenants::Args,
+    },
 }
 
 pub async fn run(command: ServeCommand) -> anyhow::Result<()> {
@@ -49,6 +57,21 @@ pub async fn run(command: ServeCommand) -> anyhow::Result<()> {
                 .map_err(|e| anyhow::anyhow!("PENNY_AUTHZ_LISTEN {listen}: {e}"))?;
             penny_authz::serve(
                 authz.into_config(),
+                serve_config,
+                listener,
+                penny_platform::shutdown_signal(),
+            )
+            .await
+        }
+        ServeCommand::Tenants { server, tenants } => {
+            let _telemetry = telemetry::init(server.log_format, "penny-tenants")?;
+            let serve_config = server.serve_config()?;
+            let listen = tenants.listen;
+            let listener = tokio::net::TcpListener::bind(listen)
+                .await
+                .map_err(|e| anyhow::anyhow!("PENNY_TENANTS_LISTEN {listen}: {e}"))?;
+            penny_tenants::serve(
+                tenants.into_config(),
                 serve_config,
                 listener,
                 penny_platform::shutdown_signal(),

@@ -116,6 +116,18 @@ impl Authorizer {
         }
     }
 
+    /// A client of the authz service this authorizer asks, for services that also manage
+    /// roles (tenants binding a new tenant's owner).
+    pub fn authz_client(&self) -> AuthzServiceClient<Channel> {
+        self.client.clone()
+    }
+
+    /// `message` as a request carrying this service's own token, for calls a service makes
+    /// on its own behalf rather than its caller's.
+    pub fn service_request<T>(&self, message: T) -> Result<tonic::Request<T>, ApiError> {
+        bearer_request(message, &self.token)
+    }
+
     /// Whether `principal` holds `permission` in its own tenant.
     pub async fn allows(
         &self,

@@ -14,6 +14,7 @@ pub mod authorizer;
 pub mod config;
 pub mod db;
 pub mod error;
+pub mod page;
 pub mod principal;
 pub mod server;
 pub mod signing;

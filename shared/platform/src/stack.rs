@@ -330,7 +330,10 @@ impl AuthLayer {
 
 /// The token of an `authorization: Bearer <token>` header.
 fn bearer_token(headers: &http::HeaderMap) -> Option<&str> {
-    let value = headers.get(http::header::AUTHORIZATION)?.to_str().ok()?;
+    parse_bearer(headers.get(http::header::AUTHORIZATION)?.to_str().ok()?)
+}
+
+fn parse_bearer(value: &str) -> Option<&str> {
     let (scheme, token) = value.split_once(' ')?;
     if !scheme.eq_ignore_ascii_case("bearer") {
         return None;
@@ -408,6 +411,17 @@ pub fn tenant_scope(principal: &Principal, requested: uuid::Uuid) -> Result<uuid
 pub fn caller<T>(req: &tonic::Request<T>) -> Result<&Principal, tonic::Status> {
     req.extensions()
         .get::<Principal>()
+        .ok_or_else(|| ApiError::unauthenticated(Reason::Unauthenticated).into())
+}
+
+/// The caller's own bearer token, for a service acting on the caller's behalf in another
+/// service: that service then applies its rules (tenant boundary, no escalation) to the
+/// caller, not to the fleet service in between. Fails closed like [`caller`].
+pub fn caller_token<T>(req: &tonic::Request<T>) -> Result<&str, tonic::Status> {
+    req.metadata()
+        .get("authorization")
+        .and_then(|value| value.to_str().ok())
+        .and_then(parse_bearer)
         .ok_or_else(|| ApiError::unauthenticated(Reason::Unauthenticated).into())
 }
 

@@ -116,6 +116,53 @@ impl Violations {
         }
     }
 
+    /// Checks human-readable text (a name, a reason): `min..=max` characters and no control
+    /// characters, so nothing smuggles line breaks or escapes into logs and listings.
+    pub fn text(&mut self, field: &str, value: &str, min: usize, max: usize) {
+        let before = self.violations.len();
+        self.length(field, value, min, max);
+        if self.violations.len() == before && value.chars().any(char::is_control) {
+            self.add(field, "must not contain control characters");
+        }
+    }
+
+    /// Checks an update mask: present, not empty, every path allowed and named once.
+    /// Returns the paths (empty when the mask is invalid).
+    pub fn field_mask(
+        &mut self,
+        field: &str,
+        mask: Option<&prost_types::FieldMask>,
+        allowed: &[&str],
+    ) -> Vec<String> {
+        let Some(mask) = mask.filter(|m| !m.paths.is_empty()) else {
+            self.add(field, "required: name the fields to change");
+            return Vec::new();
+        };
+        let mut seen: Vec<String> = Vec::with_capacity(mask.paths.len());
+        let before = self.violations.len();
+        for path in &mask.paths {
+            if !allowed.contains(&path.as_str()) {
+                let shown: String = path.chars().take(64).collect();
+                self.add(
+                    field,
+                    format!(
+                        "path {shown:?} cannot be changed here; allowed: {}",
+                        allowed.join(", ")
+                    ),
+                );
+            } else if seen.contains(path) {
+                self.add(field, format!("path {path:?} is named twice"));
+            } else {
+                seen.push(path.clone());
+            }
+        }
+        if self.violations.len() == before {
+            seen
+        } else {
+            Vec::new()
+        }
+    }
+
     /// Fails with INVALID_ARGUMENT listing every recorded field, or succeeds.
     pub fn finish(self) -> Result<(), ApiError> {
         if self.violations.is_empty() {
@@ -175,6 +222,43 @@ mod tests {
         let mut v = Violations::new();
         v.uuid("tenant_id", "00000000-0000-0000-0000-000000000000");
         assert!(v.finish().is_err());
+    }
+
+    #[test]
+    fn text_refuses_control_characters() {
+        let mut v = Violations::new();
+        v.text("name", "Acme\nInc", 1, 128);
+        v.text("display_name", "Zoë", 1, 128);
+        let err = v.finish().expect_err("control character");
+        assert_eq!(err.violations().len(), 1);
+        assert_eq!(err.violations()[0].field, "name");
+    }
+
+    #[test]
+    fn field_masks_name_only_allowed_paths_once() {
+        let allowed = ["name", "plan"];
+        let mask = |paths: &[&str]| prost_types::FieldMask {
+            paths: paths.iter().map(|p| (*p).to_owned()).collect(),
+        };
+        let mut v = Violations::new();
+        assert_eq!(
+            v.field_mask("update_mask", Some(&mask(&["plan", "name"])), &allowed),
+            ["plan", "name"]
+        );
+        assert!(v.is_empty());
+        for bad in [
+            Some(mask(&["tenant_id"])),
+            Some(mask(&["name", "name"])),
+            Some(mask(&[])),
+            None,
+        ] {
+            let mut v = Violations::new();
+            assert!(
+                v.field_mask("update_mask", bad.as_ref(), &allowed)
+                    .is_empty()
+            );
+            assert!(v.finish().is_err(), "{bad:?}");
+        }
     }
 
     #[test]
