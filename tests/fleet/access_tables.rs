@@ -128,7 +128,7 @@ fn check_table(service: &str, policy: &AccessPolicy) -> Vec<(Method, Requirement
 
 #[tokio::test]
 async fn every_rpc_has_a_rule_and_a_viewer_gets_no_more_than_it_allows() {
-    let fleet = TestFleet::builder().with_keys().with_authz().start().await;
+    let fleet = TestFleet::builder().with_tenants().start().await;
     let tenant = Uuid::new_v4();
     let viewer = fleet.token(&TokenGrant {
         subject: "vera".into(),
@@ -166,6 +166,11 @@ async fn every_rpc_has_a_rule_and_a_viewer_gets_no_more_than_it_allows() {
             penny_authz::access_policy(),
             fleet.authz().server.channel().await,
         ),
+        (
+            penny_tenants::SERVICE_NAME,
+            penny_tenants::access_policy(),
+            fleet.tenants().server.channel().await,
+        ),
     ];
     let mut called = 0;
     for (service, policy, channel) in services {
@@ -201,7 +206,7 @@ async fn every_rpc_has_a_rule_and_a_viewer_gets_no_more_than_it_allows() {
             }
         }
     }
-    assert_eq!(called, 10 + 12);
+    assert_eq!(called, 10 + 12 + 13);
 }
 
 #[tokio::test]
@@ -212,6 +217,7 @@ async fn access_tables_name_exactly_the_rpcs_that_exist() {
     for (service, policy) in [
         (penny_keys::SERVICE_NAME, penny_keys::access_policy()),
         (penny_authz::SERVICE_NAME, penny_authz::access_policy()),
+        (penny_tenants::SERVICE_NAME, penny_tenants::access_policy()),
     ] {
         let table = check_table(service, &policy);
         let listed: Vec<&str> = policy

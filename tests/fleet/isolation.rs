@@ -13,7 +13,7 @@ use sea_orm::{ConnectionTrait, DatabaseConnection, DbBackend, Statement, Transac
 use uuid::Uuid;
 
 async fn keys_fleet_with_two_tenants() -> (TestFleet, Uuid, Uuid) {
-    let fleet = TestFleet::builder().with_keys().with_authz().start().await;
+    let fleet = TestFleet::builder().with_tenants().start().await;
     let mut keys = KeyServiceClient::new(fleet.keys().server.channel().await);
     let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
     for tenant in [a, b] {
@@ -115,6 +115,7 @@ async fn rls_is_enabled_and_forced_on_every_tenant_table_and_the_serving_role_ca
     for owner_url in [
         fleet.keys().database.migration_url.clone().unwrap(),
         fleet.authz().database.migration_url.clone().unwrap(),
+        fleet.tenants().database.migration_url.clone().unwrap(),
     ] {
         let owner = penny_platform::db::connect(&owner_url).await.unwrap();
         let rows = owner
@@ -129,6 +130,20 @@ async fn rls_is_enabled_and_forced_on_every_tenant_table_and_the_serving_role_ca
             .await
             .unwrap();
         assert!(rows.len() >= 2, "tenant tables found in {owner_url}");
+        // Every table of the service: a table without `tenant_id` would escape the check.
+        let all = owner
+            .query_all_raw(Statement::from_string(
+                DbBackend::Postgres,
+                "SELECT tablename::text FROM pg_tables WHERE schemaname = 'public' \
+                 AND tablename NOT LIKE '%_migrations' AND tablename <> 'authz_revision'",
+            ))
+            .await
+            .unwrap();
+        assert_eq!(
+            all.len(),
+            rows.len(),
+            "a table without tenant_id in {owner_url}"
+        );
         for row in rows {
             let table: String = row.try_get_by_index(0).unwrap();
             assert!(
@@ -244,4 +259,126 @@ async fn a_privileged_serving_role_is_refused_at_start() {
         .await
         .expect_err("a superuser serving role is refused");
     assert!(err.to_string().contains("is a superuser"), "{err}");
+}
+
+/// Tenants' own tables: the same alternation through the tenants store, and raw SQL on the
+/// same pooled connection seeing only the scoped tenant.
+#[tokio::test]
+async fn tenants_tables_alternating_on_one_connection_return_no_foreign_rows() {
+    use penny_proto::tenants::v1 as tpb;
+    use penny_proto::tenants::v1::tenant_service_client::TenantServiceClient;
+    use penny_tenants::domain::UserStatus;
+
+    let fleet = TestFleet::builder().with_tenants().start().await;
+    let mut client = TenantServiceClient::new(fleet.tenants().server.channel().await);
+    let admin = fleet.admin_token();
+    let mut ids = Vec::new();
+    for slug in ["alpha", "bravo"] {
+        let created = client
+            .create_tenant(with_token(
+                tpb::CreateTenantRequest {
+                    request_id: Uuid::new_v4().to_string(),
+                    name: slug.into(),
+                    slug: slug.into(),
+                    owner: Some(tpb::OwnerSpec {
+                        email: format!("o@{slug}.test"),
+                        display_name: "O".into(),
+                    }),
+                    ..Default::default()
+                },
+                &admin,
+            ))
+            .await
+            .unwrap()
+            .into_inner();
+        let id = Uuid::parse_str(&created.tenant.unwrap().id).unwrap();
+        for i in 0..3 {
+            client
+                .create_user(with_token(
+                    tpb::CreateUserRequest {
+                        tenant_id: id.to_string(),
+                        email: format!("u{i}@{slug}.test"),
+                        display_name: "U".into(),
+                        role: String::new(),
+                    },
+                    &admin,
+                ))
+                .await
+                .unwrap();
+        }
+        client
+            .create_workspace(with_token(
+                tpb::CreateWorkspaceRequest {
+                    tenant_id: id.to_string(),
+                    name: "general".into(),
+                    description: String::new(),
+                },
+                &admin,
+            ))
+            .await
+            .unwrap();
+        ids.push(id);
+    }
+    let (a, b) = (ids[0], ids[1]);
+    let conn = penny_platform::db::connect_pool(&fleet.tenants().database.url, Some(1))
+        .await
+        .unwrap();
+    let store = penny_tenants::store::Store::new(conn.clone());
+    let postgres = fleet.tenants().database.migration_url.is_some();
+    let statuses = [UserStatus::Active, UserStatus::Suspended];
+    let mut foreign = 0usize;
+    for i in 0..10_000 {
+        let tenant = if i % 2 == 0 { a } else { b };
+        let users = store
+            .list_users(tenant, &statuses, None, None, 100)
+            .await
+            .unwrap();
+        if users.len() != 4 {
+            foreign += 1;
+        }
+        foreign += users.iter().filter(|u| u.tenant_id != tenant).count();
+        if store.tenant(tenant).await.unwrap().map(|t| t.id) != Some(tenant) {
+            foreign += 1;
+        }
+        if postgres && i % 10 == 0 {
+            let txn = penny_platform::db::begin_tenant(&conn, tenant)
+                .await
+                .unwrap();
+            for table in ["tenants", "tenant_users", "tenant_workspaces"] {
+                foreign += tenant_ids(&txn, table)
+                    .await
+                    .iter()
+                    .filter(|t| **t != tenant)
+                    .count();
+            }
+            txn.commit().await.unwrap();
+        }
+    }
+    assert_eq!(foreign, 0);
+
+    if !postgres {
+        eprintln!(
+            "row level security exists on PostgreSQL only; run with PENNY_TEST_DATABASE_URL (CI does)"
+        );
+        return;
+    }
+    // No tenant: not even the platform tenant's row is visible.
+    let txn = conn.begin().await.unwrap();
+    for table in ["tenants", "tenant_users", "tenant_workspaces"] {
+        assert!(tenant_ids(&txn, table).await.is_empty(), "{table}");
+    }
+    txn.commit().await.unwrap();
+    // Inside A, a user carrying B's tenant id is refused.
+    let txn = penny_platform::db::begin_tenant(&conn, a).await.unwrap();
+    let inserted = txn
+        .execute_raw(Statement::from_sql_and_values(
+            DbBackend::Postgres,
+            "INSERT INTO tenant_users (id, tenant_id, email, email_key, display_name, status, \
+             suspend_reason, created_at, updated_at) \
+             VALUES ($1, $2, 'x@y', 'x@y', 'X', 'active', '', now(), now())",
+            [Uuid::new_v4().into(), b.into()],
+        ))
+        .await;
+    assert!(inserted.is_err(), "a user was inserted into another tenant");
+    txn.rollback().await.unwrap();
 }

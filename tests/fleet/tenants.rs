@@ -1140,3 +1140,55 @@ async fn deleting_a_tenant_revokes_shreds_and_tombstones() {
         .unwrap_err();
     assert_eq!(status.code(), Code::FailedPrecondition);
 }
+
+#[tokio::test]
+async fn revoking_the_owner_role_is_enforced_by_tenants_within_two_seconds() {
+    let mut h = Harness::start().await;
+    let acme = h.create("acme").await;
+    for _ in 0..3 {
+        // Allowed, and cached by the platform's decision cache.
+        h.get_tenant(acme.id, &acme.owner_token).await.unwrap();
+    }
+    let owner = authz_pb::Subject {
+        kind: PrincipalKind::User as i32,
+        id: acme.owner.to_string(),
+        tenant_id: acme.id.to_string(),
+    };
+    h.authz()
+        .await
+        .revoke_role(with_token(
+            authz_pb::RevokeRoleRequest {
+                tenant_id: acme.id.to_string(),
+                subject: Some(owner.clone()),
+                role: "owner".into(),
+                workspace_id: String::new(),
+            },
+            &h.admin,
+        ))
+        .await
+        .unwrap();
+    assert_eventually!(
+        Duration::from_secs(2),
+        h.get_tenant(acme.id, &acme.owner_token)
+            .await
+            .is_err_and(|s| s.code() == Code::PermissionDenied)
+    );
+    // And granted back, allowed again.
+    h.authz()
+        .await
+        .grant_role(with_token(
+            authz_pb::GrantRoleRequest {
+                tenant_id: acme.id.to_string(),
+                subject: Some(owner),
+                role: "owner".into(),
+                workspace_id: String::new(),
+            },
+            &h.admin,
+        ))
+        .await
+        .unwrap();
+    assert_eventually!(
+        Duration::from_secs(2),
+        h.get_tenant(acme.id, &acme.owner_token).await.is_ok()
+    );
+}
