@@ -773,6 +773,70 @@ async fn tenant_a_with_tenant_b_ids_gets_not_found_on_every_rpc() {
     );
     // Roles and bindings of B, through authz, are just as invisible.
     let mut authz = h.authz().await;
+    authz
+        .create_role(with_token(
+            authz_pb::CreateRoleRequest {
+                tenant_id: bt.clone(),
+                name: "auditor".into(),
+                description: String::new(),
+                permissions: vec!["user:read".into()],
+            },
+            &b.owner_token,
+        ))
+        .await
+        .unwrap();
+    expect_err!(
+        "CreateRole",
+        authz.create_role(with_token(
+            authz_pb::CreateRoleRequest {
+                tenant_id: bt.clone(),
+                name: "planted".into(),
+                description: String::new(),
+                permissions: vec!["user:read".into()],
+            },
+            &token
+        ))
+    );
+    expect_err!(
+        "UpdateRole",
+        authz.update_role(with_token(
+            authz_pb::UpdateRoleRequest {
+                tenant_id: bt.clone(),
+                name: "auditor".into(),
+                description: "pwned".into(),
+                permissions: vec![],
+                update_mask: mask(&["description"]),
+            },
+            &token
+        ))
+    );
+    expect_err!(
+        "DeleteRole",
+        authz.delete_role(with_token(
+            authz_pb::DeleteRoleRequest {
+                tenant_id: bt.clone(),
+                name: "auditor".into(),
+                force: true,
+            },
+            &token
+        ))
+    );
+    expect_err!(
+        "RevokeRole",
+        authz.revoke_role(with_token(
+            authz_pb::RevokeRoleRequest {
+                tenant_id: bt.clone(),
+                subject: Some(authz_pb::Subject {
+                    kind: PrincipalKind::User as i32,
+                    id: bu.clone(),
+                    tenant_id: bt.clone(),
+                }),
+                role: "member".into(),
+                workspace_id: String::new(),
+            },
+            &token
+        ))
+    );
     expect_err!(
         "ListRoles",
         authz.list_roles(with_token(
@@ -809,7 +873,7 @@ async fn tenant_a_with_tenant_b_ids_gets_not_found_on_every_rpc() {
             &token
         ))
     );
-    assert_eq!(results.len(), 17);
+    assert_eq!(results.len(), 21);
     for (name, status) in &results {
         assert_eq!(status.code(), Code::NotFound, "{name}: {status:?}");
         assert!(!status.message().contains(&bt), "{name} echoes B's id");
@@ -830,6 +894,7 @@ async fn tenant_a_with_tenant_b_ids_gets_not_found_on_every_rpc() {
         .user
         .unwrap();
     assert_eq!(bob.display_name, "A User");
+    assert_eq!(h.bindings(b.id).await.len(), 2, "B's owner and Bob keep their roles");
     assert_eq!(bob.status, pb::UserStatus::Active as i32);
     assert_eq!(
         h.get_tenant(b.id, &b.owner_token).await.unwrap().name,
