@@ -1,0 +1,24 @@
+//! The auth database schema, one file per migration.
+
+use sea_orm_migration::prelude::*;
+
+mod m20261204_000001_create_lockouts;
+pub mod m20261204_000002_row_level_security;
+
+/// Runs the auth service's migrations.
+#[derive(Debug)]
+pub struct Migrator;
+
+#[async_trait::async_trait]
+impl MigratorTrait for Migrator {
+    fn migrations() -> Vec<Box<dyn MigrationTrait>> {
+        vec![
+            Box::new(m20261204_000001_create_lockouts::Migration),
+            Box::new(m20261204_000002_row_level_security::Migration),
+        ]
+    }
+
+    fn migration_table_name() -> DynIden {
+        "auth_migrations".into_iden()
+    }
+}
