@@ -894,7 +894,11 @@ async fn tenant_a_with_tenant_b_ids_gets_not_found_on_every_rpc() {
         .user
         .unwrap();
     assert_eq!(bob.display_name, "A User");
-    assert_eq!(h.bindings(b.id).await.len(), 2, "B's owner and Bob keep their roles");
+    assert_eq!(
+        h.bindings(b.id).await.len(),
+        2,
+        "B's owner and Bob keep their roles"
+    );
     assert_eq!(bob.status, pb::UserStatus::Active as i32);
     assert_eq!(
         h.get_tenant(b.id, &b.owner_token).await.unwrap().name,
