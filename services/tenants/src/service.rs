@@ -392,6 +392,7 @@ impl Tenants {
         let tenant_id = tenant.id.to_string();
         // 1. Every binding: the tenant's principals lose every permission at once.
         let mut authz = self.authz();
+        let mut emptied = false;
         for _ in 0..MAX_REVOKE_PAGES {
             let page = authz
                 .list_role_bindings(self.as_service(authz_pb::ListRoleBindingsRequest {
@@ -403,6 +404,7 @@ impl Tenants {
                 .map_err(|status| dependency("authz", RESUME, &status))?
                 .into_inner();
             if page.role_bindings.is_empty() {
+                emptied = true;
                 break;
             }
             for binding in page.role_bindings {
@@ -420,6 +422,13 @@ impl Tenants {
                     Err(status) => return Err(dependency("authz", RESUME, &status)),
                 }
             }
+        }
+        if !emptied {
+            // Never destroy the key while bindings remain: the next call goes on revoking.
+            return Err(TenantsError::Dependency {
+                service: "authz",
+                resume: "more bindings remain than one call revokes: call DeleteTenant again",
+            });
         }
         // 2. The key: everything encrypted under it becomes unreadable.
         let mut keys = self.keys.clone();
