@@ -128,7 +128,7 @@ fn check_table(service: &str, policy: &AccessPolicy) -> Vec<(Method, Requirement
 
 #[tokio::test]
 async fn every_rpc_has_a_rule_and_a_viewer_gets_no_more_than_it_allows() {
-    let fleet = TestFleet::builder().with_tenants().start().await;
+    let fleet = TestFleet::builder().with_auth().start().await;
     let tenant = Uuid::new_v4();
     let viewer = fleet.token(&TokenGrant {
         subject: "vera".into(),
@@ -171,6 +171,11 @@ async fn every_rpc_has_a_rule_and_a_viewer_gets_no_more_than_it_allows() {
             penny_tenants::access_policy(),
             fleet.tenants().server.channel().await,
         ),
+        (
+            penny_auth::SERVICE_NAME,
+            penny_auth::access_policy(),
+            fleet.auth().server.channel().await,
+        ),
     ];
     let mut called = 0;
     for (service, policy, channel) in services {
@@ -206,7 +211,7 @@ async fn every_rpc_has_a_rule_and_a_viewer_gets_no_more_than_it_allows() {
             }
         }
     }
-    assert_eq!(called, 10 + 12 + 13);
+    assert_eq!(called, 10 + 12 + 13 + 3);
 }
 
 #[tokio::test]
@@ -218,6 +223,7 @@ async fn access_tables_name_exactly_the_rpcs_that_exist() {
         (penny_keys::SERVICE_NAME, penny_keys::access_policy()),
         (penny_authz::SERVICE_NAME, penny_authz::access_policy()),
         (penny_tenants::SERVICE_NAME, penny_tenants::access_policy()),
+        (penny_auth::SERVICE_NAME, penny_auth::access_policy()),
     ] {
         let table = check_table(service, &policy);
         let listed: Vec<&str> = policy

@@ -154,3 +154,394 @@ async fn twenty_parallel_wrong_attempts_are_counted_exactly() {
     assert_eq!(account.lockouts, 1, "one lockout, not several");
     assert!(account.locked_until.is_some());
 }
+
+mod service {
+    use penny_proto::auth::v1 as pb;
+    use penny_proto::auth::v1::auth_service_client::AuthServiceClient;
+    use penny_proto::tenants::v1 as tpb;
+    use penny_proto::tenants::v1::tenant_service_client::TenantServiceClient;
+    use penny_tests::{TestFleet, with_token};
+    use tonic::Code;
+    use tonic::transport::Channel;
+    use tonic_types::StatusExt;
+    use uuid::Uuid;
+
+    fn reason(status: &tonic::Status) -> String {
+        status
+            .get_error_details()
+            .error_info()
+            .map(|i| i.reason.clone())
+            .unwrap_or_default()
+    }
+
+    struct Harness {
+        fleet: TestFleet,
+        auth: AuthServiceClient<Channel>,
+        tenants: TenantServiceClient<Channel>,
+        admin: String,
+        /// The trusted front end that calls Login and SetPassword for end users.
+        frontend: String,
+    }
+
+    struct Account {
+        tenant: Uuid,
+        user: Uuid,
+        email: String,
+    }
+
+    impl Harness {
+        async fn start() -> Self {
+            let fleet = TestFleet::builder().with_auth().start().await;
+            let auth = AuthServiceClient::new(fleet.auth().server.channel().await);
+            let tenants = TenantServiceClient::new(fleet.tenants().server.channel().await);
+            let admin = fleet.admin_token();
+            let frontend = fleet.service_token();
+            Self {
+                fleet,
+                auth,
+                tenants,
+                admin,
+                frontend,
+            }
+        }
+
+        async fn tenant(&mut self, slug: &str, mfa_required: bool) -> Account {
+            let created = self
+                .tenants
+                .create_tenant(with_token(
+                    tpb::CreateTenantRequest {
+                        request_id: Uuid::new_v4().to_string(),
+                        name: slug.into(),
+                        slug: slug.into(),
+                        security_policy: Some(tpb::SecurityPolicy {
+                            mfa_required,
+                            ..Default::default()
+                        }),
+                        owner: Some(tpb::OwnerSpec {
+                            email: format!("Owner@{slug}.test"),
+                            display_name: "Owner".into(),
+                        }),
+                        ..Default::default()
+                    },
+                    &self.admin,
+                ))
+                .await
+                .unwrap()
+                .into_inner();
+            let owner = created.owner.unwrap();
+            Account {
+                tenant: Uuid::parse_str(&owner.tenant_id).unwrap(),
+                user: Uuid::parse_str(&owner.id).unwrap(),
+                email: owner.email,
+            }
+        }
+
+        async fn set_password(&mut self, account: &Account, password: &str) {
+            self.auth
+                .set_password(with_token(
+                    pb::SetPasswordRequest {
+                        grant: Some(pb::set_password_request::Grant::User(pb::UserRef {
+                            tenant_id: account.tenant.to_string(),
+                            user_id: account.user.to_string(),
+                        })),
+                        new_password: password.into(),
+                        ..Default::default()
+                    },
+                    &self.admin,
+                ))
+                .await
+                .unwrap();
+        }
+
+        async fn login(
+            &mut self,
+            tenant: Uuid,
+            email: &str,
+            password: &str,
+        ) -> Result<pb::Tokens, tonic::Status> {
+            let response = self
+                .auth
+                .login(with_token(
+                    pb::LoginRequest {
+                        tenant_id: tenant.to_string(),
+                        email: email.into(),
+                        password: password.into(),
+                        ip_address: "192.0.2.10".into(),
+                        user_agent: "penny-tests".into(),
+                    },
+                    &self.frontend,
+                ))
+                .await?
+                .into_inner();
+            match response.result {
+                Some(pb::login_response::Result::Tokens(tokens)) => Ok(tokens),
+                other => panic!("unexpected login result {other:?}"),
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn an_invite_sets_a_password_once_and_login_gives_a_token_every_service_accepts() {
+        let mut h = Harness::start().await;
+        let account = h.tenant("acme", false).await;
+        // Staff mint an invite; only its hash is kept.
+        let minted = h
+            .auth
+            .set_password(with_token(
+                pb::SetPasswordRequest {
+                    grant: Some(pb::set_password_request::Grant::User(pb::UserRef {
+                        tenant_id: account.tenant.to_string(),
+                        user_id: account.user.to_string(),
+                    })),
+                    ..Default::default()
+                },
+                &h.admin,
+            ))
+            .await
+            .unwrap()
+            .into_inner();
+        let invite = minted.set_password_token;
+        assert!(invite.starts_with("pst_"), "{invite}");
+        assert!(minted.set_password_token_expire_time.is_some());
+        let with_invite = |password: &str| {
+            with_token(
+                pb::SetPasswordRequest {
+                    grant: Some(pb::set_password_request::Grant::Token(invite.clone())),
+                    new_password: password.into(),
+                    ..Default::default()
+                },
+                &h.frontend,
+            )
+        };
+        // A common password is refused, and the invite survives the refusal.
+        let status = h
+            .auth
+            .set_password(with_invite("Password123"))
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), Code::InvalidArgument);
+        assert_eq!(reason(&status), "PASSWORD_POLICY_VIOLATION");
+        assert!(!status.message().contains("Password123"));
+        let done = h
+            .auth
+            .set_password(with_invite("a long and unusual passphrase"))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(done.user_id, account.user.to_string());
+        // Used once: never again.
+        let status = h
+            .auth
+            .set_password(with_invite("another unusual passphrase"))
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), Code::Unauthenticated);
+        assert_eq!(reason(&status), "SET_PASSWORD_TOKEN_INVALID");
+
+        // The email is matched case-insensitively.
+        let tokens = h
+            .login(
+                account.tenant,
+                &account.email.to_uppercase(),
+                "a long and unusual passphrase",
+            )
+            .await
+            .unwrap();
+        assert_eq!(tokens.token_type, "Bearer");
+        assert_eq!(tokens.user_id, account.user.to_string());
+        assert_eq!(tokens.tenant_id, account.tenant.to_string());
+        // Its claims: the user, the tenant, the session, the roles bound in authz.
+        let principal = h
+            .fleet
+            .config
+            .verifier
+            .verify(&tokens.access_token)
+            .unwrap();
+        assert_eq!(principal.id, account.user.to_string());
+        assert_eq!(principal.tenant_id, account.tenant);
+        assert_eq!(
+            principal.session_id.as_deref(),
+            Some(tokens.session_id.as_str())
+        );
+        assert_eq!(principal.roles, ["owner"]);
+        // And another service accepts it: the owner reads the tenant.
+        let tenant = h
+            .tenants
+            .get_tenant(with_token(
+                tpb::GetTenantRequest {
+                    tenant_id: account.tenant.to_string(),
+                },
+                &tokens.access_token,
+            ))
+            .await
+            .unwrap()
+            .into_inner()
+            .tenant
+            .unwrap();
+        assert_eq!(tenant.slug, "acme");
+
+        // The JWKS is public and names the key that signed the token.
+        let jwks = AuthServiceClient::new(h.fleet.auth().server.channel().await)
+            .get_jwks(pb::GetJwksRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(jwks.keys.len(), 1);
+        assert_eq!(jwks.keys[0].kid, h.fleet.signing.kid());
+        assert_eq!(jwks.keys[0].alg, "EdDSA");
+        // The auth database holds an argon2id hash, never the password.
+        let owner = penny_platform::db::connect(
+            h.fleet
+                .auth()
+                .database
+                .migration_url
+                .as_deref()
+                .unwrap_or(&h.fleet.auth().database.url),
+        )
+        .await
+        .unwrap();
+        use sea_orm::ConnectionTrait;
+        let rows = owner
+            .query_all_raw(sea_orm::Statement::from_string(
+                owner.get_database_backend(),
+                "SELECT password_hash FROM auth_credentials",
+            ))
+            .await
+            .unwrap();
+        assert_eq!(rows.len(), 1);
+        let stored: String = rows[0].try_get_by_index(0).unwrap();
+        assert!(stored.starts_with("$argon2id$v=19$m=19456,t=2,p=1$"));
+        assert!(!stored.contains("passphrase"));
+    }
+
+    #[tokio::test]
+    async fn unknown_user_wrong_password_locked_and_suspended_all_look_the_same() {
+        let mut h = Harness::start().await;
+        let account = h.tenant("acme", false).await;
+        let right = "correct horse battery staple";
+        h.set_password(&account, right).await;
+
+        let mut failures = Vec::new();
+        failures.push(
+            h.login(account.tenant, "nobody@acme.test", right)
+                .await
+                .unwrap_err(),
+        );
+        failures.push(
+            h.login(Uuid::new_v4(), &account.email, right)
+                .await
+                .unwrap_err(),
+        );
+        // Six wrong passwords: the sixth locks the account.
+        for i in 0..6 {
+            failures.push(
+                h.login(account.tenant, &account.email, &format!("wrong guess {i}"))
+                    .await
+                    .unwrap_err(),
+            );
+        }
+        // Then the right password is refused too, exactly like the rest.
+        failures.push(
+            h.login(account.tenant, &account.email, right)
+                .await
+                .unwrap_err(),
+        );
+        for status in &failures {
+            assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
+            assert_eq!(reason(status), "INVALID_CREDENTIALS");
+            assert_eq!(status.message(), failures[0].message());
+        }
+
+        // A suspended user with the right password: the same answer.
+        let other = h.tenant("bravo", false).await;
+        h.set_password(&other, right).await;
+        h.login(other.tenant, &other.email, right).await.unwrap();
+        h.tenants
+            .suspend_user(with_token(
+                tpb::SuspendUserRequest {
+                    tenant_id: other.tenant.to_string(),
+                    user_id: other.user.to_string(),
+                    reason: "investigation".into(),
+                    alert_id: String::new(),
+                },
+                &h.admin,
+            ))
+            .await
+            .unwrap();
+        let status = h
+            .login(other.tenant, &other.email, right)
+            .await
+            .unwrap_err();
+        assert_eq!(reason(&status), "INVALID_CREDENTIALS");
+        assert_eq!(status.message(), failures[0].message());
+    }
+
+    #[tokio::test]
+    async fn a_tenant_that_requires_mfa_refuses_sign_in_only_after_the_password() {
+        let mut h = Harness::start().await;
+        let account = h.tenant("strict", true).await;
+        let right = "correct horse battery staple";
+        h.set_password(&account, right).await;
+        let wrong = h
+            .login(account.tenant, &account.email, "not the password")
+            .await
+            .unwrap_err();
+        assert_eq!(reason(&wrong), "INVALID_CREDENTIALS");
+        let status = h
+            .login(account.tenant, &account.email, right)
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), Code::FailedPrecondition);
+        assert_eq!(reason(&status), "MFA_NOT_ENROLLED");
+    }
+
+    #[tokio::test]
+    async fn only_trusted_callers_sign_users_in() {
+        let mut h = Harness::start().await;
+        let account = h.tenant("acme", false).await;
+        let user_token = h.fleet.user_token(account.tenant, &["owner"]);
+        let status = h
+            .auth
+            .login(with_token(
+                pb::LoginRequest {
+                    tenant_id: account.tenant.to_string(),
+                    email: account.email.clone(),
+                    password: "whatever it is".into(),
+                    ip_address: "192.0.2.10".into(),
+                    user_agent: String::new(),
+                },
+                &user_token,
+            ))
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), Code::PermissionDenied);
+        let status = h
+            .auth
+            .login(with_token(
+                pb::LoginRequest {
+                    tenant_id: "x".into(),
+                    email: String::new(),
+                    password: String::new(),
+                    ip_address: "999.1.1.1".into(),
+                    user_agent: "\u{7}".into(),
+                },
+                &h.frontend,
+            ))
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), Code::InvalidArgument);
+        let mut fields: Vec<String> = status
+            .get_error_details()
+            .bad_request()
+            .unwrap()
+            .field_violations
+            .iter()
+            .map(|v| v.field.clone())
+            .collect();
+        fields.sort();
+        assert_eq!(
+            fields,
+            ["email", "ip_address", "password", "tenant_id", "user_agent"]
+        );
+    }
+}

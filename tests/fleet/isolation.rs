@@ -13,7 +13,7 @@ use sea_orm::{ConnectionTrait, DatabaseConnection, DbBackend, Statement, Transac
 use uuid::Uuid;
 
 async fn keys_fleet_with_two_tenants() -> (TestFleet, Uuid, Uuid) {
-    let fleet = TestFleet::builder().with_tenants().start().await;
+    let fleet = TestFleet::builder().with_auth().start().await;
     let mut keys = KeyServiceClient::new(fleet.keys().server.channel().await);
     let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
     for tenant in [a, b] {
@@ -116,6 +116,7 @@ async fn rls_is_enabled_and_forced_on_every_tenant_table_and_the_serving_role_ca
         fleet.keys().database.migration_url.clone().unwrap(),
         fleet.authz().database.migration_url.clone().unwrap(),
         fleet.tenants().database.migration_url.clone().unwrap(),
+        fleet.auth().database.migration_url.clone().unwrap(),
     ] {
         let owner = penny_platform::db::connect(&owner_url).await.unwrap();
         let rows = owner

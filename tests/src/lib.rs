@@ -236,6 +236,7 @@ pub struct TestFleetBuilder {
     authz: bool,
     authz_replicas: usize,
     tenants: bool,
+    auth: bool,
     concurrency_limit: Option<usize>,
     tls: Option<penny_platform::server::TlsMaterial>,
 }
@@ -274,6 +275,13 @@ impl TestFleetBuilder {
         self.keys = true;
         self.authz = true;
         self
+    }
+
+    /// Start the auth service, with the tenants, keys and authz services it needs. It signs
+    /// with the fleet's signing key, so its tokens work everywhere in the fleet.
+    pub fn with_auth(mut self) -> Self {
+        self.auth = true;
+        self.with_tenants()
     }
 
     /// Serve TLS (and mTLS when the material names a client CA).
@@ -350,6 +358,21 @@ impl TestFleetBuilder {
             }
             _ => None,
         };
+        let auth = match &tenants {
+            Some(tenants) if self.auth => {
+                let database = fresh_database(data_dir.path(), "auth").await;
+                Some(
+                    start_auth(
+                        &config,
+                        database,
+                        format!("http://{}", tenants.server.addr),
+                        data_dir.path(),
+                    )
+                    .await,
+                )
+            }
+            _ => None,
+        };
         let echo = if self.echo {
             let config = config.clone();
             Some(
@@ -371,6 +394,7 @@ impl TestFleetBuilder {
             authz,
             authz_replica,
             tenants,
+            auth,
             data_dir,
         }
     }
@@ -393,6 +417,8 @@ pub struct TestFleet {
     pub authz_replica: Option<AuthzServer>,
     /// The tenants server, when started.
     pub tenants: Option<TenantsServer>,
+    /// The auth server, when started.
+    pub auth: Option<AuthServer>,
     /// The fleet's data directory (databases, keys).
     pub data_dir: TempDir,
 }
@@ -469,6 +495,11 @@ impl TestFleet {
             first.master_key_hex.clone(),
         )
         .await
+    }
+
+    /// The auth server; panics when it was not started.
+    pub fn auth(&self) -> &AuthServer {
+        self.auth.as_ref().expect("fleet started without auth")
     }
 
     /// The tenants server; panics when it was not started.
@@ -641,6 +672,43 @@ async fn start_tenants(
     })
     .await;
     TenantsServer { server, database }
+}
+
+/// The auth service of a test fleet.
+#[derive(Debug)]
+pub struct AuthServer {
+    /// The server.
+    pub server: RunningServer,
+    /// Its database.
+    pub database: TestDatabase,
+}
+
+async fn start_auth(
+    config: &ServeConfig,
+    database: TestDatabase,
+    tenants_url: String,
+    signing_key_dir: &Path,
+) -> AuthServer {
+    let auth = penny_auth::build(
+        penny_auth::AuthConfig {
+            database_url: database.url.clone(),
+            migration_database_url: database.migration_url.clone(),
+            tenants_url,
+            signing_key_dir: signing_key_dir.to_owned(),
+        },
+        config,
+    )
+    .await
+    .expect("build auth service");
+    let bundle = penny_auth::bundle(auth, config);
+    let config = config.clone();
+    let server = RunningServer::start(move |listener, stopped| {
+        penny_platform::serve(config, bundle, listener, async move {
+            let _ = stopped.await;
+        })
+    })
+    .await;
+    AuthServer { server, database }
 }
 
 /// Adds `authorization: Bearer <token>` to a request.

@@ -1,10 +1,89 @@
-//! Penny authentication. This first part holds the rules every credential path shares:
-//! the password policy and argon2id hashing, and lockout counters kept exactly under
-//! concurrency in the auth database. The gRPC service (login, MFA, tokens, sessions, API
-//! keys) is built on them and is not served yet.
+//! Penny authentication: passwords, sign-in with lockout, and the tokens every service
+//! verifies.
+//!
+//! Built so far: the password policy and argon2id hashing, lockout counters kept exactly
+//! under concurrency, set-password tokens (invites and resets), `Login` issuing an EdDSA
+//! access token for a new session, and the JWKS. Users and the tenant's security policy
+//! come from the tenants service; the roles claim from authz's bindings. MFA, session
+//! revocation, API keys, service credentials and IP blocks are not built yet, and their
+//! RPCs are absent.
 
 #![forbid(unsafe_code)]
 
+pub mod config;
 pub mod domain;
+pub mod error;
+mod grpc;
 pub mod migration;
+pub mod service;
 pub mod store;
+
+use std::future::Future;
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use penny_platform::signing::SigningKey;
+use penny_platform::{ServeConfig, ServiceBundle};
+use tokio::net::TcpListener;
+
+pub use config::{Args, AuthConfig};
+pub use service::Auth;
+
+/// The gRPC name of the service.
+pub const SERVICE_NAME: &str = "penny.auth.v1.AuthService";
+
+/// Connects the database (migrating it), loads the signing key and prepares the hashers.
+/// The serve configuration must carry an authorizer: auth calls authz and tenants with the
+/// service token it holds.
+pub async fn build(config: AuthConfig, serve_config: &ServeConfig) -> anyhow::Result<Auth> {
+    let authorizer = serve_config.authorizer.clone().context(
+        "auth needs the authz service: set PENNY_AUTHZ_URL and PENNY_SERVICE_TOKEN_FILE",
+    )?;
+    let tenants = tonic::transport::Endpoint::from_shared(config.tenants_url.clone())
+        .with_context(|| format!("PENNY_TENANTS_URL: not a URL: {}", config.tenants_url))?
+        .connect_lazy();
+    let signing = SigningKey::load_or_create(&config.signing_key_dir).with_context(|| {
+        format!(
+            "PENNY_AUTH_SIGNING_KEY_DIR {}: cannot load the signing key",
+            config.signing_key_dir.display()
+        )
+    })?;
+    let db = penny_platform::db::open::<migration::Migrator>(
+        &config.database_url,
+        config.migration_database_url.as_deref(),
+    )
+    .await
+    .map_err(|e| anyhow::anyhow!("PENNY_AUTH_DATABASE_URL: cannot open the auth database: {e}"))?;
+    let cores = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
+    let hasher = domain::password::PasswordHasherPool::new(cores)
+        .map_err(|e| anyhow::anyhow!("password hasher: {e}"))?;
+    Ok(Auth::new(
+        store::Store::new(db),
+        hasher,
+        tenants,
+        authorizer,
+        Arc::new(signing),
+    ))
+}
+
+/// Who may call which RPC of this service (the table the standard stack enforces).
+pub fn access_policy() -> penny_platform::AccessPolicy {
+    grpc::policy()
+}
+
+/// The service on the standard stack.
+pub fn bundle(auth: Auth, serve_config: &ServeConfig) -> ServiceBundle {
+    grpc::bundle(auth, serve_config)
+}
+
+/// Builds and serves the auth service until `shutdown` resolves.
+pub async fn serve(
+    config: AuthConfig,
+    serve_config: ServeConfig,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let auth = build(config, &serve_config).await?;
+    let bundle = bundle(auth, &serve_config);
+    penny_platform::serve(serve_config, bundle, listener, shutdown).await
+}

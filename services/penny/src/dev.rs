@@ -134,6 +134,26 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         stop(),
     ));
 
+    // auth: signs in with the data directory's signing key, so its tokens are the ones
+    // every service here already verifies.
+    let auth_config = penny_auth::AuthConfig {
+        database_url: penny_platform::db::sqlite_url(&args.data_dir, "auth"),
+        migration_database_url: None,
+        tenants_url: format!("http://{}:{TENANTS_PORT}", args.host),
+        signing_key_dir: args.data_dir.clone(),
+    };
+    let listener = bind(&args.host, AUTH_PORT, "auth").await?;
+    running.push(Running {
+        env_name: "PENNY_AUTH_ADDR",
+        addr: listener.local_addr()?,
+    });
+    tasks.spawn(penny_auth::serve(
+        auth_config,
+        serve_config.clone(),
+        listener,
+        stop(),
+    ));
+
     tokio::spawn(async move {
         penny_platform::shutdown_signal().await;
         let _ = stop_tx.send(true);
@@ -157,6 +177,8 @@ async fn wait(mut tasks: tokio::task::JoinSet<anyhow::Result<()>>) -> anyhow::Re
     Ok(())
 }
 
+/// The fixed dev port of the auth service.
+const AUTH_PORT: u16 = 50051;
 /// The fixed dev port of the keys service.
 const KEYS_PORT: u16 = 50052;
 /// The fixed dev port of the authz service.

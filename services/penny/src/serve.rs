@@ -6,6 +6,14 @@ use penny_platform::telemetry;
 /// The service to run.
 #[derive(Debug, clap::Subcommand)]
 pub enum ServeCommand {
+    /// Authentication (`penny.auth.v1.AuthService`). Needs the tenants service and,
+    /// through the standard settings, the authz service.
+    Auth {
+        #[command(flatten)]
+        server: ServerArgs,
+        #[command(flatten)]
+        auth: penny_auth::Args,
+    },
     /// Key management (`penny.keys.v1.KeyService`).
     Keys {
         #[command(flatten)]
@@ -32,6 +40,21 @@ pub enum ServeCommand {
 
 pub async fn run(command: ServeCommand) -> anyhow::Result<()> {
     match command {
+        ServeCommand::Auth { server, auth } => {
+            let _telemetry = telemetry::init(server.log_format, "penny-auth")?;
+            let serve_config = server.serve_config()?;
+            let listen = auth.listen;
+            let listener = tokio::net::TcpListener::bind(listen)
+                .await
+                .map_err(|e| anyhow::anyhow!("PENNY_AUTH_LISTEN {listen}: {e}"))?;
+            penny_auth::serve(
+                auth.into_config(),
+                serve_config,
+                listener,
+                penny_platform::shutdown_signal(),
+            )
+            .await
+        }
         ServeCommand::Keys { server, keys } => {
             let _telemetry = telemetry::init(server.log_format, "penny-keys")?;
             let serve_config = server.serve_config()?;

@@ -8,7 +8,12 @@ use sea_orm_migration::sea_orm::DbBackend;
 pub struct Migration;
 
 /// The tables that hold a `tenant_id` (every table of this service).
-pub const TENANT_TABLES: &[&str] = &["auth_lockouts"];
+pub const TENANT_TABLES: &[&str] = &[
+    "auth_lockouts",
+    "auth_credentials",
+    "auth_set_password_tokens",
+    "auth_sessions",
+];
 
 #[async_trait::async_trait]
 impl MigrationTrait for Migration {

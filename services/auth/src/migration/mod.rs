@@ -2,7 +2,7 @@
 
 use sea_orm_migration::prelude::*;
 
-mod m20261204_000001_create_lockouts;
+mod m20261204_000001_create_auth;
 pub mod m20261204_000002_row_level_security;
 
 /// Runs the auth service's migrations.
@@ -13,7 +13,7 @@ pub struct Migrator;
 impl MigratorTrait for Migrator {
     fn migrations() -> Vec<Box<dyn MigrationTrait>> {
         vec![
-            Box::new(m20261204_000001_create_lockouts::Migration),
+            Box::new(m20261204_000001_create_auth::Migration),
             Box::new(m20261204_000002_row_level_security::Migration),
         ]
     }

@@ -33,9 +33,104 @@ mod entity {
 
         impl ActiveModelBehavior for ActiveModel {}
     }
+
+    pub mod credentials {
+        use sea_orm::entity::prelude::*;
+
+        #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+        #[sea_orm(table_name = "auth_credentials")]
+        pub struct Model {
+            #[sea_orm(primary_key, auto_increment = false)]
+            pub tenant_id: Uuid,
+            #[sea_orm(primary_key, auto_increment = false)]
+            pub user_id: Uuid,
+            pub password_hash: String,
+            pub updated_at: TimeDateTimeWithTimeZone,
+        }
+
+        #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+        pub enum Relation {}
+
+        impl ActiveModelBehavior for ActiveModel {}
+    }
+
+    pub mod reset_tokens {
+        use sea_orm::entity::prelude::*;
+
+        #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+        #[sea_orm(table_name = "auth_set_password_tokens")]
+        pub struct Model {
+            #[sea_orm(primary_key, auto_increment = false)]
+            pub token_hash: String,
+            pub tenant_id: Uuid,
+            pub user_id: Uuid,
+            pub expires_at: TimeDateTimeWithTimeZone,
+            pub used_at: Option<TimeDateTimeWithTimeZone>,
+            pub created_at: TimeDateTimeWithTimeZone,
+        }
+
+        #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+        pub enum Relation {}
+
+        impl ActiveModelBehavior for ActiveModel {}
+    }
+
+    pub mod sessions {
+        use sea_orm::entity::prelude::*;
+
+        #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+        #[sea_orm(table_name = "auth_sessions")]
+        pub struct Model {
+            #[sea_orm(primary_key, auto_increment = false)]
+            pub id: Uuid,
+            pub tenant_id: Uuid,
+            pub user_id: Uuid,
+            pub ip_address: String,
+            pub user_agent: String,
+            pub mfa_verified: bool,
+            pub created_at: TimeDateTimeWithTimeZone,
+            pub expires_at: TimeDateTimeWithTimeZone,
+            pub revoked_at: Option<TimeDateTimeWithTimeZone>,
+        }
+
+        #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+        pub enum Relation {}
+
+        impl ActiveModelBehavior for ActiveModel {}
+    }
 }
 
-use entity::lockouts;
+use entity::{credentials, lockouts, reset_tokens, sessions};
+
+/// A login session as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionRecord {
+    /// The session id (the JWT `sid`).
+    pub id: Uuid,
+    /// The tenant.
+    pub tenant_id: Uuid,
+    /// The user.
+    pub user_id: Uuid,
+    /// The end user's IP at login.
+    pub ip_address: String,
+    /// The end user's user agent at login.
+    pub user_agent: String,
+    /// When it started.
+    pub created_at: OffsetDateTime,
+    /// When it ends.
+    pub expires_at: OffsetDateTime,
+}
+
+/// Why a set-password token cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum TokenRefused {
+    /// Unknown, used or expired (deliberately not told apart).
+    #[error("the set-password token is not valid")]
+    Invalid,
+    /// The database failed.
+    #[error(transparent)]
+    Db(#[from] DbErr),
+}
 
 fn counter_from(m: &lockouts::Model) -> Counter {
     Counter {
@@ -147,6 +242,197 @@ impl Store {
             }
         }
         txn.commit().await
+    }
+
+    /// The PHC string of a user's password, if one is set.
+    pub async fn password_hash(&self, tenant: Uuid, user: Uuid) -> Result<Option<String>, DbErr> {
+        let txn = penny_platform::db::begin_tenant(&self.db, tenant).await?;
+        let found = credentials::Entity::find_by_id((tenant, user))
+            .filter(credentials::Column::TenantId.eq(tenant))
+            .one(&txn)
+            .await?;
+        txn.commit().await?;
+        Ok(found.map(|c| c.password_hash))
+    }
+
+    async fn put_password_in(
+        txn: &sea_orm::DatabaseTransaction,
+        tenant: Uuid,
+        user: Uuid,
+        phc: &str,
+        now: OffsetDateTime,
+    ) -> Result<(), DbErr> {
+        credentials::Entity::insert(credentials::ActiveModel {
+            tenant_id: Set(tenant),
+            user_id: Set(user),
+            password_hash: Set(phc.to_owned()),
+            updated_at: Set(now),
+        })
+        .on_conflict(
+            OnConflict::columns([credentials::Column::TenantId, credentials::Column::UserId])
+                .update_columns([
+                    credentials::Column::PasswordHash,
+                    credentials::Column::UpdatedAt,
+                ])
+                .to_owned(),
+        )
+        .exec_without_returning(txn)
+        .await?;
+        Ok(())
+    }
+
+    async fn end_sessions_in(
+        txn: &sea_orm::DatabaseTransaction,
+        tenant: Uuid,
+        user: Uuid,
+        now: OffsetDateTime,
+    ) -> Result<u64, DbErr> {
+        let ended = sessions::Entity::update_many()
+            .col_expr(sessions::Column::RevokedAt, Some(now).into())
+            .filter(sessions::Column::TenantId.eq(tenant))
+            .filter(sessions::Column::UserId.eq(user))
+            .filter(sessions::Column::RevokedAt.is_null())
+            .exec(txn)
+            .await?;
+        Ok(ended.rows_affected)
+    }
+
+    /// Sets a user's password (the PHC string), optionally ending their sessions.
+    pub async fn set_password(
+        &self,
+        tenant: Uuid,
+        user: Uuid,
+        phc: &str,
+        end_sessions: bool,
+        now: OffsetDateTime,
+    ) -> Result<(), DbErr> {
+        let txn = penny_platform::db::begin_tenant(&self.db, tenant).await?;
+        Self::put_password_in(&txn, tenant, user, phc, now).await?;
+        if end_sessions {
+            Self::end_sessions_in(&txn, tenant, user, now).await?;
+        }
+        txn.commit().await
+    }
+
+    /// Stores a minted set-password token by its hash.
+    pub async fn insert_reset_token(
+        &self,
+        tenant: Uuid,
+        user: Uuid,
+        token_hash: &str,
+        expires_at: OffsetDateTime,
+        now: OffsetDateTime,
+    ) -> Result<(), DbErr> {
+        let txn = penny_platform::db::begin_tenant(&self.db, tenant).await?;
+        reset_tokens::Entity::insert(reset_tokens::ActiveModel {
+            token_hash: Set(token_hash.to_owned()),
+            tenant_id: Set(tenant),
+            user_id: Set(user),
+            expires_at: Set(expires_at),
+            used_at: Set(None),
+            created_at: Set(now),
+        })
+        .exec_without_returning(&txn)
+        .await?;
+        txn.commit().await
+    }
+
+    /// The user a live (unused, unexpired) set-password token names.
+    pub async fn reset_token_user(
+        &self,
+        tenant: Uuid,
+        token_hash: &str,
+        now: OffsetDateTime,
+    ) -> Result<Uuid, TokenRefused> {
+        let txn = penny_platform::db::begin_tenant(&self.db, tenant).await?;
+        let found = reset_tokens::Entity::find_by_id(token_hash.to_owned())
+            .filter(reset_tokens::Column::TenantId.eq(tenant))
+            .one(&txn)
+            .await?;
+        txn.commit().await?;
+        match found {
+            Some(t) if t.used_at.is_none() && t.expires_at > now => Ok(t.user_id),
+            _ => Err(TokenRefused::Invalid),
+        }
+    }
+
+    /// Consumes a set-password token and sets the password in one transaction: of two
+    /// concurrent uses exactly one wins. Every session of the user ends (a reset).
+    pub async fn consume_reset_token(
+        &self,
+        tenant: Uuid,
+        token_hash: &str,
+        user: Uuid,
+        phc: &str,
+        now: OffsetDateTime,
+    ) -> Result<(), TokenRefused> {
+        let txn = penny_platform::db::begin_tenant(&self.db, tenant).await?;
+        let consumed = reset_tokens::Entity::update_many()
+            .col_expr(reset_tokens::Column::UsedAt, Some(now).into())
+            .filter(reset_tokens::Column::TokenHash.eq(token_hash))
+            .filter(reset_tokens::Column::TenantId.eq(tenant))
+            .filter(reset_tokens::Column::UserId.eq(user))
+            .filter(reset_tokens::Column::UsedAt.is_null())
+            .filter(reset_tokens::Column::ExpiresAt.gt(now))
+            .exec(&txn)
+            .await?;
+        if consumed.rows_affected != 1 {
+            txn.rollback().await?;
+            return Err(TokenRefused::Invalid);
+        }
+        Self::put_password_in(&txn, tenant, user, phc, now).await?;
+        Self::end_sessions_in(&txn, tenant, user, now).await?;
+        txn.commit().await?;
+        Ok(())
+    }
+
+    /// Records a new session.
+    pub async fn insert_session(&self, session: &SessionRecord) -> Result<(), DbErr> {
+        let txn = penny_platform::db::begin_tenant(&self.db, session.tenant_id).await?;
+        sessions::Entity::insert(sessions::ActiveModel {
+            id: Set(session.id),
+            tenant_id: Set(session.tenant_id),
+            user_id: Set(session.user_id),
+            ip_address: Set(session.ip_address.clone()),
+            user_agent: Set(session.user_agent.clone()),
+            mfa_verified: Set(false),
+            created_at: Set(session.created_at),
+            expires_at: Set(session.expires_at),
+            revoked_at: Set(None),
+        })
+        .exec_without_returning(&txn)
+        .await?;
+        txn.commit().await
+    }
+
+    /// A user's sessions that are neither revoked nor expired.
+    pub async fn live_sessions(
+        &self,
+        tenant: Uuid,
+        user: Uuid,
+        now: OffsetDateTime,
+    ) -> Result<Vec<SessionRecord>, DbErr> {
+        let txn = penny_platform::db::begin_tenant(&self.db, tenant).await?;
+        let rows = sessions::Entity::find()
+            .filter(sessions::Column::TenantId.eq(tenant))
+            .filter(sessions::Column::UserId.eq(user))
+            .filter(sessions::Column::RevokedAt.is_null())
+            .filter(sessions::Column::ExpiresAt.gt(now))
+            .all(&txn)
+            .await?;
+        txn.commit().await?;
+        Ok(rows
+            .into_iter()
+            .map(|m| SessionRecord {
+                id: m.id,
+                tenant_id: m.tenant_id,
+                user_id: m.user_id,
+                ip_address: m.ip_address,
+                user_agent: m.user_agent,
+                created_at: m.created_at,
+                expires_at: m.expires_at,
+            })
+            .collect())
     }
 
     /// A key's counter, if it was ever counted (for tests and operators).

@@ -1,0 +1,60 @@
+//! The auth service's settings: `--auth-*` flags with `PENNY_AUTH_*` fallbacks.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+/// `penny serve auth` flags.
+#[derive(Debug, Clone, clap::Args)]
+pub struct Args {
+    /// Address to listen on.
+    #[arg(
+        long = "auth-listen",
+        env = "PENNY_AUTH_LISTEN",
+        default_value = "0.0.0.0:50051"
+    )]
+    pub listen: SocketAddr,
+    /// Database URL (`sqlite://…?mode=rwc` or `postgres://…`). On PostgreSQL its role must
+    /// own nothing and have neither SUPERUSER nor BYPASSRLS.
+    #[arg(long = "auth-database-url", env = "PENNY_AUTH_DATABASE_URL")]
+    pub database_url: String,
+    /// PostgreSQL: the owner's URL, used only to migrate and to grant the serving role.
+    #[arg(
+        long = "auth-migration-database-url",
+        env = "PENNY_AUTH_MIGRATION_DATABASE_URL"
+    )]
+    pub migration_database_url: Option<String>,
+    /// The tenants service (`http://host:port`): users, their status and the tenant's
+    /// security policy.
+    #[arg(long = "auth-tenants-url", env = "PENNY_TENANTS_URL")]
+    pub tenants_url: String,
+    /// Directory holding the Ed25519 token-signing key (`signing-key.pk8`, created 0600 if
+    /// missing) and its JWKS. Every service's `PENNY_JWKS_FILE` must publish this key.
+    #[arg(long = "auth-signing-key-dir", env = "PENNY_AUTH_SIGNING_KEY_DIR")]
+    pub signing_key_dir: PathBuf,
+}
+
+/// Everything the auth service needs besides the standard server settings (which must
+/// name the authz service: roles for the token come from its bindings).
+#[derive(Debug, Clone)]
+pub struct AuthConfig {
+    /// Where the auth database is (the serving role).
+    pub database_url: String,
+    /// The owner's URL for migrations (PostgreSQL).
+    pub migration_database_url: Option<String>,
+    /// The tenants service.
+    pub tenants_url: String,
+    /// Where the signing key lives.
+    pub signing_key_dir: PathBuf,
+}
+
+impl Args {
+    /// The configuration.
+    pub fn into_config(self) -> AuthConfig {
+        AuthConfig {
+            database_url: self.database_url,
+            migration_database_url: self.migration_database_url,
+            tenants_url: self.tenants_url,
+            signing_key_dir: self.signing_key_dir,
+        }
+    }
+}

@@ -1,0 +1,443 @@
+//! Authentication: setting passwords and signing in.
+//!
+//! Users, their status and their tenant's security policy live in the tenants service;
+//! auth keeps only what proves identity (password hashes, set-password tokens), lockout
+//! counters and sessions. Sign-in answers every failure (no such tenant or user, wrong
+//! password, locked, suspended) with the same status and message after the same work: the
+//! lockout reservation and one argon2id verification always happen.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use penny_platform::principal::PrincipalKind;
+use penny_platform::signing::{SigningKey, TokenGrant};
+use penny_platform::{ApiError, Authorizer};
+use penny_proto::authz::v1 as authz_pb;
+use penny_proto::common::v1::PrincipalKind as PbKind;
+use penny_proto::tenants::v1 as tenants_pb;
+use penny_proto::tenants::v1::tenant_service_client::TenantServiceClient;
+use sha2::{Digest, Sha256};
+use time::OffsetDateTime;
+use tonic::Code;
+use tonic::transport::Channel;
+use uuid::Uuid;
+
+use crate::domain::lockout::{CounterKey, LockoutPolicy, Verdict};
+use crate::domain::password::{PasswordHasherPool, policy_problem};
+use crate::error::AuthError;
+use crate::store::{SessionRecord, Store};
+
+/// Access tokens live this long unless the tenant's session lifetime is shorter.
+pub const DEFAULT_TOKEN_LIFETIME: Duration = Duration::from_secs(24 * 3600);
+/// A minted set-password token lives this long unless asked otherwise.
+pub const DEFAULT_RESET_TTL: Duration = Duration::from_secs(72 * 3600);
+/// The longest a set-password token may live.
+pub const MAX_RESET_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
+/// The prefix of set-password tokens.
+const RESET_PREFIX: &str = "pst_";
+
+/// What `Login` carries.
+#[derive(Debug, Clone)]
+pub struct LoginAttempt {
+    /// The tenant.
+    pub tenant: Uuid,
+    /// The email as typed.
+    pub email: String,
+    /// The password.
+    pub password: zeroize::Zeroizing<String>,
+    /// The end user's IP.
+    pub ip: IpAddr,
+    /// The end user's user agent.
+    pub user_agent: String,
+}
+
+/// A successful sign-in.
+#[derive(Debug, Clone)]
+pub struct SignedIn {
+    /// The session.
+    pub session: SessionRecord,
+    /// The signed access token.
+    pub access_token: String,
+}
+
+/// The auth service.
+#[derive(Clone)]
+pub struct Auth {
+    store: Store,
+    hasher: PasswordHasherPool,
+    tenants: TenantServiceClient<Channel>,
+    authorizer: Authorizer,
+    signing: Arc<SigningKey>,
+}
+
+impl std::fmt::Debug for Auth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Auth").finish_non_exhaustive()
+    }
+}
+
+/// The SHA-256 of a token, hex: what is stored instead of the token.
+fn token_hash(token: &str) -> String {
+    Sha256::digest(token.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// The tenant a set-password token belongs to (tokens carry it, so the lookup runs inside
+/// that tenant's row level security scope).
+fn reset_token_tenant(token: &str) -> Option<Uuid> {
+    let rest = token.strip_prefix(RESET_PREFIX)?;
+    let (tenant, secret) = rest.split_once('_')?;
+    if secret.len() != 43 {
+        return None;
+    }
+    Uuid::try_parse(tenant).ok()
+}
+
+fn lockout_policy(tenant: &tenants_pb::Tenant) -> LockoutPolicy {
+    let defaults = LockoutPolicy::default();
+    let Some(policy) = &tenant.security_policy else {
+        return defaults;
+    };
+    let secs = |d: Option<&prost_types::Duration>, default: Duration| {
+        d.and_then(|d| u64::try_from(d.seconds).ok())
+            .filter(|s| *s > 0)
+            .map_or(default, Duration::from_secs)
+    };
+    LockoutPolicy {
+        threshold: if policy.lockout_threshold == 0 {
+            defaults.threshold
+        } else {
+            policy.lockout_threshold
+        },
+        window: secs(policy.lockout_window.as_ref(), defaults.window),
+        duration: secs(policy.lockout_duration.as_ref(), defaults.duration),
+    }
+}
+
+fn token_lifetime(tenant: &tenants_pb::Tenant) -> Duration {
+    tenant
+        .security_policy
+        .as_ref()
+        .and_then(|p| p.session_lifetime.as_ref())
+        .and_then(|d| u64::try_from(d.seconds).ok())
+        .filter(|s| *s > 0)
+        .map_or(DEFAULT_TOKEN_LIFETIME, |s| {
+            Duration::from_secs(s).min(DEFAULT_TOKEN_LIFETIME)
+        })
+}
+
+fn dependency(service: &'static str, status: &tonic::Status) -> AuthError {
+    match status.code() {
+        Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled | Code::Unknown => {
+            AuthError::Dependency(service)
+        }
+        code => AuthError::Internal(format!("{service} answered {code:?}")),
+    }
+}
+
+fn internal(err: ApiError) -> AuthError {
+    AuthError::Internal(err.message().to_owned())
+}
+
+impl Auth {
+    /// The service over a migrated store.
+    pub fn new(
+        store: Store,
+        hasher: PasswordHasherPool,
+        tenants: Channel,
+        authorizer: Authorizer,
+        signing: Arc<SigningKey>,
+    ) -> Self {
+        Self {
+            store,
+            hasher,
+            tenants: TenantServiceClient::new(tenants),
+            authorizer,
+            signing,
+        }
+    }
+
+    /// Whether the database answers.
+    pub async fn ready(&self) -> bool {
+        penny_platform::db::ping(self.store.connection()).await
+    }
+
+    /// The public keys that verify this service's tokens.
+    pub fn jwks(&self) -> penny_platform::principal::Jwks {
+        self.signing.jwks()
+    }
+
+    /// The tenant, or `None` when there is no such tenant.
+    async fn tenant(&self, tenant: Uuid) -> Result<Option<tenants_pb::Tenant>, AuthError> {
+        let request = self
+            .authorizer
+            .service_request(tenants_pb::GetTenantRequest {
+                tenant_id: tenant.to_string(),
+            })
+            .map_err(internal)?;
+        match self.tenants.clone().get_tenant(request).await {
+            Ok(response) => Ok(response.into_inner().tenant),
+            Err(status) if status.code() == Code::NotFound => Ok(None),
+            Err(status) => Err(dependency("tenants", &status)),
+        }
+    }
+
+    /// The active or suspended user with this email, if any.
+    async fn user_by_email(
+        &self,
+        tenant: Uuid,
+        email: &str,
+    ) -> Result<Option<tenants_pb::User>, AuthError> {
+        let request = self
+            .authorizer
+            .service_request(tenants_pb::ListUsersRequest {
+                tenant_id: tenant.to_string(),
+                email: email.to_owned(),
+                page_size: 1,
+                ..Default::default()
+            })
+            .map_err(internal)?;
+        match self.tenants.clone().list_users(request).await {
+            Ok(response) => Ok(response.into_inner().users.into_iter().next()),
+            Err(status) if status.code() == Code::NotFound => Ok(None),
+            Err(status) => Err(dependency("tenants", &status)),
+        }
+    }
+
+    /// A user by id, if any.
+    async fn user(&self, tenant: Uuid, user: Uuid) -> Result<Option<tenants_pb::User>, AuthError> {
+        let request = self
+            .authorizer
+            .service_request(tenants_pb::GetUserRequest {
+                tenant_id: tenant.to_string(),
+                user_id: user.to_string(),
+            })
+            .map_err(internal)?;
+        match self.tenants.clone().get_user(request).await {
+            Ok(response) => Ok(response.into_inner().user),
+            Err(status) if status.code() == Code::NotFound => Ok(None),
+            Err(status) => Err(dependency("tenants", &status)),
+        }
+    }
+
+    /// The names of the roles bound to the user at tenant scope (the token's `roles`
+    /// claim; authz's bindings stay the source of truth).
+    async fn roles(&self, tenant: Uuid, user: Uuid) -> Result<Vec<String>, AuthError> {
+        let request = self
+            .authorizer
+            .service_request(authz_pb::ListRoleBindingsRequest {
+                tenant_id: tenant.to_string(),
+                subject: Some(authz_pb::Subject {
+                    kind: PbKind::User as i32,
+                    id: user.to_string(),
+                    tenant_id: tenant.to_string(),
+                }),
+                page_size: 100,
+                ..Default::default()
+            })
+            .map_err(internal)?;
+        let bindings = self
+            .authorizer
+            .authz_client()
+            .list_role_bindings(request)
+            .await
+            .map_err(|status| dependency("authz", &status))?
+            .into_inner()
+            .role_bindings;
+        let mut roles: Vec<String> = bindings
+            .into_iter()
+            .filter(|b| b.workspace_id.is_empty())
+            .map(|b| b.role)
+            .collect();
+        roles.sort();
+        roles.dedup();
+        Ok(roles)
+    }
+
+    /// Signs in: tokens for a new session, or `InvalidCredentials` for every kind of
+    /// failure alike.
+    pub async fn login(&self, attempt: LoginAttempt) -> Result<SignedIn, AuthError> {
+        let now = OffsetDateTime::now_utc();
+        let tenant = self.tenant(attempt.tenant).await?;
+        let active_tenant = tenant
+            .as_ref()
+            .filter(|t| t.state == tenants_pb::TenantState::Active as i32);
+        let policy = active_tenant.map(lockout_policy).unwrap_or_default();
+        let keys = CounterKey::for_attempt(&attempt.email, &attempt.ip.to_string());
+        let verdict = self
+            .store
+            .begin_attempt(attempt.tenant, &keys, &policy, now)
+            .await?;
+        let user = match active_tenant {
+            Some(_) => self.user_by_email(attempt.tenant, &attempt.email).await?,
+            None => None,
+        };
+        let user_id = user.as_ref().and_then(|u| Uuid::try_parse(&u.id).ok());
+        let stored = match user_id {
+            Some(id) => self.store.password_hash(attempt.tenant, id).await?,
+            None => None,
+        };
+        // Always one verification: against the user's hash, or the dummy when there is none.
+        let matched = self
+            .hasher
+            .verify(&attempt.password, stored.as_deref())
+            .await?;
+        let active_user = user
+            .as_ref()
+            .is_some_and(|u| u.status == tenants_pb::UserStatus::Active as i32);
+        let (Some(tenant), Some(user_id), true, true, Verdict::Proceed) =
+            (active_tenant, user_id, matched, active_user, verdict)
+        else {
+            return Err(AuthError::InvalidCredentials);
+        };
+        self.store
+            .attempt_succeeded(attempt.tenant, &keys, now)
+            .await?;
+        if tenant
+            .security_policy
+            .as_ref()
+            .is_some_and(|p| p.mfa_required)
+        {
+            return Err(AuthError::MfaRequired);
+        }
+        let lifetime = token_lifetime(tenant);
+        let session = SessionRecord {
+            id: Uuid::now_v7(),
+            tenant_id: attempt.tenant,
+            user_id,
+            ip_address: attempt.ip.to_string(),
+            user_agent: attempt.user_agent,
+            created_at: now,
+            expires_at: now + lifetime,
+        };
+        let roles = self.roles(attempt.tenant, user_id).await?;
+        self.store.insert_session(&session).await?;
+        let access_token = self
+            .signing
+            .mint(&TokenGrant {
+                subject: user_id.to_string(),
+                tenant_id: attempt.tenant,
+                roles,
+                kind: PrincipalKind::User,
+                session_id: Some(session.id.to_string()),
+                lifetime,
+            })
+            .map_err(|e| AuthError::Internal(e.to_string()))?;
+        Ok(SignedIn {
+            session,
+            access_token,
+        })
+    }
+
+    /// Sets a password with a one-time token; every session of the user ends.
+    pub async fn set_password_with_token(
+        &self,
+        token: &str,
+        new_password: &str,
+    ) -> Result<(Uuid, Uuid), AuthError> {
+        let now = OffsetDateTime::now_utc();
+        let tenant = reset_token_tenant(token).ok_or(AuthError::TokenInvalid)?;
+        let hash = token_hash(token);
+        let user_id = self.store.reset_token_user(tenant, &hash, now).await?;
+        let user = self
+            .user(tenant, user_id)
+            .await?
+            .filter(|u| u.status != tenants_pb::UserStatus::Deleted as i32)
+            .ok_or(AuthError::TokenInvalid)?;
+        if let Some(problem) = policy_problem(new_password, &user.email) {
+            return Err(AuthError::PasswordPolicy(problem));
+        }
+        let phc = self.hasher.hash(new_password).await?;
+        self.store
+            .consume_reset_token(tenant, &hash, user_id, &phc, now)
+            .await?;
+        Ok((tenant, user_id))
+    }
+
+    /// Sets a user's password directly (administrative path).
+    pub async fn set_password_directly(
+        &self,
+        tenant: Uuid,
+        user_id: Uuid,
+        new_password: &str,
+        revoke_sessions: bool,
+    ) -> Result<(), AuthError> {
+        let user = self.existing_user(tenant, user_id).await?;
+        if let Some(problem) = policy_problem(new_password, &user.email) {
+            return Err(AuthError::PasswordPolicy(problem));
+        }
+        let phc = self.hasher.hash(new_password).await?;
+        self.store
+            .set_password(
+                tenant,
+                user_id,
+                &phc,
+                revoke_sessions,
+                OffsetDateTime::now_utc(),
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Mints a one-time set-password token for a user (invite or reset). Only its hash is
+    /// stored; the token is returned once.
+    pub async fn mint_set_password_token(
+        &self,
+        tenant: Uuid,
+        user_id: Uuid,
+        ttl: Duration,
+    ) -> Result<(String, OffsetDateTime), AuthError> {
+        self.existing_user(tenant, user_id).await?;
+        let mut secret = zeroize::Zeroizing::new([0u8; 32]);
+        rand::fill(&mut secret[..]);
+        let token = format!(
+            "{RESET_PREFIX}{}_{}",
+            tenant.simple(),
+            URL_SAFE_NO_PAD.encode(&secret[..])
+        );
+        let now = OffsetDateTime::now_utc();
+        let expires = now + ttl;
+        self.store
+            .insert_reset_token(tenant, user_id, &token_hash(&token), expires, now)
+            .await?;
+        Ok((token, expires))
+    }
+
+    async fn existing_user(
+        &self,
+        tenant: Uuid,
+        user_id: Uuid,
+    ) -> Result<tenants_pb::User, AuthError> {
+        self.user(tenant, user_id)
+            .await?
+            .filter(|u| u.status != tenants_pb::UserStatus::Deleted as i32)
+            .ok_or(AuthError::UserNotFound)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reset_tokens_carry_their_tenant_and_nothing_else_parses() {
+        let tenant = Uuid::new_v4();
+        let token = format!("pst_{}_{}", tenant.simple(), "A".repeat(43));
+        assert_eq!(reset_token_tenant(&token), Some(tenant));
+        for bad in [
+            String::new(),
+            "pst_".into(),
+            format!("pst_{}_{}", tenant.simple(), "A".repeat(42)),
+            format!("xyz_{}_{}", tenant.simple(), "A".repeat(43)),
+            format!("pst_nope_{}", "A".repeat(43)),
+        ] {
+            assert_eq!(reset_token_tenant(&bad), None, "{bad}");
+        }
+        assert_eq!(token_hash("x").len(), 64);
+    }
+}
