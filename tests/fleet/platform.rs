@@ -144,7 +144,31 @@ async fn bad_tokens_are_refused_with_unauthenticated() {
     let fleet = TestFleet::builder().with_echo().start().await;
     let key = &fleet.signing;
     let mut client = EchoServiceClient::new(fleet.echo().channel().await);
+    for (case, token) in &bad_tokens(key) {
+        assert_unauthenticated(&mut client, token, case).await;
+    }
+    let mut expired = admin_claims();
+    expired["exp"] = (penny_platform::principal::now_secs() - 3600).into();
+    expired["nbf"] = (penny_platform::principal::now_secs() - 7200).into();
 
+    // The expired token says so in its reason; the reply text stays the same.
+    let status = client
+        .echo(with_token(echo("hi"), &tokens::signed(key, &expired)))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        status.get_error_details().error_info().unwrap().reason,
+        "TOKEN_EXPIRED"
+    );
+
+    // And the good token still works after all that.
+    let good = tokens::signed(key, &admin_claims());
+    client.echo(with_token(echo("hi"), &good)).await.unwrap();
+}
+
+/// Every forged, confused or stale token the JWT literature knows, each signed (where it
+/// is signed at all) so that only the property under test is wrong.
+fn bad_tokens(key: &penny_platform::signing::SigningKey) -> Vec<(&'static str, String)> {
     let mut expired = admin_claims();
     expired["exp"] = (penny_platform::principal::now_secs() - 3600).into();
     expired["nbf"] = (penny_platform::principal::now_secs() - 7200).into();
@@ -214,23 +238,84 @@ async fn bad_tokens_are_refused_with_unauthenticated() {
             other_key.sign_with_header(header, &admin_claims()).unwrap()
         }),
     ];
-    for (case, token) in &cases {
-        assert_unauthenticated(&mut client, token, case).await;
-    }
+    cases.into_iter().collect()
+}
 
-    // The expired token says so in its reason; the reply text stays the same.
-    let status = client
-        .echo(with_token(echo("hi"), &tokens::signed(key, &expired)))
-        .await
-        .unwrap_err();
-    assert_eq!(
-        status.get_error_details().error_info().unwrap().reason,
-        "TOKEN_EXPIRED"
+/// The same tokens against one RPC of every real service: each runs the same stack, and
+/// this proves none is wired around it.
+#[tokio::test]
+async fn every_service_refuses_every_bad_token() {
+    use penny_proto::auth::v1 as auth_pb;
+    use penny_proto::authz::v1 as authz_pb;
+    use penny_proto::keys::v1 as keys_pb;
+    use penny_proto::tenants::v1 as tenants_pb;
+
+    let fleet = TestFleet::builder().with_auth().start().await;
+    let tenant = uuid::Uuid::new_v4().to_string();
+    let mut keys =
+        keys_pb::key_service_client::KeyServiceClient::new(fleet.keys().server.channel().await);
+    let mut authz = authz_pb::authz_service_client::AuthzServiceClient::new(
+        fleet.authz().server.channel().await,
     );
-
-    // And the good token still works after all that.
-    let good = tokens::signed(key, &admin_claims());
-    client.echo(with_token(echo("hi"), &good)).await.unwrap();
+    let mut tenants = tenants_pb::tenant_service_client::TenantServiceClient::new(
+        fleet.tenants().server.channel().await,
+    );
+    let mut auth =
+        auth_pb::auth_service_client::AuthServiceClient::new(fleet.auth().server.channel().await);
+    let mut refused = 0;
+    for (case, token) in &bad_tokens(&fleet.signing) {
+        let results = [
+            keys.get_key(with_token(
+                keys_pb::GetKeyRequest {
+                    tenant_id: tenant.clone(),
+                },
+                token,
+            ))
+            .await
+            .map(drop),
+            authz
+                .list_roles(with_token(
+                    authz_pb::ListRolesRequest {
+                        tenant_id: tenant.clone(),
+                        ..Default::default()
+                    },
+                    token,
+                ))
+                .await
+                .map(drop),
+            tenants
+                .get_tenant(with_token(
+                    tenants_pb::GetTenantRequest {
+                        tenant_id: tenant.clone(),
+                    },
+                    token,
+                ))
+                .await
+                .map(drop),
+            auth.login(with_token(
+                auth_pb::LoginRequest {
+                    tenant_id: tenant.clone(),
+                    email: "a@b.test".into(),
+                    password: "irrelevant password".into(),
+                    ip_address: "192.0.2.1".into(),
+                    user_agent: String::new(),
+                },
+                token,
+            ))
+            .await
+            .map(drop),
+        ];
+        for (service, result) in ["keys", "authz", "tenants", "auth"].iter().zip(results) {
+            let status = result.expect_err(&format!("{service} accepted {case}"));
+            assert_eq!(
+                status.code(),
+                tonic::Code::Unauthenticated,
+                "{service}, {case}: {status:?}"
+            );
+            refused += 1;
+        }
+    }
+    assert_eq!(refused, 4 * 17);
 }
 
 #[tokio::test]

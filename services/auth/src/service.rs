@@ -228,6 +228,12 @@ impl Auth {
     /// The names of the roles bound to the user at tenant scope (the token's `roles`
     /// claim; authz's bindings stay the source of truth).
     async fn roles(&self, tenant: Uuid, user: Uuid) -> Result<Vec<String>, AuthError> {
+        // Authz keeps the platform tenant's bindings from services, and a token claiming
+        // `admin` there would make its holder platform staff: staff tokens are not issued
+        // by sign-in (the platform tenant requires MFA, which is not built).
+        if tenant == penny_platform::principal::PLATFORM_TENANT_ID {
+            return Ok(Vec::new());
+        }
         let request = self
             .authorizer
             .service_request(authz_pb::ListRoleBindingsRequest {
@@ -290,6 +296,10 @@ impl Auth {
         let active_user = user
             .as_ref()
             .is_some_and(|u| u.status == tenants_pb::UserStatus::Active as i32);
+        if let Verdict::Locked(until) = verdict {
+            // No email, IP or password in logs: the tenant and when the lock ends.
+            tracing::warn!(tenant = %attempt.tenant, locked_until = %until, "sign-in refused by a lockout");
+        }
         let (Some(tenant), Some(user_id), true, true, Verdict::Proceed) =
             (active_tenant, user_id, matched, active_user, verdict)
         else {

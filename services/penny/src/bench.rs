@@ -42,6 +42,10 @@ pub enum Scenario {
     /// `AuthzService.Check` of a viewer's permission (a decision from the cache), after a
     /// baseline phase.
     AuthzCheck,
+    /// `AuthService.Login` of one user with the right password, through keys, authz, tenants
+    /// and auth in this process; its ceiling is the bare argon2id verification rate on as
+    /// many threads as there are cores, measured in the same run.
+    AuthLogin,
 }
 
 /// `penny bench` options.
@@ -215,6 +219,15 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     baseline.print();
 
     if let Some(server) = &server
+        && args.scenario == Scenario::AuthLogin
+    {
+        let ceiling = argon2_phase(warmup, limit).await?;
+        ceiling.print();
+        let report = auth_login_phase(server, &channels, args.concurrency, warmup, limit).await?;
+        report.print();
+        print_ratio(&report, &ceiling);
+        check_targets(&args, &report, &ceiling)?;
+    } else if let Some(server) = &server
         && args.scenario != Scenario::Baseline
     {
         let report = match args.scenario {
@@ -260,19 +273,135 @@ fn print_ratio(scenario: &PhaseReport, baseline: &PhaseReport) {
     );
 }
 
-/// An in-process server for a scenario, stopped gracefully at the end.
+/// The in-process servers of a scenario, stopped gracefully at the end.
 struct BenchServer {
-    stop: oneshot::Sender<()>,
-    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+    stops: Vec<oneshot::Sender<()>>,
+    tasks: Vec<tokio::task::JoinHandle<anyhow::Result<()>>>,
     signing: SigningKey,
+    /// The tenants service, when the scenario runs one.
+    tenants_addr: Option<String>,
     _data_dir: TempDir,
 }
 
 impl BenchServer {
     async fn stop(self) -> anyhow::Result<()> {
-        let _ = self.stop.send(());
-        self.task.await.context("bench server task")?
+        for stop in self.stops {
+            let _ = stop.send(());
+        }
+        for task in self.tasks {
+            task.await.context("bench server task")??;
+        }
+        Ok(())
     }
+}
+
+/// Serves `bundle` on `listener` until stopped.
+fn spawn_server(
+    config: ServeConfig,
+    bundle: ServiceBundle,
+    listener: TcpListener,
+) -> (
+    oneshot::Sender<()>,
+    tokio::task::JoinHandle<anyhow::Result<()>>,
+) {
+    let (stop, stopped) = oneshot::channel::<()>();
+    let task = tokio::spawn(serve(config, bundle, listener, async move {
+        let _ = stopped.await;
+    }));
+    (stop, task)
+}
+
+/// keys, authz, tenants and auth on ephemeral ports, wired as `penny dev` wires them; the
+/// returned address is auth's.
+async fn start_auth_fleet(
+    data_dir: TempDir,
+    signing: SigningKey,
+    mut config: ServeConfig,
+) -> anyhow::Result<(String, BenchServer)> {
+    let listeners = [
+        TcpListener::bind("127.0.0.1:0").await?,
+        TcpListener::bind("127.0.0.1:0").await?,
+        TcpListener::bind("127.0.0.1:0").await?,
+        TcpListener::bind("127.0.0.1:0").await?,
+    ];
+    let addrs: Vec<String> = listeners
+        .iter()
+        .map(|l| l.local_addr().map(|a| a.to_string()))
+        .collect::<Result<_, _>>()?;
+    let service_token = signing.mint(&TokenGrant {
+        subject: "svc-bench".to_owned(),
+        tenant_id: PLATFORM_TENANT_ID,
+        roles: Vec::new(),
+        kind: PrincipalKind::Service,
+        session_id: None,
+        lifetime: Duration::from_secs(3600),
+    })?;
+    config.authorizer = Some(penny_platform::Authorizer::new(
+        Endpoint::from_shared(format!("http://{}", addrs[1]))?.connect_lazy(),
+        service_token,
+    ));
+    let [
+        keys_listener,
+        authz_listener,
+        tenants_listener,
+        auth_listener,
+    ] = listeners;
+    let hex = MasterKey::generate_hex();
+    let keys = penny_keys::build(KeysConfig {
+        database_url: penny_platform::db::sqlite_url(&data_dir.0, "keys"),
+        migration_database_url: None,
+        backend: BackendConfig::Local(
+            MasterKey::parse(&hex).map_err(|why| anyhow::anyhow!("master key: {why}"))?,
+        ),
+    })
+    .await?;
+    let authz = penny_authz::build(penny_authz::AuthzConfig {
+        database_url: penny_platform::db::sqlite_url(&data_dir.0, "authz"),
+        migration_database_url: None,
+        feed_poll: penny_authz::service::FEED_POLL,
+    })
+    .await?;
+    let tenants = penny_tenants::build(
+        penny_tenants::TenantsConfig {
+            database_url: penny_platform::db::sqlite_url(&data_dir.0, "tenants"),
+            migration_database_url: None,
+            keys_url: format!("http://{}", addrs[0]),
+        },
+        &config,
+    )
+    .await?;
+    let auth = penny_auth::build(
+        penny_auth::AuthConfig {
+            database_url: penny_platform::db::sqlite_url(&data_dir.0, "auth"),
+            migration_database_url: None,
+            tenants_url: format!("http://{}", addrs[2]),
+            signing_key_dir: data_dir.0.clone(),
+        },
+        &config,
+    )
+    .await?;
+    let mut stops = Vec::new();
+    let mut tasks = Vec::new();
+    for (bundle, listener) in [
+        (penny_keys::bundle(keys, &config), keys_listener),
+        (penny_authz::bundle(authz, &config), authz_listener),
+        (penny_tenants::bundle(tenants, &config), tenants_listener),
+        (penny_auth::bundle(auth, &config), auth_listener),
+    ] {
+        let (stop, task) = spawn_server(config.clone(), bundle, listener);
+        stops.push(stop);
+        tasks.push(task);
+    }
+    Ok((
+        addrs[3].clone(),
+        BenchServer {
+            stops,
+            tasks,
+            signing,
+            tenants_addr: Some(addrs[2].clone()),
+            _data_dir: data_dir,
+        },
+    ))
 }
 
 async fn start_server(scenario: Scenario) -> anyhow::Result<(String, BenchServer)> {
@@ -280,6 +409,9 @@ async fn start_server(scenario: Scenario) -> anyhow::Result<(String, BenchServer
     let signing = SigningKey::load_or_create(&data_dir.0)?;
     let verifier = TokenVerifier::new(&signing.jwks())?;
     let config = ServeConfig::new_for_dev(verifier);
+    if scenario == Scenario::AuthLogin {
+        return start_auth_fleet(data_dir, signing, config).await;
+    }
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?.to_string();
     let bundle = match scenario {
@@ -312,17 +444,16 @@ async fn start_server(scenario: Scenario) -> anyhow::Result<(String, BenchServer
             .await?;
             penny_authz::bundle(authz, &config)
         }
+        Scenario::AuthLogin => anyhow::bail!("auth-login starts a fleet"),
     };
-    let (stop, stopped) = oneshot::channel::<()>();
-    let task = tokio::spawn(serve(config, bundle, listener, async move {
-        let _ = stopped.await;
-    }));
+    let (stop, task) = spawn_server(config, bundle, listener);
     Ok((
         addr,
         BenchServer {
-            stop,
-            task,
+            stops: vec![stop],
+            tasks: vec![task],
             signing,
+            tenants_addr: None,
             _data_dir: data_dir,
         },
     ))
@@ -374,7 +505,9 @@ async fn keys_phase(
         key_bits: 256,
     };
     match scenario {
-        Scenario::Baseline | Scenario::AuthzCheck => anyhow::bail!("not a keys scenario"),
+        Scenario::Baseline | Scenario::AuthzCheck | Scenario::AuthLogin => {
+            anyhow::bail!("not a keys scenario")
+        }
         Scenario::KeysDatakey => {
             phase(
                 "keys-datakey",
@@ -505,6 +638,177 @@ async fn authz_phase(
                 } else {
                     Err(tonic::Status::internal("check denied a granted permission"))
                 }
+            }
+        },
+    )
+    .await
+}
+
+/// The password the benchmark's user signs in with.
+const BENCH_PASSWORD: &str = "a long benchmark passphrase";
+
+/// The ceiling of sign-in: bare argon2id verifications of the right password, on one thread
+/// per core (what the auth service's hasher pool allows at once), nothing else.
+async fn argon2_phase(warmup: Duration, limit: Limit) -> anyhow::Result<PhaseReport> {
+    let phc: Arc<str> = penny_auth::domain::password::hash_blocking(BENCH_PASSWORD.as_bytes())
+        .map_err(|e| anyhow::anyhow!("{e}"))?
+        .into();
+    let threads = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
+    let run = |limit: Limit| {
+        let phc = phc.clone();
+        async move {
+            let deadline = match limit {
+                Limit::Duration(d) => Some(Instant::now() + d),
+                Limit::Requests(_) => None,
+            };
+            let budget = Arc::new(std::sync::atomic::AtomicU64::new(match limit {
+                Limit::Requests(n) => n,
+                Limit::Duration(_) => u64::MAX,
+            }));
+            let mut handles = Vec::new();
+            for _ in 0..threads {
+                let (phc, budget) = (phc.clone(), budget.clone());
+                handles.push(tokio::task::spawn_blocking(move || {
+                    let mut latencies = Vec::new();
+                    loop {
+                        if deadline.is_some_and(|d| Instant::now() >= d)
+                            || budget
+                                .fetch_update(
+                                    std::sync::atomic::Ordering::AcqRel,
+                                    std::sync::atomic::Ordering::Acquire,
+                                    |n| n.checked_sub(1),
+                                )
+                                .is_err()
+                        {
+                            break;
+                        }
+                        let started = Instant::now();
+                        let ok = penny_auth::domain::password::verify_blocking(
+                            BENCH_PASSWORD.as_bytes(),
+                            &phc,
+                        );
+                        latencies.push((ok, started.elapsed()));
+                    }
+                    latencies
+                }));
+            }
+            let mut all = Vec::new();
+            for handle in handles {
+                all.extend(handle.await?);
+            }
+            anyhow::Ok(all)
+        }
+    };
+    if !warmup.is_zero() {
+        run(Limit::Duration(warmup)).await?;
+    }
+    let started = Instant::now();
+    let results = run(limit).await?;
+    let elapsed = started.elapsed();
+    let mut latency_us = new_histogram()?;
+    let mut ok = 0;
+    let mut errors = BTreeMap::new();
+    for (matched, took) in results {
+        if matched {
+            ok += 1;
+            let _ = latency_us.record(u64::try_from(took.as_micros()).unwrap_or(u64::MAX).max(1));
+        } else {
+            *errors.entry("mismatch".to_owned()).or_insert(0) += 1;
+        }
+    }
+    Ok(PhaseReport {
+        name: "argon2id",
+        concurrency: u32::try_from(threads).unwrap_or(u32::MAX),
+        ok,
+        errors,
+        elapsed,
+        latency_us,
+    })
+}
+
+/// Creates a tenant and sets its owner's password, then measures `Login` with the right
+/// password, called as the trusted front end (a service token).
+async fn auth_login_phase(
+    server: &BenchServer,
+    channels: &[Channel],
+    concurrency: u32,
+    warmup: Duration,
+    limit: Limit,
+) -> anyhow::Result<PhaseReport> {
+    use penny_proto::auth::v1 as auth_pb;
+    use penny_proto::auth::v1::auth_service_client::AuthServiceClient;
+    use penny_proto::tenants::v1 as tenants_pb;
+    use penny_proto::tenants::v1::tenant_service_client::TenantServiceClient;
+    let admin = server.signing.mint(&TokenGrant {
+        subject: "bench-admin".to_owned(),
+        tenant_id: PLATFORM_TENANT_ID,
+        roles: vec!["admin".to_owned()],
+        kind: PrincipalKind::User,
+        session_id: None,
+        lifetime: Duration::from_secs(3600),
+    })?;
+    let tenants_addr = server
+        .tenants_addr
+        .as_deref()
+        .context("no tenants service")?;
+    let tenants = connect(tenants_addr, 1).await?;
+    let created = TenantServiceClient::new(tenants.first().context("no connection")?.clone())
+        .create_tenant(authorized(
+            tenants_pb::CreateTenantRequest {
+                request_id: uuid::Uuid::new_v4().to_string(),
+                name: "Bench".to_owned(),
+                slug: "bench".to_owned(),
+                owner: Some(tenants_pb::OwnerSpec {
+                    email: "owner@bench.test".to_owned(),
+                    display_name: "Owner".to_owned(),
+                }),
+                ..Default::default()
+            },
+            &admin,
+        )?)
+        .await
+        .map_err(|s| anyhow::anyhow!("create tenant: {s:?}"))?
+        .into_inner();
+    let owner = created.owner.context("no owner")?;
+    let channel = channels.first().context("no connection")?.clone();
+    AuthServiceClient::new(channel)
+        .set_password(authorized(
+            auth_pb::SetPasswordRequest {
+                grant: Some(auth_pb::set_password_request::Grant::User(
+                    auth_pb::UserRef {
+                        tenant_id: owner.tenant_id.clone(),
+                        user_id: owner.id.clone(),
+                    },
+                )),
+                new_password: BENCH_PASSWORD.to_owned(),
+                ..Default::default()
+            },
+            &admin,
+        )?)
+        .await
+        .map_err(|s| anyhow::anyhow!("set password: {s:?}"))?;
+    let token = bench_service_token(server)?;
+    let login = auth_pb::LoginRequest {
+        tenant_id: owner.tenant_id,
+        email: owner.email,
+        password: BENCH_PASSWORD.to_owned(),
+        ip_address: "192.0.2.1".to_owned(),
+        user_agent: "penny-bench".to_owned(),
+    };
+    phase(
+        "auth-login",
+        channels,
+        concurrency,
+        warmup,
+        limit,
+        move |channel| {
+            let request = authorized(login.clone(), &token);
+            async move {
+                let request = request.map_err(|e| tonic::Status::internal(e.to_string()))?;
+                AuthServiceClient::new(channel)
+                    .login(request)
+                    .await
+                    .map(drop)
             }
         },
     )

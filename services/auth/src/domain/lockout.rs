@@ -112,6 +112,11 @@ impl Counter {
             if until > now {
                 return Verdict::Locked(until);
             }
+            // A day without a lockout forgets the earlier ones (an IP shared behind NAT is
+            // not locked out for ever longer).
+            if now >= until + MAX_LOCKOUT {
+                self.lockouts = 0;
+            }
             self.locked_until = None;
         }
         if now >= self.window_start + policy.window || now < self.window_start {
@@ -202,6 +207,25 @@ mod tests {
         assert_eq!(
             periods,
             [900, 1800, 3600, 7200, 14400, 28800, 57600, 86400, 86400]
+        );
+    }
+
+    #[test]
+    fn a_day_without_a_lockout_forgets_the_earlier_ones() {
+        let policy = LockoutPolicy::default();
+        let mut c = Counter::fresh(t(0));
+        for i in 0..6 {
+            c.reserve(&policy, t(i));
+        }
+        assert_eq!(c.lockouts, 1);
+        // Locked until t(905); a day after that, the next lockout is a first one again.
+        let later = 905 + 24 * 3600;
+        for i in 0..5 {
+            assert_eq!(c.reserve(&policy, t(later + i)), Verdict::Proceed);
+        }
+        assert_eq!(
+            c.reserve(&policy, t(later + 5)),
+            Verdict::Locked(t(later + 5 + 900))
         );
     }
 

@@ -44,11 +44,11 @@ pub fn policy_problem(password: &str, email: &str) -> Option<&'static str> {
     if chars > MAX_CHARS {
         return Some("must be at most 1024 characters");
     }
-    let folded = password.to_lowercase();
+    let folded = Zeroizing::new(password.to_lowercase());
     if common().contains(folded.as_str()) {
         return Some("is too common: it appears in a list of frequently used passwords");
     }
-    if !email.is_empty() && folded == email.to_lowercase() {
+    if !email.is_empty() && *folded == email.to_lowercase() {
         return Some("must not be the account's email address");
     }
     None
@@ -114,16 +114,21 @@ impl PasswordHasherPool {
             .acquire()
             .await
             .map_err(|_| HashError::Interrupted)?;
-        let matched = tokio::task::spawn_blocking(move || {
-            argon2().verify_password(&password, phc.as_ref()).is_ok()
-        })
-        .await
-        .map_err(|_| HashError::Interrupted)?;
+        let matched = tokio::task::spawn_blocking(move || verify_blocking(&password, &phc))
+            .await
+            .map_err(|_| HashError::Interrupted)?;
         Ok(known && matched)
     }
 }
 
-fn hash_blocking(password: &[u8]) -> Result<String, HashError> {
+/// One verification on the calling thread, exactly as sign-in does it (for the benchmark
+/// that compares sign-in with the bare hash rate).
+pub fn verify_blocking(password: &[u8], phc: &str) -> bool {
+    argon2().verify_password(password, phc).is_ok()
+}
+
+/// One hash on the calling thread (for the benchmark's setup).
+pub fn hash_blocking(password: &[u8]) -> Result<String, HashError> {
     argon2()
         .hash_password(password)
         .map(|hash| hash.to_string())
