@@ -41,6 +41,27 @@ fn at(base: OffsetDateTime, secs: u64) -> OffsetDateTime {
     base + Duration::from_secs(secs)
 }
 
+/// One wrong password, as Login handles it: admitted, checked, failed.
+async fn wrong(
+    store: &Store,
+    tenant: Uuid,
+    keys: &[CounterKey],
+    policy: &LockoutPolicy,
+    now: OffsetDateTime,
+) -> Verdict {
+    let verdict = store
+        .begin_attempt(tenant, keys, policy, now)
+        .await
+        .unwrap();
+    if verdict == Verdict::Proceed {
+        store
+            .attempt_failed(tenant, keys, policy, now)
+            .await
+            .unwrap();
+    }
+    verdict
+}
+
 #[tokio::test]
 async fn six_wrong_passwords_lock_the_account_until_the_lockout_ends() {
     let dir = TempDir::new("penny-auth");
@@ -49,31 +70,55 @@ async fn six_wrong_passwords_lock_the_account_until_the_lockout_ends() {
     let policy = LockoutPolicy::default();
     let keys = CounterKey::for_attempt("Ada@example.org", "192.0.2.7");
     let t0 = OffsetDateTime::now_utc();
-    let mut verdicts = Vec::new();
-    for i in 0..6 {
-        verdicts.push(
-            store
-                .begin_attempt(tenant, &keys, &policy, at(t0, i))
-                .await
-                .unwrap(),
+    // Five wrong, then the right one: in.
+    for i in 0..5 {
+        assert_eq!(
+            wrong(&store, tenant, &keys, &policy, at(t0, i)).await,
+            Verdict::Proceed
         );
     }
-    assert_eq!(&verdicts[..5], &[Verdict::Proceed; 5]);
-    assert!(matches!(verdicts[5], Verdict::Locked(_)), "{verdicts:?}");
+    assert_eq!(
+        store
+            .begin_attempt(tenant, &keys, &policy, at(t0, 5))
+            .await
+            .unwrap(),
+        Verdict::Proceed
+    );
+    store
+        .attempt_succeeded(tenant, &keys, at(t0, 5))
+        .await
+        .unwrap();
+    // Six wrong (after the window, so the IP key's five failures above are forgotten):
+    // the sixth failure locks.
+    for i in 0..6 {
+        assert_eq!(
+            wrong(&store, tenant, &keys, &policy, at(t0, 400 + i)).await,
+            Verdict::Proceed
+        );
+    }
     // The right password now is refused before it is even checked.
     assert!(matches!(
         store
-            .begin_attempt(tenant, &keys, &policy, at(t0, 60))
+            .begin_attempt(tenant, &keys, &policy, at(t0, 460))
             .await
             .unwrap(),
         Verdict::Locked(_)
     ));
-    // The same account from another IP is locked too (the account key), and another
-    // account from the same IP is not (five failures are not more than five).
+    // The same account from another IP is locked too (the account key), and so is another
+    // account from the same IP (six failures are more than five on the IP key as well); an
+    // account elsewhere is not.
     let elsewhere = CounterKey::for_attempt("ada@EXAMPLE.org", "198.51.100.1");
     assert!(matches!(
         store
-            .begin_attempt(tenant, &elsewhere, &policy, at(t0, 61))
+            .begin_attempt(tenant, &elsewhere, &policy, at(t0, 461))
+            .await
+            .unwrap(),
+        Verdict::Locked(_)
+    ));
+    let same_ip = CounterKey::for_attempt("bob@example.org", "192.0.2.7");
+    assert!(matches!(
+        store
+            .begin_attempt(tenant, &same_ip, &policy, at(t0, 462))
             .await
             .unwrap(),
         Verdict::Locked(_)
@@ -81,7 +126,7 @@ async fn six_wrong_passwords_lock_the_account_until_the_lockout_ends() {
     let other = CounterKey::for_attempt("bob@example.org", "203.0.113.9");
     assert_eq!(
         store
-            .begin_attempt(tenant, &other, &policy, at(t0, 62))
+            .begin_attempt(tenant, &other, &policy, at(t0, 462))
             .await
             .unwrap(),
         Verdict::Proceed
@@ -89,14 +134,14 @@ async fn six_wrong_passwords_lock_the_account_until_the_lockout_ends() {
     // Another tenant's counters are its own.
     assert_eq!(
         store
-            .begin_attempt(Uuid::new_v4(), &keys, &policy, at(t0, 63))
+            .begin_attempt(Uuid::new_v4(), &keys, &policy, at(t0, 463))
             .await
             .unwrap(),
         Verdict::Proceed
     );
     // After the lockout (15 minutes from the sixth failure) the right password gets through
     // and the account starts over.
-    let after = at(t0, 5 + 15 * 60);
+    let after = at(t0, 405 + 15 * 60);
     assert_eq!(
         store
             .begin_attempt(tenant, &keys, &policy, after)
@@ -106,11 +151,14 @@ async fn six_wrong_passwords_lock_the_account_until_the_lockout_ends() {
     );
     store.attempt_succeeded(tenant, &keys, after).await.unwrap();
     let account = store.counter(tenant, &keys[0]).await.unwrap().unwrap();
-    assert_eq!((account.failures, account.lockouts), (0, 0));
+    assert_eq!(
+        (account.failures, account.pending, account.lockouts),
+        (0, 0, 0)
+    );
 }
 
 #[tokio::test]
-async fn twenty_parallel_wrong_attempts_are_counted_exactly() {
+async fn twenty_parallel_wrong_attempts_get_no_more_checks_than_six_in_a_row() {
     let dir = TempDir::new("penny-auth");
     let store = store(&dir).await;
     let tenant = Uuid::new_v4();
@@ -135,9 +183,13 @@ async fn twenty_parallel_wrong_attempts_are_counted_exactly() {
                         .await
                         .unwrap();
                     assert!(!ok);
+                    store
+                        .attempt_failed(tenant, &keys, &policy, now)
+                        .await
+                        .unwrap();
                     1
                 }
-                Verdict::Locked(_) => 0,
+                Verdict::Busy | Verdict::Locked(_) => 0,
             }
         });
     }
@@ -145,14 +197,13 @@ async fn twenty_parallel_wrong_attempts_are_counted_exactly() {
     while let Some(joined) = tasks.join_next().await {
         checked += joined.unwrap();
     }
-    assert_eq!(
-        checked, 5,
-        "exactly the threshold reached the password check"
-    );
+    // Sequentially, six wrong passwords are checked and the sixth locks: so here.
+    assert_eq!(checked, 6, "a burst got extra password checks");
     let keys = CounterKey::for_attempt("ada@example.org", "192.0.2.7");
     let account = store.counter(tenant, &keys[0]).await.unwrap().unwrap();
     assert_eq!(account.lockouts, 1, "one lockout, not several");
     assert!(account.locked_until.is_some());
+    assert_eq!(account.pending, 0, "nothing left in flight");
 }
 
 mod service {

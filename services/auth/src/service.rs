@@ -296,13 +296,24 @@ impl Auth {
         let active_user = user
             .as_ref()
             .is_some_and(|u| u.status == tenants_pb::UserStatus::Active as i32);
-        if let Verdict::Locked(until) = verdict {
-            // No email, IP or password in logs: the tenant and when the lock ends.
-            tracing::warn!(tenant = %attempt.tenant, locked_until = %until, "sign-in refused by a lockout");
+        match verdict {
+            Verdict::Proceed => {}
+            Verdict::Locked(until) => {
+                // No email, IP or password in logs: the tenant and when the lock ends.
+                tracing::warn!(tenant = %attempt.tenant, locked_until = %until, "sign-in refused by a lockout");
+                return Err(AuthError::InvalidCredentials);
+            }
+            Verdict::Busy => {
+                tracing::warn!(tenant = %attempt.tenant, "sign-in refused: too many attempts in flight for one account");
+                return Err(AuthError::InvalidCredentials);
+            }
         }
-        let (Some(tenant), Some(user_id), true, true, Verdict::Proceed) =
-            (active_tenant, user_id, matched, active_user, verdict)
+        let (Some(tenant), Some(user_id), true, true) =
+            (active_tenant, user_id, matched, active_user)
         else {
+            self.store
+                .attempt_failed(attempt.tenant, &keys, &policy, now)
+                .await?;
             return Err(AuthError::InvalidCredentials);
         };
         self.store

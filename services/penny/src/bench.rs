@@ -42,9 +42,9 @@ pub enum Scenario {
     /// `AuthzService.Check` of a viewer's permission (a decision from the cache), after a
     /// baseline phase.
     AuthzCheck,
-    /// `AuthService.Login` of one user with the right password, through keys, authz, tenants
-    /// and auth in this process; its ceiling is the bare argon2id verification rate on as
-    /// many threads as there are cores, measured in the same run.
+    /// `AuthService.Login` with the right password (one user per caller, up to 64), through
+    /// keys, authz, tenants and auth in this process; its ceiling is the bare argon2id
+    /// verification rate on as many threads as there are cores, measured in the same run.
     AuthLogin,
 }
 
@@ -726,8 +726,8 @@ async fn argon2_phase(warmup: Duration, limit: Limit) -> anyhow::Result<PhaseRep
     })
 }
 
-/// Creates a tenant and sets its owner's password, then measures `Login` with the right
-/// password, called as the trusted front end (a service token).
+/// Creates a tenant with one user per caller and sets their passwords, then measures
+/// `Login` with the right password, called as the trusted front end (a service token).
 async fn auth_login_phase(
     server: &BenchServer,
     channels: &[Channel],
@@ -769,32 +769,57 @@ async fn auth_login_phase(
         .await
         .map_err(|s| anyhow::anyhow!("create tenant: {s:?}"))?
         .into_inner();
-    let owner = created.owner.context("no owner")?;
-    let channel = channels.first().context("no connection")?.clone();
-    AuthServiceClient::new(channel)
-        .set_password(authorized(
-            auth_pb::SetPasswordRequest {
-                grant: Some(auth_pb::set_password_request::Grant::User(
-                    auth_pb::UserRef {
-                        tenant_id: owner.tenant_id.clone(),
-                        user_id: owner.id.clone(),
-                    },
-                )),
-                new_password: BENCH_PASSWORD.to_owned(),
-                ..Default::default()
-            },
-            &admin,
-        )?)
-        .await
-        .map_err(|s| anyhow::anyhow!("set password: {s:?}"))?;
+    let tenant_id = created.tenant.context("no tenant")?.id;
+    // One user per caller: a single account admits only as many sign-ins in flight as its
+    // lockout threshold allows, which is the point of the lockout, not its cost.
+    let mut tenants_client =
+        TenantServiceClient::new(tenants.first().context("no connection")?.clone());
+    let mut auth_client =
+        AuthServiceClient::new(channels.first().context("no connection")?.clone());
+    let mut logins = Vec::new();
+    for i in 0..concurrency.min(64) {
+        let user = tenants_client
+            .create_user(authorized(
+                tenants_pb::CreateUserRequest {
+                    tenant_id: tenant_id.clone(),
+                    email: format!("user{i}@bench.test"),
+                    display_name: format!("User {i}"),
+                    role: "member".to_owned(),
+                },
+                &admin,
+            )?)
+            .await
+            .map_err(|s| anyhow::anyhow!("create user: {s:?}"))?
+            .into_inner()
+            .user
+            .context("no user")?;
+        auth_client
+            .set_password(authorized(
+                auth_pb::SetPasswordRequest {
+                    grant: Some(auth_pb::set_password_request::Grant::User(
+                        auth_pb::UserRef {
+                            tenant_id: tenant_id.clone(),
+                            user_id: user.id.clone(),
+                        },
+                    )),
+                    new_password: BENCH_PASSWORD.to_owned(),
+                    ..Default::default()
+                },
+                &admin,
+            )?)
+            .await
+            .map_err(|s| anyhow::anyhow!("set password: {s:?}"))?;
+        logins.push(auth_pb::LoginRequest {
+            tenant_id: tenant_id.clone(),
+            email: user.email,
+            password: BENCH_PASSWORD.to_owned(),
+            ip_address: "192.0.2.1".to_owned(),
+            user_agent: "penny-bench".to_owned(),
+        });
+    }
+    let logins = Arc::new(logins);
+    let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let token = bench_service_token(server)?;
-    let login = auth_pb::LoginRequest {
-        tenant_id: owner.tenant_id,
-        email: owner.email,
-        password: BENCH_PASSWORD.to_owned(),
-        ip_address: "192.0.2.1".to_owned(),
-        user_agent: "penny-bench".to_owned(),
-    };
     phase(
         "auth-login",
         channels,
@@ -802,7 +827,8 @@ async fn auth_login_phase(
         warmup,
         limit,
         move |channel| {
-            let request = authorized(login.clone(), &token);
+            let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % logins.len();
+            let request = authorized(logins[i].clone(), &token);
             async move {
                 let request = request.map_err(|e| tonic::Status::internal(e.to_string()))?;
                 AuthServiceClient::new(channel)

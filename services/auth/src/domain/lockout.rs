@@ -1,10 +1,14 @@
 //! Lockout: failed logins counted per account, per IP and per account+IP within a window;
-//! past the tenant's threshold the key locks for a period that doubles with each lockout.
+//! more failures than the tenant's threshold lock the key for a period that doubles with
+//! each lockout.
 //!
-//! An attempt *reserves* its failure before the password is verified, and only a success
-//! gives it back. So a burst of parallel attempts is counted exactly: once the threshold is
-//! reached, the rest are refused without ever reaching the password check — no burst buys
-//! extra guesses.
+//! The account and account+IP keys also count attempts *in flight*: an attempt may go on
+//! to the password check only while confirmed failures plus attempts in flight stay within
+//! the threshold. So a burst of parallel guesses at one account gets exactly as many
+//! password checks as the same guesses made one after another (threshold + 1, the last of
+//! which locks), never more. The IP key, shared by every account behind one address, only
+//! counts confirmed failures: a burst across many accounts from one IP can pass its
+//! threshold by the attempts in flight, but no account's.
 
 use std::time::Duration;
 
@@ -66,9 +70,9 @@ impl CounterKey {
         }
     }
 
-    /// Whether a success resets this key entirely (the account's own keys) or only gives
-    /// back its reservation (the IP, shared by other accounts).
-    pub fn reset_on_success(&self) -> bool {
+    /// Whether the key counts attempts in flight and starts over on success: the account's
+    /// own keys, not the IP shared by other accounts.
+    pub fn gated(&self) -> bool {
         !matches!(self, Self::Ip(_))
     }
 }
@@ -76,8 +80,11 @@ impl CounterKey {
 /// The state of one key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Counter {
-    /// Failures (including reserved attempts) in the current window.
+    /// Confirmed failures in the current window.
     pub failures: u32,
+    /// Attempts admitted and not yet finished (account keys only); forgotten with the
+    /// window, so an attempt lost in a crash holds nothing for long.
+    pub pending: u32,
     /// When the current window started.
     pub window_start: OffsetDateTime,
     /// Locked until then, if locked.
@@ -89,8 +96,10 @@ pub struct Counter {
 /// Whether an attempt may go on to verify the password.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Verdict {
-    /// Yes; its failure is reserved.
+    /// Yes; it is counted in flight until it finishes.
     Proceed,
+    /// No: as many attempts as the threshold allows are already in flight.
+    Busy,
     /// No: locked until then.
     Locked(OffsetDateTime),
 }
@@ -100,14 +109,16 @@ impl Counter {
     pub fn fresh(now: OffsetDateTime) -> Self {
         Self {
             failures: 0,
+            pending: 0,
             window_start: now,
             locked_until: None,
             lockouts: 0,
         }
     }
 
-    /// Reserves one attempt at `now`.
-    pub fn reserve(&mut self, policy: &LockoutPolicy, now: OffsetDateTime) -> Verdict {
+    /// Admits one attempt at `now`, or says why not. `gated` keys (the account's) also
+    /// count it in flight.
+    pub fn admit(&mut self, policy: &LockoutPolicy, gated: bool, now: OffsetDateTime) -> Verdict {
         if let Some(until) = self.locked_until {
             if until > now {
                 return Verdict::Locked(until);
@@ -121,30 +132,42 @@ impl Counter {
         }
         if now >= self.window_start + policy.window || now < self.window_start {
             self.failures = 0;
+            self.pending = 0;
             self.window_start = now;
         }
-        self.failures = self.failures.saturating_add(1);
-        if self.failures > policy.threshold {
-            let factor = 1u32 << self.lockouts.min(16);
-            let period = policy.duration.saturating_mul(factor).min(MAX_LOCKOUT);
-            let until = now + period;
-            self.lockouts = self.lockouts.saturating_add(1);
-            self.locked_until = Some(until);
-            self.failures = 0;
-            self.window_start = now;
-            return Verdict::Locked(until);
+        if gated {
+            if self.failures.saturating_add(self.pending) > policy.threshold {
+                return Verdict::Busy;
+            }
+            self.pending = self.pending.saturating_add(1);
         }
         Verdict::Proceed
     }
 
-    /// The attempt succeeded: an account key starts over, the IP key gets its reservation
-    /// back.
+    /// The admitted attempt failed: one more failure, which locks the key when it is one
+    /// too many.
+    pub fn fail(&mut self, policy: &LockoutPolicy, gated: bool, now: OffsetDateTime) {
+        if gated {
+            self.pending = self.pending.saturating_sub(1);
+        }
+        self.failures = self.failures.saturating_add(1);
+        if self.failures > policy.threshold && self.locked_until.is_none_or(|until| until <= now) {
+            let factor = 1u32 << self.lockouts.min(16);
+            let period = policy.duration.saturating_mul(factor).min(MAX_LOCKOUT);
+            self.lockouts = self.lockouts.saturating_add(1);
+            self.locked_until = Some(now + period);
+            self.failures = 0;
+            self.window_start = now;
+        }
+    }
+
+    /// The admitted attempt succeeded: an account key starts over; the IP key keeps its
+    /// count (other accounts' failures).
     pub fn succeed(&mut self, key: &CounterKey) {
-        if key.reset_on_success() {
+        if key.gated() {
+            self.pending = self.pending.saturating_sub(1);
             self.failures = 0;
             self.lockouts = 0;
-        } else {
-            self.failures = self.failures.saturating_sub(1);
         }
     }
 }
@@ -157,22 +180,58 @@ mod tests {
         OffsetDateTime::UNIX_EPOCH + Duration::from_secs(1_000_000) + time::Duration::seconds(secs)
     }
 
+    /// One sequential attempt on an account key: admitted, then failed.
+    fn wrong(c: &mut Counter, policy: &LockoutPolicy, at: i64) -> Verdict {
+        let verdict = c.admit(policy, true, t(at));
+        if verdict == Verdict::Proceed {
+            c.fail(policy, true, t(at));
+        }
+        verdict
+    }
+
     #[test]
-    fn more_than_the_threshold_locks_and_the_lock_ends() {
+    fn the_sixth_failure_locks_and_the_lock_ends() {
         let policy = LockoutPolicy::default();
         let mut c = Counter::fresh(t(0));
-        for i in 0..5 {
+        for i in 0..6 {
             assert_eq!(
-                c.reserve(&policy, t(i)),
+                wrong(&mut c, &policy, i),
                 Verdict::Proceed,
                 "attempt {}",
                 i + 1
             );
         }
-        let locked = c.reserve(&policy, t(5));
-        assert_eq!(locked, Verdict::Locked(t(5 + 900)));
-        assert_eq!(c.reserve(&policy, t(100)), Verdict::Locked(t(905)));
-        assert_eq!(c.reserve(&policy, t(905)), Verdict::Proceed);
+        assert_eq!(c.locked_until, Some(t(5 + 900)));
+        assert_eq!(c.admit(&policy, true, t(100)), Verdict::Locked(t(905)));
+        assert_eq!(c.admit(&policy, true, t(905)), Verdict::Proceed);
+    }
+
+    #[test]
+    fn five_failures_then_the_right_password_get_in() {
+        let policy = LockoutPolicy::default();
+        let key = CounterKey::Account("ada@example.org".into());
+        let mut c = Counter::fresh(t(0));
+        for i in 0..5 {
+            wrong(&mut c, &policy, i);
+        }
+        assert_eq!(c.admit(&policy, true, t(6)), Verdict::Proceed);
+        c.succeed(&key);
+        assert_eq!((c.failures, c.pending, c.lockouts), (0, 0, 0));
+    }
+
+    #[test]
+    fn a_burst_gets_no_more_checks_than_the_same_attempts_in_a_row() {
+        let policy = LockoutPolicy::default();
+        let mut c = Counter::fresh(t(0));
+        let admitted = (0..20)
+            .filter(|_| c.admit(&policy, true, t(0)) == Verdict::Proceed)
+            .count();
+        assert_eq!(admitted, 6);
+        for _ in 0..6 {
+            c.fail(&policy, true, t(1));
+        }
+        assert_eq!(c.lockouts, 1);
+        assert!(matches!(c.admit(&policy, true, t(2)), Verdict::Locked(_)));
     }
 
     #[test]
@@ -180,69 +239,56 @@ mod tests {
         let policy = LockoutPolicy::default();
         let mut c = Counter::fresh(t(0));
         for i in 0..5 {
-            assert_eq!(c.reserve(&policy, t(i)), Verdict::Proceed);
+            wrong(&mut c, &policy, i);
         }
         // The window has passed: counting starts again.
         for i in 0..5 {
-            assert_eq!(c.reserve(&policy, t(300 + i)), Verdict::Proceed);
+            wrong(&mut c, &policy, 300 + i);
         }
-        assert!(matches!(c.reserve(&policy, t(306)), Verdict::Locked(_)));
+        assert!(c.locked_until.is_none());
+        wrong(&mut c, &policy, 306);
+        assert!(c.locked_until.is_some());
     }
 
     #[test]
-    fn each_lockout_doubles_up_to_a_day() {
+    fn each_lockout_doubles_up_to_a_day_and_a_quiet_day_forgets() {
         let policy = LockoutPolicy::default();
         let mut c = Counter::fresh(t(0));
         let mut now = 0;
         let mut periods = Vec::new();
         for _ in 0..9 {
-            loop {
-                if let Verdict::Locked(until) = c.reserve(&policy, t(now)) {
-                    periods.push((until - t(now)).whole_seconds());
-                    now = (until - t(0)).whole_seconds();
-                    break;
-                }
+            while c.locked_until.is_none_or(|u| u <= t(now)) {
+                wrong(&mut c, &policy, now);
             }
+            let until = c.locked_until.unwrap();
+            periods.push((until - t(now)).whole_seconds());
+            now = (until - t(0)).whole_seconds();
         }
         assert_eq!(
             periods,
             [900, 1800, 3600, 7200, 14400, 28800, 57600, 86400, 86400]
         );
+        // A day after the last lock ended, the next lockout is a first one again.
+        let later = now + 24 * 3600;
+        while c.locked_until.is_none_or(|u| u <= t(later)) {
+            wrong(&mut c, &policy, later);
+        }
+        assert_eq!(c.locked_until, Some(t(later + 900)));
     }
 
     #[test]
-    fn a_day_without_a_lockout_forgets_the_earlier_ones() {
-        let policy = LockoutPolicy::default();
-        let mut c = Counter::fresh(t(0));
-        for i in 0..6 {
-            c.reserve(&policy, t(i));
-        }
-        assert_eq!(c.lockouts, 1);
-        // Locked until t(905); a day after that, the next lockout is a first one again.
-        let later = 905 + 24 * 3600;
-        for i in 0..5 {
-            assert_eq!(c.reserve(&policy, t(later + i)), Verdict::Proceed);
-        }
-        assert_eq!(
-            c.reserve(&policy, t(later + 5)),
-            Verdict::Locked(t(later + 5 + 900))
-        );
-    }
-
-    #[test]
-    fn success_resets_the_account_and_returns_the_ip_reservation() {
+    fn the_ip_key_counts_failures_but_not_attempts_in_flight() {
         let policy = LockoutPolicy::default();
         let keys = CounterKey::for_attempt("Ada@Example.org", "192.0.2.1");
-        let mut account = Counter::fresh(t(0));
         let mut ip = Counter::fresh(t(0));
-        for i in 0..3 {
-            account.reserve(&policy, t(i));
-            ip.reserve(&policy, t(i));
+        for _ in 0..20 {
+            assert_eq!(ip.admit(&policy, false, t(0)), Verdict::Proceed);
         }
-        account.succeed(&keys[0]);
+        for _ in 0..3 {
+            ip.fail(&policy, false, t(1));
+        }
         ip.succeed(&keys[1]);
-        assert_eq!(account.failures, 0);
-        assert_eq!(ip.failures, 2);
+        assert_eq!(ip.failures, 3, "a success elsewhere does not clear the IP");
         assert_eq!(keys[0].storage_key(), "a\u{1f}ada@example.org");
     }
 }

@@ -14,6 +14,7 @@ enum AuthLockouts {
     TenantId,
     ScopeKey,
     Failures,
+    Pending,
     WindowStart,
     LockedUntil,
     Lockouts,
@@ -65,6 +66,7 @@ impl MigrationTrait for Migration {
                     .col(uuid(AuthLockouts::TenantId))
                     .col(string(AuthLockouts::ScopeKey))
                     .col(integer(AuthLockouts::Failures))
+                    .col(integer(AuthLockouts::Pending))
                     .col(timestamp_with_time_zone(AuthLockouts::WindowStart))
                     .col(timestamp_with_time_zone_null(AuthLockouts::LockedUntil))
                     .col(integer(AuthLockouts::Lockouts))

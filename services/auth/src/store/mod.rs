@@ -22,6 +22,7 @@ mod entity {
             #[sea_orm(primary_key, auto_increment = false)]
             pub scope_key: String,
             pub failures: i32,
+            pub pending: i32,
             pub window_start: TimeDateTimeWithTimeZone,
             pub locked_until: Option<TimeDateTimeWithTimeZone>,
             pub lockouts: i32,
@@ -135,6 +136,7 @@ pub enum TokenRefused {
 fn counter_from(m: &lockouts::Model) -> Counter {
     Counter {
         failures: u32::try_from(m.failures).unwrap_or(0),
+        pending: u32::try_from(m.pending).unwrap_or(0),
         window_start: m.window_start,
         locked_until: m.locked_until,
         lockouts: u32::try_from(m.lockouts).unwrap_or(0),
@@ -146,6 +148,7 @@ fn row(tenant: Uuid, key: &str, c: &Counter, now: OffsetDateTime) -> lockouts::A
         tenant_id: Set(tenant),
         scope_key: Set(key.to_owned()),
         failures: Set(i32::try_from(c.failures).unwrap_or(i32::MAX)),
+        pending: Set(i32::try_from(c.pending).unwrap_or(i32::MAX)),
         window_start: Set(c.window_start),
         locked_until: Set(c.locked_until),
         lockouts: Set(i32::try_from(c.lockouts).unwrap_or(i32::MAX)),
@@ -170,19 +173,18 @@ impl Store {
         &self.db
     }
 
-    /// Reserves one attempt on every key, atomically: each key's row is written first (so
-    /// SQLite takes its write lock at once) and read under a row lock (PostgreSQL), so
-    /// concurrent attempts are serialized and each sees the others' reservations.
-    /// `Locked` when any key is locked.
-    pub async fn begin_attempt(
+    /// Runs `change` on every key's counter in one transaction: each key's row is written
+    /// first (so SQLite takes its write lock at once) and read under a row lock
+    /// (PostgreSQL), so concurrent attempts are serialized and each sees the others'.
+    /// Nothing is written when `change` refuses one key.
+    async fn with_counters(
         &self,
         tenant: Uuid,
         keys: &[CounterKey],
-        policy: &LockoutPolicy,
         now: OffsetDateTime,
+        mut change: impl FnMut(&CounterKey, &mut Counter) -> Verdict,
     ) -> Result<Verdict, DbErr> {
         let txn = penny_platform::db::begin_tenant(&self.db, tenant).await?;
-        let mut verdict = Verdict::Proceed;
         for key in keys {
             let storage_key = key.storage_key();
             lockouts::Entity::insert(row(tenant, &storage_key, &Counter::fresh(now), now))
@@ -204,44 +206,63 @@ impl Store {
                 .await?
                 .ok_or_else(|| DbErr::RecordNotFound("auth_lockouts".into()))?;
             let mut counter = counter_from(&current);
-            let this = counter.reserve(policy, now);
-            if let (Verdict::Proceed, Verdict::Locked(_)) = (verdict, this) {
-                verdict = this;
+            let verdict = change(key, &mut counter);
+            if verdict != Verdict::Proceed {
+                txn.rollback().await?;
+                return Ok(verdict);
             }
             lockouts::Entity::update(row(tenant, &storage_key, &counter, now))
                 .exec(&txn)
                 .await?;
         }
         txn.commit().await?;
-        Ok(verdict)
+        Ok(Verdict::Proceed)
     }
 
-    /// The attempt succeeded: the account's keys start over, the IP's reservation is
-    /// returned.
+    /// Admits one attempt on every key, or refuses it (locked, or too many in flight) and
+    /// counts nothing.
+    pub async fn begin_attempt(
+        &self,
+        tenant: Uuid,
+        keys: &[CounterKey],
+        policy: &LockoutPolicy,
+        now: OffsetDateTime,
+    ) -> Result<Verdict, DbErr> {
+        self.with_counters(tenant, keys, now, |key, counter| {
+            counter.admit(policy, key.gated(), now)
+        })
+        .await
+    }
+
+    /// The admitted attempt failed: a failure on every key, which may lock it.
+    pub async fn attempt_failed(
+        &self,
+        tenant: Uuid,
+        keys: &[CounterKey],
+        policy: &LockoutPolicy,
+        now: OffsetDateTime,
+    ) -> Result<(), DbErr> {
+        self.with_counters(tenant, keys, now, |key, counter| {
+            counter.fail(policy, key.gated(), now);
+            Verdict::Proceed
+        })
+        .await
+        .map(drop)
+    }
+
+    /// The admitted attempt succeeded: the account's keys start over.
     pub async fn attempt_succeeded(
         &self,
         tenant: Uuid,
         keys: &[CounterKey],
         now: OffsetDateTime,
     ) -> Result<(), DbErr> {
-        let txn = penny_platform::db::begin_tenant(&self.db, tenant).await?;
-        for key in keys {
-            let storage_key = key.storage_key();
-            let mut select = lockouts::Entity::find()
-                .filter(lockouts::Column::TenantId.eq(tenant))
-                .filter(lockouts::Column::ScopeKey.eq(storage_key.clone()));
-            if self.db.get_database_backend() == DbBackend::Postgres {
-                select = select.lock_exclusive();
-            }
-            if let Some(current) = select.one(&txn).await? {
-                let mut counter = counter_from(&current);
-                counter.succeed(key);
-                lockouts::Entity::update(row(tenant, &storage_key, &counter, now))
-                    .exec(&txn)
-                    .await?;
-            }
-        }
-        txn.commit().await
+        self.with_counters(tenant, keys, now, |key, counter| {
+            counter.succeed(key);
+            Verdict::Proceed
+        })
+        .await
+        .map(drop)
     }
 
     /// The PHC string of a user's password, if one is set.
