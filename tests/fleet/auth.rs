@@ -211,19 +211,11 @@ mod service {
     use penny_proto::auth::v1::auth_service_client::AuthServiceClient;
     use penny_proto::tenants::v1 as tpb;
     use penny_proto::tenants::v1::tenant_service_client::TenantServiceClient;
-    use penny_tests::{TestFleet, with_token};
+    use penny_tests::{TestFleet, error_reason as reason, with_token};
     use tonic::Code;
     use tonic::transport::Channel;
     use tonic_types::StatusExt;
     use uuid::Uuid;
-
-    fn reason(status: &tonic::Status) -> String {
-        status
-            .get_error_details()
-            .error_info()
-            .map(|i| i.reason.clone())
-            .unwrap_or_default()
-    }
 
     struct Harness {
         fleet: TestFleet,

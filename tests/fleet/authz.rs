@@ -8,10 +8,9 @@ use penny_platform::signing::TokenGrant;
 use penny_proto::authz::v1 as pb;
 use penny_proto::authz::v1::authz_service_client::AuthzServiceClient;
 use penny_proto::common::v1::PrincipalKind;
-use penny_tests::{TestFleet, assert_eventually, with_token};
+use penny_tests::{TestFleet, assert_eventually, error_reason as reason, with_token};
 use tonic::Code;
 use tonic::transport::Channel;
-use tonic_types::StatusExt;
 use uuid::Uuid;
 
 struct Harness {
@@ -103,14 +102,6 @@ impl Harness {
             .into_inner()
             .allowed
     }
-}
-
-fn reason(status: &tonic::Status) -> String {
-    status
-        .get_error_details()
-        .error_info()
-        .map(|i| i.reason.clone())
-        .unwrap_or_default()
 }
 
 #[tokio::test]

@@ -8,7 +8,9 @@ use base64::engine::general_purpose::STANDARD;
 use penny_proto::common::v1::{BatchItemError, ErrorReason};
 use penny_proto::keys::v1 as pb;
 use penny_proto::keys::v1::key_service_client::KeyServiceClient;
-use penny_tests::{TestFleet, assert_eventually, keys_on_vault, with_token};
+use penny_tests::{
+    TestFleet, assert_eventually, error_reason as status_reason, keys_on_vault, with_token,
+};
 use tonic::Code;
 use tonic::transport::Channel;
 use tonic_types::StatusExt;
@@ -173,14 +175,6 @@ fn prefix() -> &'static str {
 
 fn reason(error: &BatchItemError) -> ErrorReason {
     ErrorReason::try_from(error.reason).unwrap()
-}
-
-fn status_reason(status: &tonic::Status) -> String {
-    status
-        .get_error_details()
-        .error_info()
-        .map(|i| i.reason.clone())
-        .unwrap_or_default()
 }
 
 fn fields(status: &tonic::Status) -> Vec<String> {

@@ -13,28 +13,11 @@ use penny_proto::keys::v1 as keys_pb;
 use penny_proto::keys::v1::key_service_client::KeyServiceClient;
 use penny_proto::tenants::v1 as pb;
 use penny_proto::tenants::v1::tenant_service_client::TenantServiceClient;
-use penny_tests::{TestFleet, assert_eventually, with_token};
+use penny_tests::{TestFleet, assert_eventually, bad_fields, error_reason as reason, with_token};
 use prost_types::FieldMask;
 use tonic::Code;
 use tonic::transport::Channel;
-use tonic_types::StatusExt;
 use uuid::Uuid;
-
-fn reason(status: &tonic::Status) -> String {
-    status
-        .get_error_details()
-        .error_info()
-        .map(|i| i.reason.clone())
-        .unwrap_or_default()
-}
-
-fn bad_fields(status: &tonic::Status) -> Vec<String> {
-    status
-        .get_error_details()
-        .bad_request()
-        .map(|b| b.field_violations.iter().map(|v| v.field.clone()).collect())
-        .unwrap_or_default()
-}
 
 fn mask(paths: &[&str]) -> Option<FieldMask> {
     Some(FieldMask {

@@ -711,6 +711,26 @@ async fn start_auth(
     AuthServer { server, database }
 }
 
+/// The `ErrorInfo.reason` of a failed call (`""` when it has none).
+pub fn error_reason(status: &tonic::Status) -> String {
+    use tonic_types::StatusExt;
+    status
+        .get_error_details()
+        .error_info()
+        .map(|i| i.reason.clone())
+        .unwrap_or_default()
+}
+
+/// The fields a failed call's `BadRequest` names, in order.
+pub fn bad_fields(status: &tonic::Status) -> Vec<String> {
+    use tonic_types::StatusExt;
+    status
+        .get_error_details()
+        .bad_request()
+        .map(|b| b.field_violations.iter().map(|v| v.field.clone()).collect())
+        .unwrap_or_default()
+}
+
 /// Adds `authorization: Bearer <token>` to a request.
 pub fn with_token<T>(message: T, token: &str) -> tonic::Request<T> {
     penny_platform::principal::bearer_request(message, token).expect("token as a header value")

@@ -263,11 +263,13 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Prints how a scenario compares to the baseline of the same run.
+/// Prints how a scenario compares to its ceiling (the baseline, or for sign-in the bare
+/// hash rate) measured in the same run.
 fn print_ratio(scenario: &PhaseReport, baseline: &PhaseReport) {
     println!(
-        "{} / baseline: throughput {:.2}x, p99 {:.2}x",
+        "{} / {}: throughput {:.2}x, p99 {:.2}x",
         scenario.name,
+        baseline.name,
         scenario.throughput() / baseline.throughput().max(f64::EPSILON),
         scenario.p(0.99) as f64 / (baseline.p(0.99).max(1)) as f64
     );

@@ -188,6 +188,23 @@ pub fn row_level_security_sql(table: &str) -> Vec<String> {
     ]
 }
 
+/// The body of every service's row level security migration: on PostgreSQL, enables,
+/// forces and installs the tenant policy on each of `tables`; on SQLite (no RLS) nothing.
+pub async fn enable_row_level_security(
+    manager: &sea_orm_migration::SchemaManager<'_>,
+    tables: &[&str],
+) -> Result<(), DbErr> {
+    if manager.get_database_backend() != DbBackend::Postgres {
+        return Ok(());
+    }
+    for table in tables {
+        for sql in row_level_security_sql(table) {
+            manager.get_connection().execute_unprepared(&sql).await?;
+        }
+    }
+    Ok(())
+}
+
 /// The SQLite URL of database `name` inside `dir`, created if missing.
 pub fn sqlite_url(dir: &std::path::Path, name: &str) -> String {
     format!(

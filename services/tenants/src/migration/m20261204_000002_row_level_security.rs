@@ -2,7 +2,6 @@
 //! store filters by tenant itself).
 
 use sea_orm_migration::prelude::*;
-use sea_orm_migration::sea_orm::DbBackend;
 
 #[derive(DeriveMigrationName)]
 pub struct Migration;
@@ -13,14 +12,6 @@ pub const TENANT_TABLES: &[&str] = &["tenants", "tenant_users", "tenant_workspac
 #[async_trait::async_trait]
 impl MigrationTrait for Migration {
     async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
-        if manager.get_database_backend() != DbBackend::Postgres {
-            return Ok(());
-        }
-        for table in TENANT_TABLES {
-            for sql in penny_platform::db::row_level_security_sql(table) {
-                manager.get_connection().execute_unprepared(&sql).await?;
-            }
-        }
-        Ok(())
+        penny_platform::db::enable_row_level_security(manager, TENANT_TABLES).await
     }
 }
