@@ -343,8 +343,39 @@ mod service {
             .await
             .unwrap()
             .into_inner();
+        let superseded = minted.set_password_token;
+        // A second invite retires the first: only the newest is usable.
+        let minted = h
+            .auth
+            .set_password(with_token(
+                pb::SetPasswordRequest {
+                    grant: Some(pb::set_password_request::Grant::User(pb::UserRef {
+                        tenant_id: account.tenant.to_string(),
+                        user_id: account.user.to_string(),
+                    })),
+                    ..Default::default()
+                },
+                &h.admin,
+            ))
+            .await
+            .unwrap()
+            .into_inner();
         let invite = minted.set_password_token;
         assert!(invite.starts_with("pst_"), "{invite}");
+        assert_ne!(invite, superseded);
+        let status = h
+            .auth
+            .set_password(with_token(
+                pb::SetPasswordRequest {
+                    grant: Some(pb::set_password_request::Grant::Token(superseded)),
+                    new_password: "a long and unusual passphrase".into(),
+                    ..Default::default()
+                },
+                &h.frontend,
+            ))
+            .await
+            .unwrap_err();
+        assert_eq!(reason(&status), "SET_PASSWORD_TOKEN_INVALID");
         assert!(minted.set_password_token_expire_time.is_some());
         let with_invite = |password: &str| {
             with_token(

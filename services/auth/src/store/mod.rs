@@ -318,6 +318,24 @@ impl Store {
         Ok(ended.rows_affected)
     }
 
+    /// Retires every set-password token of a user still outstanding: a new token, or a
+    /// password set any way, leaves only what was just issued usable.
+    async fn retire_reset_tokens_in(
+        txn: &sea_orm::DatabaseTransaction,
+        tenant: Uuid,
+        user: Uuid,
+        now: OffsetDateTime,
+    ) -> Result<(), DbErr> {
+        reset_tokens::Entity::update_many()
+            .col_expr(reset_tokens::Column::UsedAt, Some(now).into())
+            .filter(reset_tokens::Column::TenantId.eq(tenant))
+            .filter(reset_tokens::Column::UserId.eq(user))
+            .filter(reset_tokens::Column::UsedAt.is_null())
+            .exec(txn)
+            .await?;
+        Ok(())
+    }
+
     /// Sets a user's password (the PHC string), optionally ending their sessions.
     pub async fn set_password(
         &self,
@@ -329,13 +347,14 @@ impl Store {
     ) -> Result<(), DbErr> {
         let txn = penny_platform::db::begin_tenant(&self.db, tenant).await?;
         Self::put_password_in(&txn, tenant, user, phc, now).await?;
+        Self::retire_reset_tokens_in(&txn, tenant, user, now).await?;
         if end_sessions {
             Self::end_sessions_in(&txn, tenant, user, now).await?;
         }
         txn.commit().await
     }
 
-    /// Stores a minted set-password token by its hash.
+    /// Stores a minted set-password token by its hash, retiring the user's earlier ones.
     pub async fn insert_reset_token(
         &self,
         tenant: Uuid,
@@ -345,6 +364,7 @@ impl Store {
         now: OffsetDateTime,
     ) -> Result<(), DbErr> {
         let txn = penny_platform::db::begin_tenant(&self.db, tenant).await?;
+        Self::retire_reset_tokens_in(&txn, tenant, user, now).await?;
         reset_tokens::Entity::insert(reset_tokens::ActiveModel {
             token_hash: Set(token_hash.to_owned()),
             tenant_id: Set(tenant),
@@ -402,6 +422,7 @@ impl Store {
             return Err(TokenRefused::Invalid);
         }
         Self::put_password_in(&txn, tenant, user, phc, now).await?;
+        Self::retire_reset_tokens_in(&txn, tenant, user, now).await?;
         Self::end_sessions_in(&txn, tenant, user, now).await?;
         txn.commit().await?;
         Ok(())
