@@ -40,7 +40,7 @@ pub const MAX_RESET_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
 const RESET_PREFIX: &str = "pst_";
 
 /// What `Login` carries.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct LoginAttempt {
     /// The tenant.
     pub tenant: Uuid,
@@ -52,6 +52,15 @@ pub struct LoginAttempt {
     pub ip: IpAddr,
     /// The end user's user agent.
     pub user_agent: String,
+}
+
+impl std::fmt::Debug for LoginAttempt {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the password; the email and IP are personal data and stay out too.
+        f.debug_struct("LoginAttempt")
+            .field("tenant", &self.tenant)
+            .finish_non_exhaustive()
+    }
 }
 
 /// A successful sign-in.
@@ -268,6 +277,15 @@ impl Auth {
     /// Signs in: tokens for a new session, or `InvalidCredentials` for every kind of
     /// failure alike.
     pub async fn login(&self, attempt: LoginAttempt) -> Result<SignedIn, AuthError> {
+        // Run to the end even if the caller goes away: an admitted attempt must always be
+        // recorded or released, or it would hold its account's in-flight count.
+        let this = self.clone();
+        tokio::spawn(async move { this.login_to_the_end(attempt).await })
+            .await
+            .map_err(|_| AuthError::Internal("the sign-in task was lost".into()))?
+    }
+
+    async fn login_to_the_end(&self, attempt: LoginAttempt) -> Result<SignedIn, AuthError> {
         let now = OffsetDateTime::now_utc();
         let tenant = self.tenant(attempt.tenant).await?;
         let active_tenant = tenant
@@ -279,20 +297,20 @@ impl Auth {
             .store
             .begin_attempt(attempt.tenant, &keys, &policy, now)
             .await?;
-        let user = match active_tenant {
-            Some(_) => self.user_by_email(attempt.tenant, &attempt.email).await?,
-            None => None,
+        let checked = self.check_password(&attempt).await;
+        let (user, matched) = match checked {
+            Ok(checked) => checked,
+            Err(err) => {
+                if verdict == Verdict::Proceed {
+                    // Nothing was decided: release the attempt, count nothing.
+                    self.store
+                        .attempt_abandoned(attempt.tenant, &keys, now)
+                        .await?;
+                }
+                return Err(err);
+            }
         };
         let user_id = user.as_ref().and_then(|u| Uuid::try_parse(&u.id).ok());
-        let stored = match user_id {
-            Some(id) => self.store.password_hash(attempt.tenant, id).await?,
-            None => None,
-        };
-        // Always one verification: against the user's hash, or the dummy when there is none.
-        let matched = self
-            .hasher
-            .verify(&attempt.password, stored.as_deref())
-            .await?;
         let active_user = user
             .as_ref()
             .is_some_and(|u| u.status == tenants_pb::UserStatus::Active as i32);
@@ -353,6 +371,26 @@ impl Auth {
             session,
             access_token,
         })
+    }
+
+    /// The same work for every attempt: the user by email (none when the tenant or user
+    /// does not exist), a password-hash lookup (with a random id when there is no user), and
+    /// one verification, against the stored hash or the dummy.
+    async fn check_password(
+        &self,
+        attempt: &LoginAttempt,
+    ) -> Result<(Option<tenants_pb::User>, bool), AuthError> {
+        let user = self.user_by_email(attempt.tenant, &attempt.email).await?;
+        let user_id = user
+            .as_ref()
+            .and_then(|u| Uuid::try_parse(&u.id).ok())
+            .unwrap_or_else(Uuid::new_v4);
+        let stored = self.store.password_hash(attempt.tenant, user_id).await?;
+        let matched = self
+            .hasher
+            .verify(&attempt.password, stored.as_deref())
+            .await?;
+        Ok((user, matched))
     }
 
     /// Sets a password with a one-time token; every session of the user ends.

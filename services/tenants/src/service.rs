@@ -222,8 +222,15 @@ impl Tenants {
         };
         match self.store.insert_tenant(&tenant, &owner).await {
             Ok(()) => {}
-            Err(StoreError::RequestIdTaken) => {
-                // A concurrent retry of the same request got there first: continue with it.
+            Err(StoreError::RequestIdTaken | StoreError::SlugTaken)
+                if self
+                    .store
+                    .tenant_by_request(new.request_id)
+                    .await?
+                    .is_some() =>
+            {
+                // A concurrent retry of the same request got there first (its slug, checked
+                // first, is the same): continue with it.
                 let existing = self
                     .store
                     .tenant_by_request(new.request_id)

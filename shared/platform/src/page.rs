@@ -9,8 +9,9 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 
 use crate::error::{ApiError, Reason};
 
-/// Longest page token accepted (a sort key is a few dozen bytes).
-const MAX_TOKEN_LEN: usize = 512;
+/// Longest page token accepted: the base64 of the longest sort key any list uses (a
+/// case-folded name of 128 characters, up to 512 bytes), with room to spare.
+const MAX_TOKEN_LEN: usize = 1024;
 
 /// The token that resumes after `cursor`.
 pub fn encode_page_token(cursor: &str) -> String {
@@ -49,12 +50,18 @@ mod tests {
     #[test]
     fn round_trip_and_rejection() {
         assert_eq!(decode_page_token("").unwrap(), None);
+        // The longest cursor a listing makes (128 four-byte characters) round-trips.
+        let longest = "𝔸".repeat(128);
+        assert_eq!(
+            decode_page_token(&encode_page_token(&longest)).unwrap(),
+            Some(longest)
+        );
         let token = encode_page_token("2026-12-04T10:00:00Z|abc");
         assert_eq!(
             decode_page_token(&token).unwrap().as_deref(),
             Some("2026-12-04T10:00:00Z|abc")
         );
-        for bad in ["***", "/x", &"A".repeat(600)] {
+        for bad in ["***", "/x", &"A".repeat(1100)] {
             assert_eq!(
                 decode_page_token(bad).unwrap_err().reason(),
                 Reason::PageTokenInvalid

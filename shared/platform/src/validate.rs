@@ -121,8 +121,11 @@ impl Violations {
     pub fn text(&mut self, field: &str, value: &str, min: usize, max: usize) {
         let before = self.violations.len();
         self.length(field, value, min, max);
-        if self.violations.len() == before && value.chars().any(char::is_control) {
-            self.add(field, "must not contain control characters");
+        if self.violations.len() == before && value.chars().any(is_unsafe_in_text) {
+            self.add(
+                field,
+                "must not contain control, line-separator or bidirectional-override characters",
+            );
         }
     }
 
@@ -177,6 +180,13 @@ impl Violations {
     }
 }
 
+/// Characters that could break a log line or disguise text: C0/C1 controls, the Unicode
+/// line and paragraph separators, and the bidirectional overrides and isolates.
+fn is_unsafe_in_text(c: char) -> bool {
+    c.is_control()
+        || matches!(c, '\u{2028}' | '\u{2029}' | '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}')
+}
+
 /// AIP-158 page size: 0 means the default, above `max` is coerced to `max`, negative is
 /// invalid.
 pub fn page_size(violations: &mut Violations, value: i32, default: u32, max: u32) -> u32 {
@@ -229,9 +239,11 @@ mod tests {
         let mut v = Violations::new();
         v.text("name", "Acme\nInc", 1, 128);
         v.text("display_name", "Zoë", 1, 128);
-        let err = v.finish().expect_err("control character");
-        assert_eq!(err.violations().len(), 1);
-        assert_eq!(err.violations()[0].field, "name");
+        v.text("reason", "line\u{2028}break", 1, 128);
+        v.text("title", "evil\u{202E}txt.exe", 1, 128);
+        let err = v.finish().expect_err("unsafe characters");
+        let fields: Vec<_> = err.violations().iter().map(|v| v.field.as_str()).collect();
+        assert_eq!(fields, ["name", "reason", "title"]);
     }
 
     #[test]

@@ -130,7 +130,9 @@ impl Counter {
             }
             self.locked_until = None;
         }
-        if now >= self.window_start + policy.window || now < self.window_start {
+        // Only a window that has run out starts over: an attempt stamped slightly earlier
+        // than the window's start (clock skew between replicas) must not wipe the count.
+        if now >= self.window_start + policy.window {
             self.failures = 0;
             self.pending = 0;
             self.window_start = now;
@@ -158,6 +160,14 @@ impl Counter {
             self.locked_until = Some(now + period);
             self.failures = 0;
             self.window_start = now;
+        }
+    }
+
+    /// The admitted attempt ended without an answer (a dependency failed, nothing was
+    /// checked): it is no longer in flight, and nothing is counted.
+    pub fn abandon(&mut self, gated: bool) {
+        if gated {
+            self.pending = self.pending.saturating_sub(1);
         }
     }
 
@@ -232,6 +242,20 @@ mod tests {
         }
         assert_eq!(c.lockouts, 1);
         assert!(matches!(c.admit(&policy, true, t(2)), Verdict::Locked(_)));
+    }
+
+    #[test]
+    fn an_attempt_stamped_early_does_not_wipe_the_count_and_an_abandoned_one_is_released() {
+        let policy = LockoutPolicy::default();
+        let mut c = Counter::fresh(t(100));
+        for i in 0..5 {
+            wrong(&mut c, &policy, 100 + i);
+        }
+        // A replica whose clock runs a little behind.
+        assert_eq!(c.admit(&policy, true, t(90)), Verdict::Proceed);
+        assert_eq!((c.failures, c.pending), (5, 1));
+        c.abandon(true);
+        assert_eq!((c.failures, c.pending), (5, 0));
     }
 
     #[test]

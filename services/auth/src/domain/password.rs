@@ -93,14 +93,20 @@ impl PasswordHasherPool {
     /// The PHC string of `password`, with a fresh random salt.
     pub async fn hash(&self, password: &str) -> Result<String, HashError> {
         let password = Zeroizing::new(password.as_bytes().to_vec());
-        let _permit = self
+        // The permit moves into the blocking task: a caller that goes away cannot free it
+        // while the hash still runs.
+        let permit = self
             .permits
-            .acquire()
+            .clone()
+            .acquire_owned()
             .await
             .map_err(|_| HashError::Interrupted)?;
-        tokio::task::spawn_blocking(move || hash_blocking(&password))
-            .await
-            .map_err(|_| HashError::Interrupted)?
+        tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            hash_blocking(&password)
+        })
+        .await
+        .map_err(|_| HashError::Interrupted)?
     }
 
     /// Whether `password` matches `phc`. With `None` (no such account, or no password set)
@@ -109,14 +115,18 @@ impl PasswordHasherPool {
         let password = Zeroizing::new(password.as_bytes().to_vec());
         let known = phc.is_some();
         let phc: Arc<str> = phc.map_or_else(|| self.dummy.clone(), Arc::from);
-        let _permit = self
+        let permit = self
             .permits
-            .acquire()
+            .clone()
+            .acquire_owned()
             .await
             .map_err(|_| HashError::Interrupted)?;
-        let matched = tokio::task::spawn_blocking(move || verify_blocking(&password, &phc))
-            .await
-            .map_err(|_| HashError::Interrupted)?;
+        let matched = tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            verify_blocking(&password, &phc)
+        })
+        .await
+        .map_err(|_| HashError::Interrupted)?;
         Ok(known && matched)
     }
 }

@@ -250,6 +250,21 @@ impl Store {
         .map(drop)
     }
 
+    /// The admitted attempt ended without an answer: released, not counted.
+    pub async fn attempt_abandoned(
+        &self,
+        tenant: Uuid,
+        keys: &[CounterKey],
+        now: OffsetDateTime,
+    ) -> Result<(), DbErr> {
+        self.with_counters(tenant, keys, now, |key, counter| {
+            counter.abandon(key.gated());
+            Verdict::Proceed
+        })
+        .await
+        .map(drop)
+    }
+
     /// The admitted attempt succeeded: the account's keys start over.
     pub async fn attempt_succeeded(
         &self,

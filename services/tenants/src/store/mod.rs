@@ -252,12 +252,6 @@ impl Store {
         rows.into_iter().map(tenant_from).collect()
     }
 
-    /// Tenants whose saga has not finished (platform scope), oldest change first.
-    pub async fn pending_tenants(&self, limit: u64) -> Result<Vec<Tenant>, DbErr> {
-        self.list_tenants(Some(TenantState::Pending), None, limit)
-            .await
-    }
-
     /// Reads a tenant under a row lock, lets `change` edit it, and writes it back when
     /// `change` says so. NOT_FOUND when the tenant does not exist.
     pub async fn update_tenant<E: From<StoreError>>(
