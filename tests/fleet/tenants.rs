@@ -1177,6 +1177,29 @@ async fn deleting_a_tenant_revokes_shreds_and_tombstones() {
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::FailedPrecondition);
+    // And the store refuses on its own, inside the insert's transaction, so a CreateUser
+    // that passed its check just before the deletion began cannot land after it.
+    let store = penny_tenants::store::Store::new(
+        penny_platform::db::connect(&h.fleet.tenants().database.url)
+            .await
+            .unwrap(),
+    );
+    let now = penny_tenants::domain::now();
+    let late = penny_tenants::domain::User {
+        id: Uuid::now_v7(),
+        tenant_id: acme.id,
+        email: "late@acme.test".into(),
+        display_name: "Late".into(),
+        status: penny_tenants::domain::UserStatus::Active,
+        suspend_reason: String::new(),
+        suspend_alert_id: None,
+        created_at: now,
+        updated_at: now,
+    };
+    assert!(matches!(
+        store.insert_user(&late).await,
+        Err(penny_tenants::store::StoreError::NotActive)
+    ));
 
     // The platform tenant is never deleted.
     let status = h

@@ -58,6 +58,9 @@ impl From<crate::store::StoreError> for TenantsError {
             StoreError::EmailTaken => Self::AlreadyExists("a user with that email exists"),
             StoreError::NameTaken => Self::AlreadyExists("a workspace with that name exists"),
             StoreError::NotFound => Self::NotFound("object"),
+            StoreError::NotActive => {
+                Self::FailedPrecondition("the tenant is not active (being created or deleted)")
+            }
             StoreError::Db(db) => Self::Database(db),
         }
     }

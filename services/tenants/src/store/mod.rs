@@ -10,8 +10,8 @@ mod entity;
 use std::time::Duration;
 
 use sea_orm::{
-    ActiveValue::Set, ColumnTrait, DatabaseConnection, DatabaseTransaction, DbBackend, DbErr,
-    EntityTrait, QueryFilter, QueryOrder, QuerySelect, SqlErr,
+    ActiveValue::Set, ColumnTrait, ConnectionTrait, DatabaseConnection, DatabaseTransaction,
+    DbBackend, DbErr, EntityTrait, QueryFilter, QueryOrder, QuerySelect, SqlErr,
 };
 use uuid::Uuid;
 
@@ -38,6 +38,9 @@ pub enum StoreError {
     /// The row does not exist (for this tenant).
     #[error("not found")]
     NotFound,
+    /// The tenant is not ACTIVE (being created or deleted).
+    #[error("tenant not active")]
+    NotActive,
     /// The database failed.
     #[error(transparent)]
     Db(#[from] DbErr),
@@ -284,6 +287,23 @@ impl Store {
         Ok(tenant)
     }
 
+    /// Inside a transaction that has just written a row of `tenant`: fails unless the
+    /// tenant is ACTIVE, holding its row (PostgreSQL `FOR SHARE`) until commit. A deletion
+    /// marks the tenant PENDING under `FOR UPDATE`, so the two are ordered: either the row
+    /// lands before the deletion starts (and is tombstoned with the rest), or it is refused.
+    /// Writing first keeps SQLite's transaction a writer from its first statement.
+    async fn require_active_in(txn: &DatabaseTransaction, tenant: Uuid) -> Result<(), StoreError> {
+        let mut select =
+            tenants::Entity::find_by_id(tenant).filter(tenants::Column::TenantId.eq(tenant));
+        if txn.get_database_backend() == DbBackend::Postgres {
+            select = select.lock_shared();
+        }
+        match select.one(txn).await? {
+            Some(row) if row.state == TenantState::Active.as_str() => Ok(()),
+            _ => Err(StoreError::NotActive),
+        }
+    }
+
     /// A user of `tenant`.
     pub async fn user(&self, tenant: Uuid, id: Uuid) -> Result<Option<User>, DbErr> {
         let txn = penny_platform::db::begin_tenant(&self.db, tenant).await?;
@@ -306,6 +326,10 @@ impl Store {
         {
             txn.rollback().await?;
             return Err(unique_or(err, |_| StoreError::EmailTaken));
+        }
+        if let Err(err) = Self::require_active_in(&txn, user.tenant_id).await {
+            txn.rollback().await?;
+            return Err(err);
         }
         txn.commit().await?;
         Ok(())
@@ -418,6 +442,10 @@ impl Store {
         if let Err(err) = inserted {
             txn.rollback().await?;
             return Err(unique_or(err, |_| StoreError::NameTaken));
+        }
+        if let Err(err) = Self::require_active_in(&txn, workspace.tenant_id).await {
+            txn.rollback().await?;
+            return Err(err);
         }
         txn.commit().await?;
         Ok(())
