@@ -141,11 +141,10 @@ fn token_lifetime(tenant: &tenants_pb::Tenant) -> Duration {
 }
 
 fn dependency(service: &'static str, status: &tonic::Status) -> AuthError {
-    match status.code() {
-        Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled | Code::Unknown => {
-            AuthError::Dependency(service)
-        }
-        code => AuthError::Internal(format!("{service} answered {code:?}")),
+    if penny_platform::error::is_transient(status) {
+        AuthError::Dependency(service)
+    } else {
+        AuthError::Internal(format!("{service} answered {:?}", status.code()))
     }
 }
 

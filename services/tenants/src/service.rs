@@ -126,13 +126,13 @@ impl std::fmt::Debug for Tenants {
 /// Maps a failed call to another service: unreachable means "retry", anything else is not
 /// something the caller can fix and is logged as internal.
 fn dependency(service: &'static str, resume: &'static str, status: &Status) -> TenantsError {
-    match status.code() {
-        Code::Unavailable
-        | Code::DeadlineExceeded
-        | Code::Cancelled
-        | Code::ResourceExhausted
-        | Code::Unknown => TenantsError::Dependency { service, resume },
-        code => TenantsError::Internal(format!("{service} refused a saga step: {code:?}")),
+    if penny_platform::error::is_transient(status) {
+        TenantsError::Dependency { service, resume }
+    } else {
+        TenantsError::Internal(format!(
+            "{service} refused a saga step: {:?}",
+            status.code()
+        ))
     }
 }
 

@@ -152,6 +152,21 @@ impl ApiError {
     }
 }
 
+/// Whether a failed call to another fleet service is transient: it could not answer now
+/// (down, overloaded, shedding load, timed out, or the connection failed), so a retry later
+/// may succeed. Callers answer those UNAVAILABLE with `DEPENDENCY_UNAVAILABLE`; any other
+/// refusal is not the end user's to retry and is an internal error.
+pub fn is_transient(status: &tonic::Status) -> bool {
+    matches!(
+        status.code(),
+        Code::Unavailable
+            | Code::DeadlineExceeded
+            | Code::Cancelled
+            | Code::ResourceExhausted
+            | Code::Unknown
+    )
+}
+
 /// The `ErrorInfo.reason` string of a reason: its proto name without the enum prefix.
 pub fn reason_name(reason: Reason) -> &'static str {
     let name = reason.as_str_name();
@@ -184,6 +199,25 @@ impl From<ApiError> for Status {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn only_failures_to_answer_are_transient() {
+        for code in [
+            Code::Unavailable,
+            Code::DeadlineExceeded,
+            Code::ResourceExhausted,
+        ] {
+            assert!(is_transient(&tonic::Status::new(code, "x")), "{code:?}");
+        }
+        for code in [
+            Code::PermissionDenied,
+            Code::Unauthenticated,
+            Code::InvalidArgument,
+            Code::Internal,
+        ] {
+            assert!(!is_transient(&tonic::Status::new(code, "x")), "{code:?}");
+        }
+    }
     use super::*;
 
     #[test]
