@@ -206,7 +206,7 @@ async fn twenty_parallel_wrong_attempts_get_no_more_checks_than_six_in_a_row() {
     assert_eq!(account.pending, 0, "nothing left in flight");
 }
 
-mod service {
+pub(crate) mod service {
     use penny_proto::auth::v1 as pb;
     use penny_proto::auth::v1::auth_service_client::AuthServiceClient;
     use penny_proto::tenants::v1 as tpb;
@@ -217,23 +217,23 @@ mod service {
     use tonic_types::StatusExt;
     use uuid::Uuid;
 
-    struct Harness {
-        fleet: TestFleet,
-        auth: AuthServiceClient<Channel>,
-        tenants: TenantServiceClient<Channel>,
-        admin: String,
+    pub(crate) struct Harness {
+        pub(crate) fleet: TestFleet,
+        pub(crate) auth: AuthServiceClient<Channel>,
+        pub(crate) tenants: TenantServiceClient<Channel>,
+        pub(crate) admin: String,
         /// The trusted front end that calls Login and SetPassword for end users.
-        frontend: String,
+        pub(crate) frontend: String,
     }
 
-    struct Account {
-        tenant: Uuid,
-        user: Uuid,
-        email: String,
+    pub(crate) struct Account {
+        pub(crate) tenant: Uuid,
+        pub(crate) user: Uuid,
+        pub(crate) email: String,
     }
 
     impl Harness {
-        async fn start() -> Self {
+        pub(crate) async fn start() -> Self {
             let fleet = TestFleet::builder().with_auth().start().await;
             let auth = AuthServiceClient::new(fleet.auth().server.channel().await);
             let tenants = TenantServiceClient::new(fleet.tenants().server.channel().await);
@@ -248,7 +248,7 @@ mod service {
             }
         }
 
-        async fn tenant(&mut self, slug: &str, mfa_required: bool) -> Account {
+        pub(crate) async fn tenant(&mut self, slug: &str, mfa_required: bool) -> Account {
             let created = self
                 .tenants
                 .create_tenant(with_token(
@@ -279,7 +279,7 @@ mod service {
             }
         }
 
-        async fn set_password(&mut self, account: &Account, password: &str) {
+        pub(crate) async fn set_password(&mut self, account: &Account, password: &str) {
             self.auth
                 .set_password(with_token(
                     pb::SetPasswordRequest {
@@ -296,7 +296,7 @@ mod service {
                 .unwrap();
         }
 
-        async fn login(
+        pub(crate) async fn login(
             &mut self,
             tenant: Uuid,
             email: &str,

@@ -10,5 +10,6 @@ mod enforcement;
 mod isolation;
 mod keys;
 mod platform;
+mod sessions;
 mod tenants;
 mod vault_contract;

@@ -188,6 +188,16 @@ impl RunningServer {
         Fut: std::future::Future<Output = anyhow::Result<()>> + Send + 'static,
     {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        Self::start_on(listener, serve)
+    }
+
+    /// Starts `serve` on a listener bound beforehand (so other servers can be told its
+    /// address before it runs).
+    pub fn start_on<F, Fut>(listener: TcpListener, serve: F) -> Self
+    where
+        F: FnOnce(TcpListener, oneshot::Receiver<()>) -> Fut,
+        Fut: std::future::Future<Output = anyhow::Result<()>> + Send + 'static,
+    {
         let addr = listener.local_addr().expect("local addr");
         let (stop, stopped) = oneshot::channel();
         let task = tokio::spawn(serve(listener, stopped));
@@ -308,28 +318,33 @@ impl TestFleetBuilder {
             config.concurrency_limit = limit;
         }
         config.tls = self.tls;
-        let keys = if self.keys {
-            Some(start_keys(&config, data_dir.path()).await)
+        // With auth, every server follows its revocation stream, as in production: bind
+        // auth's port first so the others know where it will be.
+        let auth_listener = if self.auth {
+            let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+            let addr = listener.local_addr().expect("local addr");
+            config.auth = Some(
+                Endpoint::from_shared(format!("http://{addr}"))
+                    .expect("endpoint")
+                    .connect_lazy(),
+            );
+            Some(listener)
         } else {
             None
         };
-        let authz = if self.authz {
-            let database = fresh_database(data_dir.path(), "authz").await;
-            Some(start_authz(&config, database).await)
+        // With authz running, permission requirements are decided by it, in every server
+        // (authz's own included, as in `penny dev`): bind its ports first, so every server
+        // starts with the authorizer.
+        let authz_listeners = if self.authz {
+            let mut listeners = Vec::new();
+            for _ in 0..self.authz_replicas.max(1) {
+                listeners.push(TcpListener::bind("127.0.0.1:0").await.expect("bind"));
+            }
+            listeners
         } else {
-            None
+            Vec::new()
         };
-        let authz_replica = match &authz {
-            // The second replica lags: its follower polls once an hour, so only a
-            // caller's min_revision makes it catch up with changes made through the first.
-            Some(first) if self.authz_replicas > 1 => Some(
-                start_authz_polling(&config, first.database.clone(), Duration::from_secs(3600))
-                    .await,
-            ),
-            _ => None,
-        };
-        // With authz running, permission requirements are decided by it.
-        if let Some(authz) = &authz {
+        if !authz_listeners.is_empty() {
             let service_token = signing
                 .mint(&TokenGrant {
                     subject: "svc-platform".into(),
@@ -340,17 +355,52 @@ impl TestFleetBuilder {
                     lifetime: Duration::from_secs(3600),
                 })
                 .expect("service token");
-            let channel = match &authz_replica {
-                // Calls (and the change feed) go to either replica, as behind a balancer.
-                Some(replica) => {
-                    Channel::balance_list([authz.server.addr, replica.server.addr].into_iter().map(
-                        |addr| Endpoint::from_shared(format!("http://{addr}")).expect("endpoint"),
-                    ))
-                }
-                None => authz.server.channel().await,
+            let endpoints: Vec<Endpoint> = authz_listeners
+                .iter()
+                .map(|l| {
+                    let addr = l.local_addr().expect("local addr");
+                    Endpoint::from_shared(format!("http://{addr}")).expect("endpoint")
+                })
+                .collect();
+            // With two replicas, calls (and the change feed) go to either, as behind a
+            // balancer.
+            let channel = if endpoints.len() > 1 {
+                Channel::balance_list(endpoints.into_iter())
+            } else {
+                endpoints[0].connect_lazy()
             };
             config.authorizer = Some(penny_platform::Authorizer::new(channel, service_token));
         }
+        let keys = if self.keys {
+            Some(start_keys(&config, data_dir.path()).await)
+        } else {
+            None
+        };
+        let mut authz_listeners = authz_listeners.into_iter();
+        let authz = match authz_listeners.next() {
+            Some(listener) => {
+                let database = fresh_database(data_dir.path(), "authz").await;
+                Some(
+                    start_authz_on(&config, database, penny_authz::service::FEED_POLL, listener)
+                        .await,
+                )
+            }
+            None => None,
+        };
+        let authz_replica = match (&authz, authz_listeners.next()) {
+            // The second replica lags: its follower polls once an hour, so only a
+            // caller's min_revision makes it catch up with changes made through the first.
+            (Some(first), Some(listener)) => Some(
+                start_authz_on(
+                    &config,
+                    first.database.clone(),
+                    Duration::from_secs(3600),
+                    listener,
+                )
+                .await,
+            ),
+            _ => None,
+        };
         let tenants = match &keys {
             Some(keys) if self.tenants => {
                 let database = fresh_database(data_dir.path(), "tenants").await;
@@ -358,15 +408,16 @@ impl TestFleetBuilder {
             }
             _ => None,
         };
-        let auth = match &tenants {
-            Some(tenants) if self.auth => {
+        let auth = match (&tenants, auth_listener) {
+            (Some(tenants), Some(listener)) => {
                 let database = fresh_database(data_dir.path(), "auth").await;
                 Some(
-                    start_auth(
+                    start_auth_on(
                         &config,
                         database,
                         format!("http://{}", tenants.server.addr),
                         data_dir.path(),
+                        listener,
                     )
                     .await,
                 )
@@ -612,14 +663,17 @@ pub struct AuthzServer {
 }
 
 async fn start_authz(config: &ServeConfig, database: TestDatabase) -> AuthzServer {
-    start_authz_polling(config, database, penny_authz::service::FEED_POLL).await
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    start_authz_on(config, database, penny_authz::service::FEED_POLL, listener).await
 }
 
-/// An authz server whose feed follower polls every `feed_poll` (a lagging replica when long).
-async fn start_authz_polling(
+/// An authz server on `listener` whose feed follower polls every `feed_poll` (a lagging
+/// replica when long).
+async fn start_authz_on(
     config: &ServeConfig,
     database: TestDatabase,
     feed_poll: Duration,
+    listener: TcpListener,
 ) -> AuthzServer {
     let authz = penny_authz::build(penny_authz::AuthzConfig {
         database_url: database.url.clone(),
@@ -630,12 +684,11 @@ async fn start_authz_polling(
     .expect("build authz service");
     let bundle = penny_authz::bundle(authz, config);
     let config = config.clone();
-    let server = RunningServer::start(move |listener, stopped| {
+    let server = RunningServer::start_on(listener, move |listener, stopped| {
         penny_platform::serve(config, bundle, listener, async move {
             let _ = stopped.await;
         })
-    })
-    .await;
+    });
     AuthzServer { server, database }
 }
 
@@ -683,11 +736,12 @@ pub struct AuthServer {
     pub database: TestDatabase,
 }
 
-async fn start_auth(
+async fn start_auth_on(
     config: &ServeConfig,
     database: TestDatabase,
     tenants_url: String,
     signing_key_dir: &Path,
+    listener: TcpListener,
 ) -> AuthServer {
     let auth = penny_auth::build(
         penny_auth::AuthConfig {
@@ -702,12 +756,11 @@ async fn start_auth(
     .expect("build auth service");
     let bundle = penny_auth::bundle(auth, config);
     let config = config.clone();
-    let server = RunningServer::start(move |listener, stopped| {
+    let server = RunningServer::start_on(listener, move |listener, stopped| {
         penny_platform::serve(config, bundle, listener, async move {
             let _ = stopped.await;
         })
-    })
-    .await;
+    });
     AuthServer { server, database }
 }
 

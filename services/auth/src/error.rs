@@ -42,6 +42,9 @@ pub enum AuthError {
     /// Hashing failed.
     #[error(transparent)]
     Hash(#[from] HashError),
+    /// A refusal already in the platform's terms (tenant scope, permission checks).
+    #[error("{}", .0.message())]
+    Api(#[from] ApiError),
 }
 
 impl From<crate::store::TokenRefused> for AuthError {
@@ -81,6 +84,7 @@ impl From<AuthError> for ApiError {
             AuthError::Internal(cause) => ApiError::internal(&cause),
             AuthError::Database(db) => ApiError::internal(&db),
             AuthError::Hash(hash) => ApiError::internal(&hash),
+            AuthError::Api(api) => api,
         }
     }
 }

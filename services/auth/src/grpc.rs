@@ -1,19 +1,26 @@
 //! The gRPC face of the auth service: decode, validate, call the domain, map errors. Thin.
 
 use std::net::IpAddr;
+use std::pin::Pin;
 use std::time::Duration;
 
-use penny_platform::validate::Violations;
-use penny_platform::{AccessPolicy, Requirement, ServeConfig, ServiceBundle};
+use penny_platform::page::{decode_page_token, encode_page_token, page_token_error};
+use penny_platform::stack::{caller, draining};
+use penny_platform::validate::{Violations, page_size};
+use penny_platform::{AccessPolicy, ApiError, Reason, Requirement, ServeConfig, ServiceBundle};
 use penny_proto::auth::v1 as pb;
 use penny_proto::auth::v1::auth_service_server::{AuthService, AuthServiceServer};
 use time::OffsetDateTime;
+use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
+use uuid::Uuid;
 use zeroize::Zeroizing;
 
 use crate::SERVICE_NAME;
 use crate::domain::password::MAX_CHARS;
 use crate::service::{Auth, DEFAULT_RESET_TTL, LoginAttempt, MAX_RESET_TTL};
+use crate::sessions::RevokeTarget;
+use crate::store::{Revocation, RevocationKind, SessionRecord};
 
 /// How long verifiers may cache the JWKS.
 const JWKS_MAX_AGE: Duration = Duration::from_secs(300);
@@ -21,15 +28,30 @@ const JWKS_MAX_AGE: Duration = Duration::from_secs(300);
 const MAX_TOKEN_LEN: usize = 512;
 /// Longest user agent.
 const MAX_USER_AGENT_LEN: usize = 512;
+/// Longest revocation reason.
+const MAX_REASON_LEN: usize = 512;
+/// Longest revocation resume token.
+const MAX_RESUME_TOKEN_LEN: usize = 1024;
+/// The revocation stream sends at least this often, so followers can tell it is alive.
+const HEARTBEAT: Duration = Duration::from_secs(5);
+/// Revocations committed through other replicas reach a stream within this.
+const STREAM_POLL: Duration = Duration::from_millis(250);
+/// Revocations per stream message.
+const STREAM_BATCH: u64 = 500;
 
 /// Login and SetPassword are called by a trusted front-end service on behalf of an end user
 /// (or by platform staff); the JWKS is public.
 pub(crate) fn policy() -> AccessPolicy {
-    use Requirement::{Public, ServiceOrAdmin};
+    use Requirement::{Authenticated, Public, ServiceOrAdmin};
     [
         ("SetPassword", ServiceOrAdmin),
         ("Login", ServiceOrAdmin),
         ("GetJwks", Public),
+        // Users act on their own sessions; the handler asks authz for anything more.
+        ("Logout", Authenticated),
+        ("ListSessions", Authenticated),
+        ("RevokeSession", Authenticated),
+        ("WatchRevocations", ServiceOrAdmin),
     ]
     .into_iter()
     .fold(AccessPolicy::new(), |policy, (method, requirement)| {
@@ -75,8 +97,246 @@ fn password_in(v: &mut Violations, field: &str, value: &str, required: bool) {
     }
 }
 
+fn session_out(session: &SessionRecord, current: Option<&str>) -> pb::Session {
+    let id = session.id.to_string();
+    pb::Session {
+        current: current == Some(id.as_str()),
+        id,
+        tenant_id: session.tenant_id.to_string(),
+        user_id: session.user_id.to_string(),
+        create_time: Some(timestamp(session.created_at)),
+        expire_time: Some(timestamp(session.expires_at)),
+        ip_address: session.ip_address.clone(),
+        user_agent: session.user_agent.clone(),
+        mfa_verified: session.mfa_verified,
+    }
+}
+
+fn revocation_out(revocation: &Revocation) -> pb::Revocation {
+    let kind = match revocation.kind {
+        RevocationKind::Session => pb::RevocationKind::Session,
+        RevocationKind::ApiKey => pb::RevocationKind::ApiKey,
+        RevocationKind::User => pb::RevocationKind::User,
+        RevocationKind::ServiceClient => pb::RevocationKind::ServiceClient,
+    };
+    pb::Revocation {
+        kind: kind as i32,
+        id: revocation.subject_id.clone(),
+        tenant_id: revocation.tenant_id.to_string(),
+        revoke_time: Some(timestamp(revocation.revoked_at)),
+        expire_time: revocation.expires_at.map(timestamp),
+    }
+}
+
+/// The cursor a resume token carries (`r1.<sequence>`).
+fn resume_token(seq: u64) -> String {
+    format!("r1.{seq}")
+}
+
+fn parse_resume_token(token: &str) -> Option<u64> {
+    token.strip_prefix("r1.")?.parse().ok()
+}
+
+type Sender = tokio::sync::mpsc::Sender<Result<pb::WatchRevocationsResponse, Status>>;
+
+/// Sends the snapshot (no cursor, or one this database never issued: `reset`) or the
+/// catch-up after `cursor`, ending with `caught_up`. Returns the new cursor, or `None` when
+/// the stream is over.
+async fn catch_up(auth: &Auth, tx: &Sender, cursor: Option<u64>) -> Option<u64> {
+    let latest = match auth.latest_revocation().await {
+        Ok(latest) => latest,
+        Err(err) => {
+            let _ = tx.send(Err(err.into())).await;
+            return None;
+        }
+    };
+    let (mut last, snapshot, mut reset) = match cursor {
+        Some(seq) if seq <= latest => (seq, false, false),
+        Some(_) => (0, true, true),
+        None => (0, true, false),
+    };
+    while last < latest {
+        let batch = match auth.revocations_after(last, STREAM_BATCH, snapshot).await {
+            Ok(batch) => batch,
+            Err(err) => {
+                let _ = tx.send(Err(err.into())).await;
+                return None;
+            }
+        };
+        let batch: Vec<_> = batch.into_iter().filter(|r| r.seq <= latest).collect();
+        let Some(newest) = batch.last().map(|r| r.seq) else {
+            break;
+        };
+        last = newest;
+        let message = pb::WatchRevocationsResponse {
+            revocations: batch.iter().map(revocation_out).collect(),
+            resume_token: resume_token(last),
+            caught_up: false,
+            reset,
+        };
+        reset = false;
+        if tx.send(Ok(message)).await.is_err() {
+            return None;
+        }
+    }
+    // A snapshot skips expired entries: the cursor is the newest number handed out.
+    let last = last.max(latest);
+    let done = pb::WatchRevocationsResponse {
+        revocations: Vec::new(),
+        resume_token: resume_token(last),
+        caught_up: true,
+        reset,
+    };
+    tx.send(Ok(done)).await.ok()?;
+    Some(last)
+}
+
 #[tonic::async_trait]
 impl AuthService for AuthGrpc {
+    type WatchRevocationsStream =
+        Pin<Box<dyn Stream<Item = Result<pb::WatchRevocationsResponse, Status>> + Send>>;
+
+    async fn logout(
+        &self,
+        request: Request<pb::LogoutRequest>,
+    ) -> Result<Response<pb::LogoutResponse>, Status> {
+        let principal = caller(&request)?;
+        self.auth.logout(principal).await?;
+        Ok(Response::new(pb::LogoutResponse {}))
+    }
+
+    async fn list_sessions(
+        &self,
+        request: Request<pb::ListSessionsRequest>,
+    ) -> Result<Response<pb::ListSessionsResponse>, Status> {
+        let principal = caller(&request)?.clone();
+        let request = request.into_inner();
+        let mut v = Violations::new();
+        let tenant = v.uuid("tenant_id", &request.tenant_id);
+        let user = v.uuid("user_id", &request.user_id);
+        let size = page_size(&mut v, request.page_size, 100, 1000);
+        v.finish()?;
+        let after = match decode_page_token(&request.page_token)? {
+            None => None,
+            Some(cursor) => Some(Uuid::try_parse(&cursor).map_err(|_| page_token_error())?),
+        };
+        let mut sessions = self
+            .auth
+            .list_sessions(&principal, tenant, user, after, u64::from(size) + 1)
+            .await?;
+        let more = sessions.len() > size as usize;
+        sessions.truncate(size as usize);
+        let next_page_token = match (more, sessions.last()) {
+            (true, Some(last)) => encode_page_token(&last.id.to_string()),
+            _ => String::new(),
+        };
+        let current = principal.session_id.as_deref();
+        Ok(Response::new(pb::ListSessionsResponse {
+            sessions: sessions.iter().map(|s| session_out(s, current)).collect(),
+            next_page_token,
+        }))
+    }
+
+    async fn revoke_session(
+        &self,
+        request: Request<pb::RevokeSessionRequest>,
+    ) -> Result<Response<pb::RevokeSessionResponse>, Status> {
+        let principal = caller(&request)?.clone();
+        let request = request.into_inner();
+        let mut v = Violations::new();
+        let tenant = v.uuid("tenant_id", &request.tenant_id);
+        let target = match &request.target {
+            Some(pb::revoke_session_request::Target::SessionId(id)) => {
+                Some(RevokeTarget::Session(v.uuid("session_id", id)))
+            }
+            Some(pb::revoke_session_request::Target::UserId(id)) => {
+                Some(RevokeTarget::User(v.uuid("user_id", id)))
+            }
+            None => {
+                v.add("target", "one of session_id or user_id is required");
+                None
+            }
+        };
+        v.text("reason", &request.reason, 0, MAX_REASON_LEN);
+        v.finish()?;
+        let Some(target) = target else {
+            return Err(ApiError::invalid_field("target", "required").into());
+        };
+        let revoked_count = self.auth.revoke(&principal, tenant, target).await?;
+        tracing::info!(tenant = %tenant, revoked_count, "sessions revoked");
+        Ok(Response::new(pb::RevokeSessionResponse { revoked_count }))
+    }
+
+    async fn watch_revocations(
+        &self,
+        request: Request<pb::WatchRevocationsRequest>,
+    ) -> Result<Response<Self::WatchRevocationsStream>, Status> {
+        let mut draining = draining(&request);
+        let token = request.into_inner().resume_token;
+        let mut v = Violations::new();
+        v.length("resume_token", &token, 0, MAX_RESUME_TOKEN_LEN);
+        v.finish()?;
+        let cursor = if token.is_empty() {
+            None
+        } else {
+            Some(parse_resume_token(&token).ok_or_else(|| {
+                ApiError::new(
+                    tonic::Code::InvalidArgument,
+                    Reason::InvalidArgument,
+                    "resume_token is not a token this service issued",
+                )
+            })?)
+        };
+        let auth = self.auth.clone();
+        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        tokio::spawn(async move {
+            let Some(mut last) = catch_up(&auth, &tx, cursor).await else {
+                return;
+            };
+            let mut next_heartbeat = tokio::time::Instant::now() + HEARTBEAT;
+            loop {
+                tokio::select! {
+                    () = auth.revoked() => {}
+                    () = tokio::time::sleep(STREAM_POLL) => {}
+                    () = tx.closed() => return,
+                    // The server is shutting down: end the stream; followers reconnect.
+                    () = draining.started() => return,
+                }
+                let batch = match auth.revocations_after(last, STREAM_BATCH, false).await {
+                    Ok(batch) => batch,
+                    Err(err) => {
+                        let _ = tx.send(Err(err.into())).await;
+                        return;
+                    }
+                };
+                let message = match batch.last() {
+                    Some(newest) => {
+                        last = newest.seq;
+                        pb::WatchRevocationsResponse {
+                            revocations: batch.iter().map(revocation_out).collect(),
+                            resume_token: resume_token(last),
+                            ..Default::default()
+                        }
+                    }
+                    None if tokio::time::Instant::now() >= next_heartbeat => {
+                        pb::WatchRevocationsResponse {
+                            resume_token: resume_token(last),
+                            ..Default::default()
+                        }
+                    }
+                    None => continue,
+                };
+                if tx.send(Ok(message)).await.is_err() {
+                    return;
+                }
+                next_heartbeat = tokio::time::Instant::now() + HEARTBEAT;
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+    }
+
     async fn set_password(
         &self,
         request: Request<pb::SetPasswordRequest>,

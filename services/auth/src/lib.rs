@@ -16,6 +16,7 @@ pub mod error;
 mod grpc;
 pub mod migration;
 pub mod service;
+pub mod sessions;
 pub mod store;
 
 use std::future::Future;

@@ -75,10 +75,10 @@ pub struct SignedIn {
 /// The auth service.
 #[derive(Clone)]
 pub struct Auth {
-    store: Store,
+    pub(crate) store: Store,
     hasher: PasswordHasherPool,
     tenants: TenantServiceClient<Channel>,
-    authorizer: Authorizer,
+    pub(crate) authorizer: Authorizer,
     signing: Arc<SigningKey>,
 }
 
@@ -352,6 +352,7 @@ impl Auth {
             user_agent: attempt.user_agent,
             created_at: now,
             expires_at: now + lifetime,
+            mfa_verified: false,
         };
         let roles = self.roles(attempt.tenant, user_id).await?;
         self.store.insert_session(&session).await?;

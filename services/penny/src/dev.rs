@@ -69,6 +69,10 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         tonic::transport::Endpoint::from_shared(authz_url)?.connect_lazy(),
         service_token,
     ));
+    // Every service follows auth's revocation stream: a revoked session or suspended user
+    // is refused everywhere within moments.
+    let auth_url = format!("http://{}:{AUTH_PORT}", args.host);
+    serve_config.auth = Some(tonic::transport::Endpoint::from_shared(auth_url)?.connect_lazy());
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let stop = move || {
         let mut stop_rx = stop_rx.clone();

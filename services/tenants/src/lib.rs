@@ -44,7 +44,12 @@ pub async fn build(config: TenantsConfig, serve_config: &ServeConfig) -> anyhow:
     .map_err(|e| {
         anyhow::anyhow!("PENNY_TENANTS_DATABASE_URL: cannot open the tenants database: {e}")
     })?;
-    Ok(Tenants::new(store::Store::new(db), keys, authorizer))
+    Ok(Tenants::new(
+        store::Store::new(db),
+        keys,
+        authorizer,
+        serve_config.auth.clone(),
+    ))
 }
 
 /// Who may call which RPC of this service (the table the standard stack enforces).

@@ -10,6 +10,8 @@
 
 use penny_platform::principal::{Principal, bearer_request};
 use penny_platform::{ApiError, Authorizer};
+use penny_proto::auth::v1 as auth_pb;
+use penny_proto::auth::v1::auth_service_client::AuthServiceClient;
 use penny_proto::authz::v1 as authz_pb;
 use penny_proto::authz::v1::authz_service_client::AuthzServiceClient;
 use penny_proto::common::v1::PrincipalKind;
@@ -31,6 +33,8 @@ pub const ADMIN_ROLE: &str = "admin";
 const REVOKE_PAGE: i32 = 1000;
 /// Pages of bindings a deletion works through before giving up (a million bindings).
 const MAX_REVOKE_PAGES: usize = 1000;
+/// Users whose sessions are ended per page while deleting a tenant.
+const REVOKE_PAGE_USERS: u64 = 500;
 
 /// What `CreateTenant` asks for.
 #[derive(Debug, Clone)]
@@ -115,6 +119,9 @@ pub struct Tenants {
     store: Store,
     keys: KeyServiceClient<Channel>,
     authorizer: Authorizer,
+    /// The auth service, which ends suspended and deleted users' sessions. Absent when the
+    /// fleet runs without auth: then no session exists to end.
+    auth: Option<AuthServiceClient<Channel>>,
 }
 
 impl std::fmt::Debug for Tenants {
@@ -147,12 +154,38 @@ fn internal(err: ApiError) -> TenantsError {
 impl Tenants {
     /// The service over a migrated store, calling keys at `keys` and authz through the
     /// platform's authorizer (which holds this service's own token).
-    pub fn new(store: Store, keys: Channel, authorizer: Authorizer) -> Self {
+    pub fn new(store: Store, keys: Channel, authorizer: Authorizer, auth: Option<Channel>) -> Self {
         Self {
             store,
             keys: KeyServiceClient::new(keys),
             authorizer,
+            auth: auth.map(AuthServiceClient::new),
         }
+    }
+
+    /// Ends every session of a user through auth, so every service refuses the user's
+    /// tokens within the revocation stream's delay.
+    async fn end_user_sessions(
+        &self,
+        tenant: Uuid,
+        user: Uuid,
+        reason: &str,
+        resume: &'static str,
+    ) -> Result<(), TenantsError> {
+        let Some(auth) = &self.auth else {
+            return Ok(());
+        };
+        auth.clone()
+            .revoke_session(self.as_service(auth_pb::RevokeSessionRequest {
+                tenant_id: tenant.to_string(),
+                target: Some(auth_pb::revoke_session_request::Target::UserId(
+                    user.to_string(),
+                )),
+                reason: reason.to_owned(),
+            })?)
+            .await
+            .map_err(|status| dependency("auth", resume, &status))?;
+        Ok(())
     }
 
     /// Whether the database answers.
@@ -469,7 +502,29 @@ impl Tenants {
             Err(status) if status.code() == Code::NotFound => {}
             Err(status) => return Err(dependency("keys", RESUME, &status)),
         }
-        // 3. Users keep a tombstone without personal data.
+        // 3. Every user's sessions end.
+        let mut after = None;
+        loop {
+            let users = self
+                .store
+                .list_users(
+                    tenant.id,
+                    &[UserStatus::Active, UserStatus::Suspended],
+                    None,
+                    after,
+                    REVOKE_PAGE_USERS,
+                )
+                .await?;
+            let Some(last) = users.last().map(|u| u.id) else {
+                break;
+            };
+            for user in &users {
+                self.end_user_sessions(tenant.id, user.id, "tenant deleted", RESUME)
+                    .await?;
+            }
+            after = Some(last);
+        }
+        // 4. Users keep a tombstone without personal data.
         self.store.tombstone_users(tenant.id).await?;
         self.store
             .update_tenant(tenant.id, |t| {
@@ -588,7 +643,8 @@ impl Tenants {
         reason: String,
         alert_id: Option<Uuid>,
     ) -> Result<User, TenantsError> {
-        self.store
+        let user = self
+            .store
             .update_user(tenant, id, |user| match user.status {
                 UserStatus::Deleted => Err(TenantsError::FailedPrecondition(
                     "a deleted user cannot be suspended",
@@ -602,7 +658,17 @@ impl Tenants {
                 }
             })
             .await
-            .map_err(not_found_as("user"))
+            .map_err(not_found_as("user"))?;
+        // After the status change, so a sign-in racing it is refused or revoked; also when
+        // already suspended, so a retry after auth was unreachable finishes the job.
+        self.end_user_sessions(
+            tenant,
+            id,
+            "user suspended",
+            "the user is suspended but their sessions may live on: call SuspendUser again",
+        )
+        .await?;
+        Ok(user)
     }
 
     /// Reactivates a suspended user. Idempotent.

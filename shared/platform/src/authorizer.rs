@@ -128,6 +128,11 @@ impl Authorizer {
         bearer_request(message, &self.token)
     }
 
+    /// This service's own token, for the platform's other streams to auth.
+    pub(crate) fn token(&self) -> Arc<str> {
+        self.token.clone()
+    }
+
     /// Whether `principal` holds `permission` in its own tenant.
     pub async fn allows(
         &self,

@@ -56,6 +56,11 @@ pub struct ServerArgs {
     /// File holding this service's bearer token, used to call other services (authz).
     #[arg(long, env = "PENNY_SERVICE_TOKEN_FILE")]
     pub service_token_file: Option<PathBuf>,
+    /// The auth service (`http://host:port`). With it, revoked sessions, users and API
+    /// keys are refused as soon as auth announces them, and user credentials are refused
+    /// while that cannot be confirmed. Needs PENNY_AUTHZ_URL and the service token.
+    #[arg(long, env = "PENNY_AUTH_URL", requires = "authz_url")]
+    pub auth_url: Option<String>,
 }
 
 impl ServerArgs {
@@ -89,7 +94,17 @@ impl ServerArgs {
             }
             _ => None,
         };
+        let auth = self
+            .auth_url
+            .as_ref()
+            .map(|url| {
+                tonic::transport::Endpoint::from_shared(url.clone())
+                    .with_context(|| format!("PENNY_AUTH_URL: not a URL: {url}"))
+                    .map(|endpoint| endpoint.connect_lazy())
+            })
+            .transpose()?;
         Ok(ServeConfig {
+            auth,
             authorizer,
             tls,
             request_timeout: Duration::from_secs(self.request_timeout_secs),

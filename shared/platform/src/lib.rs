@@ -16,6 +16,7 @@ pub mod db;
 pub mod error;
 pub mod page;
 pub mod principal;
+pub mod revocation;
 pub mod server;
 pub mod signing;
 pub mod stack;

@@ -10,6 +10,7 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::sync::{Arc, RwLock};
+use std::time::Duration;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
@@ -18,6 +19,7 @@ use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
 use crate::error::{ApiError, Reason};
+use crate::revocation::{Refusal, RevocationState};
 
 /// The issuer every Penny token carries.
 pub const ISSUER: &str = "penny.ai";
@@ -161,6 +163,13 @@ pub enum TokenError {
     /// Signature, claims, `iss`, `aud` or `nbf` failed.
     #[error("token invalid: {0}")]
     Invalid(String),
+    /// The session, user, API key or service client was revoked.
+    #[error("credential revoked")]
+    Revoked,
+    /// This verifier follows revocations and has not heard from auth recently enough to
+    /// vouch for a user or API key credential.
+    #[error("revocation state unknown")]
+    RevocationStateUnknown,
 }
 
 impl From<TokenError> for ApiError {
@@ -168,6 +177,12 @@ impl From<TokenError> for ApiError {
         tracing::debug!(reason = %err, "token refused");
         match err {
             TokenError::Expired => ApiError::unauthenticated(Reason::TokenExpired),
+            TokenError::Revoked => ApiError::unauthenticated(Reason::TokenRevoked),
+            TokenError::RevocationStateUnknown => ApiError::unavailable(
+                Reason::DependencyUnavailable,
+                "credential revocations cannot be confirmed right now; retry later",
+                Duration::from_secs(1),
+            ),
             _ => ApiError::unauthenticated(Reason::Unauthenticated),
         }
     }
@@ -203,6 +218,7 @@ pub struct Jwk {
 struct CachedToken {
     principal: Principal,
     exp: u64,
+    iat: u64,
 }
 
 /// Verifies bearer tokens. Cheap to clone; clones share keys and cache.
@@ -215,6 +231,8 @@ struct VerifierInner {
     keys: RwLock<HashMap<String, DecodingKey>>,
     cache: RwLock<HashMap<[u8; 32], CachedToken>>,
     validation: Validation,
+    /// Revoked credentials, when this verifier follows auth's revocation stream.
+    revocations: Option<Arc<RevocationState>>,
 }
 
 impl fmt::Debug for TokenVerifier {
@@ -238,10 +256,57 @@ impl TokenVerifier {
                 keys: RwLock::new(HashMap::new()),
                 cache: RwLock::new(HashMap::new()),
                 validation,
+                revocations: None,
             }),
         };
         verifier.replace_keys(jwks)?;
         Ok(verifier)
+    }
+
+    /// A verifier with the same keys (and its own cache) that follows the auth service's
+    /// revocation stream at `auth`, calling it with `service_token`. The follower stops
+    /// when the returned verifier and all its clones are dropped. See
+    /// [`crate::revocation`] for what is refused while the stream is not fresh.
+    pub fn following_revocations(
+        &self,
+        auth: tonic::transport::Channel,
+        service_token: Arc<str>,
+    ) -> Self {
+        let keys = self
+            .inner
+            .keys
+            .read()
+            .map(|keys| keys.clone())
+            .unwrap_or_default();
+        let state = Arc::new(RevocationState::default());
+        tokio::spawn(crate::revocation::follow(
+            Arc::downgrade(&state),
+            auth,
+            service_token,
+        ));
+        Self {
+            inner: Arc::new(VerifierInner {
+                keys: RwLock::new(keys),
+                cache: RwLock::new(HashMap::new()),
+                validation: self.inner.validation.clone(),
+                revocations: Some(state),
+            }),
+        }
+    }
+
+    pub(crate) fn revocation_state(&self) -> Option<&RevocationState> {
+        self.inner.revocations.as_deref()
+    }
+
+    fn check_revoked(&self, principal: &Principal, iat: u64) -> Result<(), TokenError> {
+        match self
+            .revocation_state()
+            .map(|state| state.check(principal, iat))
+        {
+            None | Some(Ok(())) => Ok(()),
+            Some(Err(Refusal::Revoked)) => Err(TokenError::Revoked),
+            Some(Err(Refusal::Unknown)) => Err(TokenError::RevocationStateUnknown),
+        }
     }
 
     /// Replaces the trusted keys (JWKS refresh) and forgets every cached token.
@@ -264,7 +329,8 @@ impl TokenVerifier {
         Ok(())
     }
 
-    /// Verifies a compact JWT and returns its principal.
+    /// Verifies a compact JWT and returns its principal. A revoked credential is refused
+    /// even when its token is cached.
     pub fn verify(&self, token: &str) -> Result<Principal, TokenError> {
         let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
         let now = now_secs();
@@ -274,11 +340,14 @@ impl TokenVerifier {
             if now > hit.exp.saturating_add(LEEWAY_SECS) {
                 return Err(TokenError::Expired);
             }
+            self.check_revoked(&hit.principal, hit.iat)?;
             return Ok(hit.principal.clone());
         }
         let claims = self.verify_uncached(token)?;
         let exp = claims.exp;
+        let iat = claims.iat;
         let principal = claims.into_principal();
+        self.check_revoked(&principal, iat)?;
         if let Ok(mut cache) = self.inner.cache.write() {
             if cache.len() >= CACHE_CAPACITY {
                 cache.retain(|_, entry| entry.exp.saturating_add(LEEWAY_SECS) >= now);
@@ -291,6 +360,7 @@ impl TokenVerifier {
                 CachedToken {
                     principal: principal.clone(),
                     exp,
+                    iat,
                 },
             );
         }

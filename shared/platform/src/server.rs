@@ -77,6 +77,9 @@ pub struct ServeConfig {
     pub readiness_interval: Duration,
     /// Decides permission requirements; without it they are all refused.
     pub authorizer: Option<crate::authorizer::Authorizer>,
+    /// The auth service. With it (and an authorizer, whose service token is used), the
+    /// server's verifier follows auth's revocation stream.
+    pub auth: Option<tonic::transport::Channel>,
 }
 
 impl ServeConfig {
@@ -91,6 +94,7 @@ impl ServeConfig {
             verifier,
             readiness_interval: Duration::from_secs(1),
             authorizer: None,
+            auth: None,
         }
     }
 }
@@ -213,6 +217,14 @@ pub async fn serve(
         }
         server = server.tls_config(tls_config).context("TLS configuration")?;
     }
+    // Revoked sessions, users, API keys and service clients are refused by this server's
+    // verifier as soon as auth announces them.
+    let verifier = match (&config.auth, &config.authorizer) {
+        (Some(auth), Some(authorizer)) => config
+            .verifier
+            .following_revocations(auth.clone(), authorizer.token()),
+        _ => config.verifier.clone(),
+    };
     // Layers run outermost first.
     let stack = tower::ServiceBuilder::new()
         // A span per call, parented on the caller's trace, with a request id: first, so
@@ -223,11 +235,7 @@ pub async fn serve(
         // Bounded concurrency: excess calls are refused at once instead of queueing.
         .layer(LoadShedLayer::new(config.concurrency_limit))
         // No handler runs without a verified principal and a matching access rule.
-        .layer(AuthLayer::new(
-            policy,
-            config.verifier.clone(),
-            config.authorizer.clone(),
-        ));
+        .layer(AuthLayer::new(policy, verifier, config.authorizer.clone()));
 
     tracing::info!(service = name, addr = ?local_addr, tls = config.tls.is_some(), "serving");
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));

@@ -32,6 +32,9 @@ type BoxFuture<T, E> = Pin<Box<dyn Future<Output = Result<T, E>> + Send>>;
 pub const REQUEST_ID_HEADER: &str = "x-request-id";
 /// Paths that are never shed or authenticated: probes must answer under load.
 const HEALTH_PREFIX: &str = "/grpc.health.v1.Health/";
+/// How long a call waits for the revocation state to become fresh (at start, or while the
+/// stream to auth reconnects) before it is refused with UNAVAILABLE.
+const REVOCATION_WAIT: Duration = Duration::from_secs(3);
 
 /// The request id of the current call, in the request's extensions.
 #[derive(Debug, Clone)]
@@ -306,17 +309,40 @@ pub struct Auth<S> {
     layer: AuthLayer,
 }
 
+/// Why authentication did not produce a principal.
+enum AuthFailure {
+    /// Refused, with this error.
+    Refused(ApiError),
+    /// The verifier cannot vouch for revocations yet: worth a short wait.
+    RevocationsUnknown,
+}
+
+impl From<ApiError> for AuthFailure {
+    fn from(err: ApiError) -> Self {
+        Self::Refused(err)
+    }
+}
+
+impl From<TokenError> for AuthFailure {
+    fn from(err: TokenError) -> Self {
+        match err {
+            TokenError::RevocationStateUnknown => Self::RevocationsUnknown,
+            other => Self::Refused(other.into()),
+        }
+    }
+}
+
 impl AuthLayer {
     fn authenticate<B>(
         &self,
         req: &Request<B>,
-    ) -> Result<Option<(Principal, Requirement)>, ApiError> {
+    ) -> Result<Option<(Principal, Requirement)>, AuthFailure> {
         let path = req.uri().path();
         let Some(requirement) = self.policy.requirement(path) else {
             tracing::warn!(rpc = %path, "rpc has no access rule, refused");
-            return Err(ApiError::permission_denied(
-                "the caller may not perform this operation",
-            ));
+            return Err(
+                ApiError::permission_denied("the caller may not perform this operation").into(),
+            );
         };
         if !requirement.needs_principal() {
             return Ok(None);
@@ -325,6 +351,41 @@ impl AuthLayer {
         let principal = self.verifier.verify(token)?;
         requirement.check(&principal)?;
         Ok(Some((principal, requirement)))
+    }
+}
+
+impl AuthLayer {
+    /// The permission step for an authenticated principal, then the handler (the slow
+    /// path; the common one is inlined in [`Auth::call`]).
+    async fn authorize<S, B>(
+        &self,
+        principal: Principal,
+        requirement: Requirement,
+        mut req: Request<B>,
+        mut inner: S,
+    ) -> Result<Response<Body>, S::Error>
+    where
+        S: Service<Request<B>, Response = Response<Body>>,
+    {
+        tracing::Span::current().record("principal", principal.id.as_str());
+        if let Some(permission) = requirement.permission_for(&principal) {
+            let Some(authorizer) = &self.authorizer else {
+                return Ok(refusal(ApiError::permission_denied(
+                    "the caller may not perform this operation",
+                )));
+            };
+            match authorizer.allows(&principal, permission).await {
+                Ok(true) => {}
+                Ok(false) => {
+                    return Ok(refusal(ApiError::permission_denied(
+                        "the caller may not perform this operation",
+                    )));
+                }
+                Err(err) => return Ok(refusal(err)),
+            }
+        }
+        req.extensions_mut().insert(principal);
+        inner.call(req).await
     }
 }
 
@@ -361,7 +422,29 @@ where
         let (principal, requirement) = match self.layer.authenticate(&req) {
             Ok(Some((principal, requirement))) => (principal, requirement),
             Ok(None) => return Box::pin(self.inner.call(req)),
-            Err(err) => return Box::pin(std::future::ready(Ok(refusal(err)))),
+            Err(AuthFailure::Refused(err)) => {
+                return Box::pin(std::future::ready(Ok(refusal(err))));
+            }
+            Err(AuthFailure::RevocationsUnknown) => {
+                // At start, or while the stream to auth reconnects: wait a little for the
+                // revocation state, then decide once more (and refuse if still unknown).
+                let clone = self.inner.clone();
+                let mut inner = std::mem::replace(&mut self.inner, clone);
+                let layer = self.layer.clone();
+                return Box::pin(async move {
+                    layer.verifier.wait_for_revocations(REVOCATION_WAIT).await;
+                    let second = layer.authenticate(&req);
+                    let (principal, requirement) = match second {
+                        Ok(Some(found)) => found,
+                        Ok(None) => return inner.call(req).await,
+                        Err(AuthFailure::Refused(err)) => return Ok(refusal(err)),
+                        Err(AuthFailure::RevocationsUnknown) => {
+                            return Ok(refusal(TokenError::RevocationStateUnknown.into()));
+                        }
+                    };
+                    layer.authorize(principal, requirement, req, inner).await
+                });
+            }
         };
         tracing::Span::current().record("principal", principal.id.as_str());
         let Some(permission) = requirement.permission_for(&principal) else {

@@ -6,7 +6,8 @@ use sea_orm_migration::prelude::*;
 #[derive(DeriveMigrationName)]
 pub struct Migration;
 
-/// The tables that hold a `tenant_id` (every table of this service).
+/// The tables that hold a `tenant_id` at this migration (`auth_revocations` gets its
+/// policy in the migration that creates it; `auth_revocation_seq` holds no tenant data).
 pub const TENANT_TABLES: &[&str] = &[
     "auth_lockouts",
     "auth_credentials",

@@ -10,6 +10,10 @@ use uuid::Uuid;
 
 use crate::domain::lockout::{Counter, CounterKey, LockoutPolicy, Verdict};
 
+mod session_log;
+
+pub use session_log::{Revocation, RevocationKind, SessionScope};
+
 mod entity {
     pub mod lockouts {
         use sea_orm::entity::prelude::*;
@@ -99,6 +103,27 @@ mod entity {
 
         impl ActiveModelBehavior for ActiveModel {}
     }
+
+    pub mod revocations {
+        use sea_orm::entity::prelude::*;
+
+        #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+        #[sea_orm(table_name = "auth_revocations")]
+        pub struct Model {
+            #[sea_orm(primary_key, auto_increment = false)]
+            pub seq: i64,
+            pub tenant_id: Uuid,
+            pub kind: String,
+            pub subject_id: String,
+            pub revoked_at: TimeDateTimeWithTimeZone,
+            pub expires_at: Option<TimeDateTimeWithTimeZone>,
+        }
+
+        #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+        pub enum Relation {}
+
+        impl ActiveModelBehavior for ActiveModel {}
+    }
 }
 
 use entity::{credentials, lockouts, reset_tokens, sessions};
@@ -120,6 +145,8 @@ pub struct SessionRecord {
     pub created_at: OffsetDateTime,
     /// When it ends.
     pub expires_at: OffsetDateTime,
+    /// Whether a second factor was verified.
+    pub mfa_verified: bool,
 }
 
 /// Why a set-password token cannot be used.
@@ -160,12 +187,18 @@ fn row(tenant: Uuid, key: &str, c: &Counter, now: OffsetDateTime) -> lockouts::A
 #[derive(Debug, Clone)]
 pub struct Store {
     db: DatabaseConnection,
+    /// Woken after every committed revocation, so this replica's revocation streams send
+    /// it at once (other replicas' revocations arrive by polling).
+    revoked: std::sync::Arc<tokio::sync::Notify>,
 }
 
 impl Store {
     /// Wraps a migrated connection.
     pub fn new(db: DatabaseConnection) -> Self {
-        Self { db }
+        Self {
+            db,
+            revoked: std::sync::Arc::new(tokio::sync::Notify::new()),
+        }
     }
 
     /// The connection, for readiness probes.
@@ -317,22 +350,6 @@ impl Store {
         Ok(())
     }
 
-    async fn end_sessions_in(
-        txn: &sea_orm::DatabaseTransaction,
-        tenant: Uuid,
-        user: Uuid,
-        now: OffsetDateTime,
-    ) -> Result<u64, DbErr> {
-        let ended = sessions::Entity::update_many()
-            .col_expr(sessions::Column::RevokedAt, Some(now).into())
-            .filter(sessions::Column::TenantId.eq(tenant))
-            .filter(sessions::Column::UserId.eq(user))
-            .filter(sessions::Column::RevokedAt.is_null())
-            .exec(txn)
-            .await?;
-        Ok(ended.rows_affected)
-    }
-
     /// Retires every set-password token of a user still outstanding: a new token, or a
     /// password set any way, leaves only what was just issued usable.
     async fn retire_reset_tokens_in(
@@ -364,9 +381,11 @@ impl Store {
         Self::put_password_in(&txn, tenant, user, phc, now).await?;
         Self::retire_reset_tokens_in(&txn, tenant, user, now).await?;
         if end_sessions {
-            Self::end_sessions_in(&txn, tenant, user, now).await?;
+            Self::end_sessions_in(&txn, tenant, user, SessionScope::All, now).await?;
         }
-        txn.commit().await
+        txn.commit().await?;
+        self.revoked.notify_waiters();
+        Ok(())
     }
 
     /// Stores a minted set-password token by its hash, retiring the user's earlier ones.
@@ -438,8 +457,9 @@ impl Store {
         }
         Self::put_password_in(&txn, tenant, user, phc, now).await?;
         Self::retire_reset_tokens_in(&txn, tenant, user, now).await?;
-        Self::end_sessions_in(&txn, tenant, user, now).await?;
+        Self::end_sessions_in(&txn, tenant, user, SessionScope::All, now).await?;
         txn.commit().await?;
+        self.revoked.notify_waiters();
         Ok(())
     }
 
@@ -452,7 +472,7 @@ impl Store {
             user_id: Set(session.user_id),
             ip_address: Set(session.ip_address.clone()),
             user_agent: Set(session.user_agent.clone()),
-            mfa_verified: Set(false),
+            mfa_verified: Set(session.mfa_verified),
             created_at: Set(session.created_at),
             expires_at: Set(session.expires_at),
             revoked_at: Set(None),
@@ -460,36 +480,6 @@ impl Store {
         .exec_without_returning(&txn)
         .await?;
         txn.commit().await
-    }
-
-    /// A user's sessions that are neither revoked nor expired.
-    pub async fn live_sessions(
-        &self,
-        tenant: Uuid,
-        user: Uuid,
-        now: OffsetDateTime,
-    ) -> Result<Vec<SessionRecord>, DbErr> {
-        let txn = penny_platform::db::begin_tenant(&self.db, tenant).await?;
-        let rows = sessions::Entity::find()
-            .filter(sessions::Column::TenantId.eq(tenant))
-            .filter(sessions::Column::UserId.eq(user))
-            .filter(sessions::Column::RevokedAt.is_null())
-            .filter(sessions::Column::ExpiresAt.gt(now))
-            .all(&txn)
-            .await?;
-        txn.commit().await?;
-        Ok(rows
-            .into_iter()
-            .map(|m| SessionRecord {
-                id: m.id,
-                tenant_id: m.tenant_id,
-                user_id: m.user_id,
-                ip_address: m.ip_address,
-                user_agent: m.user_agent,
-                created_at: m.created_at,
-                expires_at: m.expires_at,
-            })
-            .collect())
     }
 
     /// A key's counter, if it was ever counted (for tests and operators).
