@@ -3,6 +3,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod access_tables;
+mod api_keys;
 mod auth;
 mod authz;
 mod db;

@@ -16,6 +16,9 @@ pub enum AuthError {
     /// Unknown user, wrong password, locked account, suspended user: one answer for all.
     #[error("invalid credentials")]
     InvalidCredentials,
+    /// An API key secret that is malformed, unknown, revoked or expired.
+    #[error("the API key is not valid")]
+    ApiKeyInvalid,
     /// A set-password token that is unknown, used or expired.
     #[error("the set-password token is not valid")]
     TokenInvalid,
@@ -63,6 +66,11 @@ impl From<AuthError> for ApiError {
             AuthError::InvalidCredentials => ApiError::new(
                 Code::Unauthenticated,
                 Reason::InvalidCredentials,
+                err.to_string(),
+            ),
+            AuthError::ApiKeyInvalid => ApiError::new(
+                Code::Unauthenticated,
+                Reason::Unauthenticated,
                 err.to_string(),
             ),
             AuthError::TokenInvalid => ApiError::new(

@@ -5,7 +5,7 @@ use std::pin::Pin;
 use std::time::Duration;
 
 use penny_platform::page::{decode_page_token, encode_page_token, page_token_error};
-use penny_platform::stack::{caller, draining};
+use penny_platform::stack::{caller, caller_credential, draining};
 use penny_platform::validate::{Violations, page_size};
 use penny_platform::{AccessPolicy, ApiError, Reason, Requirement, ServeConfig, ServiceBundle};
 use penny_proto::auth::v1 as pb;
@@ -17,10 +17,11 @@ use uuid::Uuid;
 use zeroize::Zeroizing;
 
 use crate::SERVICE_NAME;
+use crate::api_keys::NewApiKey;
 use crate::domain::password::MAX_CHARS;
 use crate::service::{Auth, DEFAULT_RESET_TTL, LoginAttempt, MAX_RESET_TTL};
 use crate::sessions::RevokeTarget;
-use crate::store::{Revocation, RevocationKind, SessionRecord};
+use crate::store::{ApiKeyRecord, Revocation, RevocationKind, SessionRecord};
 
 /// How long verifiers may cache the JWKS.
 const JWKS_MAX_AGE: Duration = Duration::from_secs(300);
@@ -38,11 +39,19 @@ const HEARTBEAT: Duration = Duration::from_secs(5);
 const STREAM_POLL: Duration = Duration::from_millis(250);
 /// Revocations per stream message.
 const STREAM_BATCH: u64 = 500;
+/// Longest API key name.
+const MAX_KEY_NAME_LEN: usize = 128;
+/// Most roles on one API key.
+const MAX_KEY_ROLES: usize = 16;
+/// Longest role name.
+const MAX_ROLE_LEN: usize = 64;
+/// Longest presented API key secret.
+const MAX_SECRET_LEN: usize = 128;
 
 /// Login and SetPassword are called by a trusted front-end service on behalf of an end user
 /// (or by platform staff); the JWKS is public.
 pub(crate) fn policy() -> AccessPolicy {
-    use Requirement::{Authenticated, Public, ServiceOrAdmin};
+    use Requirement::{Authenticated, Permission, Public, ServiceOrAdmin};
     [
         ("SetPassword", ServiceOrAdmin),
         ("Login", ServiceOrAdmin),
@@ -52,6 +61,11 @@ pub(crate) fn policy() -> AccessPolicy {
         ("ListSessions", Authenticated),
         ("RevokeSession", Authenticated),
         ("WatchRevocations", ServiceOrAdmin),
+        // API keys are tenant settings; each role is granted as the creator besides.
+        ("CreateApiKey", Permission("tenant:update")),
+        ("ListApiKeys", Permission("tenant:read")),
+        ("RevokeApiKey", Permission("tenant:update")),
+        ("ValidateApiKey", ServiceOrAdmin),
     ]
     .into_iter()
     .fold(AccessPolicy::new(), |policy, (method, requirement)| {
@@ -128,6 +142,31 @@ fn revocation_out(revocation: &Revocation) -> pb::Revocation {
     }
 }
 
+fn api_key_out(key: &ApiKeyRecord) -> pb::ApiKey {
+    pb::ApiKey {
+        id: key.id.to_string(),
+        tenant_id: key.tenant_id.to_string(),
+        name: key.name.clone(),
+        prefix: key.prefix.clone(),
+        roles: key.roles.clone(),
+        creator_id: key.creator_id.clone(),
+        create_time: Some(timestamp(key.created_at)),
+        expire_time: key.expires_at.map(timestamp),
+        last_used_time: key.last_used_at.map(timestamp),
+        revoke_time: key.revoked_at.map(timestamp),
+    }
+}
+
+/// A page cursor that must be a UUID (the listings page by id).
+fn uuid_cursor(page_token: &str) -> Result<Option<Uuid>, Status> {
+    match decode_page_token(page_token)? {
+        None => Ok(None),
+        Some(cursor) => Ok(Some(
+            Uuid::try_parse(&cursor).map_err(|_| page_token_error())?,
+        )),
+    }
+}
+
 /// The cursor a resume token carries (`r1.<sequence>`).
 fn resume_token(seq: u64) -> String {
     format!("r1.{seq}")
@@ -196,6 +235,128 @@ impl AuthService for AuthGrpc {
     type WatchRevocationsStream =
         Pin<Box<dyn Stream<Item = Result<pb::WatchRevocationsResponse, Status>> + Send>>;
 
+    async fn create_api_key(
+        &self,
+        request: Request<pb::CreateApiKeyRequest>,
+    ) -> Result<Response<pb::CreateApiKeyResponse>, Status> {
+        let principal = caller(&request)?.clone();
+        let credential = caller_credential(&request)?;
+        let request = request.into_inner();
+        let mut v = Violations::new();
+        let tenant = v.uuid("tenant_id", &request.tenant_id);
+        v.text("name", &request.name, 1, MAX_KEY_NAME_LEN);
+        v.count("roles", request.roles.len(), 1, MAX_KEY_ROLES);
+        for (i, role) in request.roles.iter().enumerate() {
+            v.token(&format!("roles[{i}]"), role, MAX_ROLE_LEN);
+            if request.roles[..i].contains(role) {
+                v.add(format!("roles[{i}]"), "named twice");
+            }
+        }
+        let now = OffsetDateTime::now_utc();
+        let expires_at = match &request.expire_time {
+            None => None,
+            Some(t) => match OffsetDateTime::from_unix_timestamp(t.seconds) {
+                Ok(at) if at > now && (0..1_000_000_000).contains(&t.nanos) => Some(at),
+                _ => {
+                    v.add("expire_time", "must be a valid time in the future");
+                    None
+                }
+            },
+        };
+        v.finish()?;
+        let (key, secret) = self
+            .auth
+            .create_api_key(
+                &principal,
+                &credential,
+                NewApiKey {
+                    tenant,
+                    name: request.name,
+                    roles: request.roles,
+                    expires_at,
+                },
+            )
+            .await?;
+        tracing::info!(tenant = %tenant, key = %key.id, "API key created");
+        Ok(Response::new(pb::CreateApiKeyResponse {
+            api_key: Some(api_key_out(&key)),
+            secret: secret.to_string(),
+        }))
+    }
+
+    async fn list_api_keys(
+        &self,
+        request: Request<pb::ListApiKeysRequest>,
+    ) -> Result<Response<pb::ListApiKeysResponse>, Status> {
+        let principal = caller(&request)?.clone();
+        let request = request.into_inner();
+        let mut v = Violations::new();
+        let tenant = v.uuid("tenant_id", &request.tenant_id);
+        let size = page_size(&mut v, request.page_size, 100, 1000);
+        v.finish()?;
+        let after = uuid_cursor(&request.page_token)?;
+        let mut keys = self
+            .auth
+            .list_api_keys(
+                &principal,
+                tenant,
+                after,
+                u64::from(size) + 1,
+                request.show_inactive,
+            )
+            .await?;
+        let more = keys.len() > size as usize;
+        keys.truncate(size as usize);
+        let next_page_token = match (more, keys.last()) {
+            (true, Some(last)) => encode_page_token(&last.id.to_string()),
+            _ => String::new(),
+        };
+        Ok(Response::new(pb::ListApiKeysResponse {
+            api_keys: keys.iter().map(api_key_out).collect(),
+            next_page_token,
+        }))
+    }
+
+    async fn revoke_api_key(
+        &self,
+        request: Request<pb::RevokeApiKeyRequest>,
+    ) -> Result<Response<pb::RevokeApiKeyResponse>, Status> {
+        let principal = caller(&request)?.clone();
+        let request = request.into_inner();
+        let mut v = Violations::new();
+        let tenant = v.uuid("tenant_id", &request.tenant_id);
+        let id = v.uuid("api_key_id", &request.api_key_id);
+        v.finish()?;
+        let key = self.auth.revoke_api_key(&principal, tenant, id).await?;
+        tracing::info!(tenant = %tenant, key = %key.id, "API key revoked");
+        Ok(Response::new(pb::RevokeApiKeyResponse {
+            api_key: Some(api_key_out(&key)),
+        }))
+    }
+
+    async fn validate_api_key(
+        &self,
+        request: Request<pb::ValidateApiKeyRequest>,
+    ) -> Result<Response<pb::ValidateApiKeyResponse>, Status> {
+        let secret = Zeroizing::new(request.into_inner().secret);
+        let mut v = Violations::new();
+        // Never echo any of it: the length check names the field only.
+        v.length("secret", &secret, 1, MAX_SECRET_LEN);
+        v.finish()?;
+        let key = self.auth.validate_api_key(&secret).await?;
+        Ok(Response::new(pb::ValidateApiKeyResponse {
+            principal: Some(pb::Principal {
+                kind: penny_proto::common::v1::PrincipalKind::ApiKey as i32,
+                id: key.id.to_string(),
+                tenant_id: key.tenant_id.to_string(),
+                roles: key.roles.clone(),
+                session_id: String::new(),
+                scopes: Vec::new(),
+            }),
+            expire_time: key.expires_at.map(timestamp),
+        }))
+    }
+
     async fn logout(
         &self,
         request: Request<pb::LogoutRequest>,
@@ -216,10 +377,7 @@ impl AuthService for AuthGrpc {
         let user = v.uuid("user_id", &request.user_id);
         let size = page_size(&mut v, request.page_size, 100, 1000);
         v.finish()?;
-        let after = match decode_page_token(&request.page_token)? {
-            None => None,
-            Some(cursor) => Some(Uuid::try_parse(&cursor).map_err(|_| page_token_error())?),
-        };
+        let after = uuid_cursor(&request.page_token)?;
         let mut sessions = self
             .auth
             .list_sessions(&principal, tenant, user, after, u64::from(size) + 1)

@@ -10,6 +10,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod api_keys;
 pub mod config;
 pub mod domain;
 pub mod error;
@@ -58,13 +59,15 @@ pub async fn build(config: AuthConfig, serve_config: &ServeConfig) -> anyhow::Re
     let cores = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
     let hasher = domain::password::PasswordHasherPool::new(cores)
         .map_err(|e| anyhow::anyhow!("password hasher: {e}"))?;
-    Ok(Auth::new(
+    let auth = Auth::new(
         store::Store::new(db),
         hasher,
         tenants,
         authorizer,
         Arc::new(signing),
-    ))
+    );
+    auth.spawn_background();
+    Ok(auth)
 }
 
 /// Who may call which RPC of this service (the table the standard stack enforces).

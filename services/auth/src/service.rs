@@ -80,6 +80,7 @@ pub struct Auth {
     tenants: TenantServiceClient<Channel>,
     pub(crate) authorizer: Authorizer,
     signing: Arc<SigningKey>,
+    pub(crate) last_used: crate::api_keys::LastUsed,
 }
 
 impl std::fmt::Debug for Auth {
@@ -89,7 +90,7 @@ impl std::fmt::Debug for Auth {
 }
 
 /// The SHA-256 of a token, hex: what is stored instead of the token.
-fn token_hash(token: &str) -> String {
+pub(crate) fn token_hash(token: &str) -> String {
     Sha256::digest(token.as_bytes())
         .iter()
         .map(|b| format!("{b:02x}"))
@@ -167,7 +168,30 @@ impl Auth {
             tenants: TenantServiceClient::new(tenants),
             authorizer,
             signing,
+            last_used: crate::api_keys::LastUsed::default(),
         }
+    }
+
+    /// Writes API key last-use times every [`crate::api_keys::LAST_USED_FLUSH`] until the
+    /// last clone of the service is gone.
+    pub fn spawn_background(&self) {
+        let store = self.store.clone();
+        let last_used = self.last_used.clone();
+        let alive = std::sync::Arc::downgrade(&self.signing);
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(crate::api_keys::LAST_USED_FLUSH).await;
+                last_used.flush(&store).await;
+                if alive.strong_count() == 0 {
+                    return;
+                }
+            }
+        });
+    }
+
+    /// Writes collected API key last-use times now (tests, shutdown).
+    pub async fn flush_last_used(&self) {
+        self.last_used.flush(&self.store).await;
     }
 
     /// Whether the database answers.

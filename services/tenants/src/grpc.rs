@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use penny_platform::page::{decode_page_token, encode_page_token, page_token_error};
-use penny_platform::stack::{caller, caller_token, tenant_scope};
+use penny_platform::stack::{caller, caller_credential, tenant_scope};
 use penny_platform::validate::{Violations, page_size};
 use penny_platform::{AccessPolicy, Requirement, ServeConfig, ServiceBundle};
 use penny_proto::tenants::v1 as pb;
@@ -417,7 +417,7 @@ impl TenantService for TenantGrpc {
         &self,
         request: Request<pb::DeleteTenantRequest>,
     ) -> Result<Response<pb::DeleteTenantResponse>, Status> {
-        let token = caller_token(&request)?.to_owned();
+        let credential = caller_credential(&request)?;
         let request = request.into_inner();
         let mut v = Violations::new();
         let tenant = v.uuid("tenant_id", &request.tenant_id);
@@ -425,7 +425,7 @@ impl TenantService for TenantGrpc {
         v.finish()?;
         let tenant = self
             .tenants
-            .delete_tenant(tenant, &request.confirm_slug, &token)
+            .delete_tenant(tenant, &request.confirm_slug, &credential)
             .await?;
         Ok(Response::new(pb::DeleteTenantResponse {
             tenant: Some(tenant_out(&tenant)),
@@ -438,7 +438,7 @@ impl TenantService for TenantGrpc {
     ) -> Result<Response<pb::CreateUserResponse>, Status> {
         let mut v = Violations::new();
         let tenant = scoped(&request, &mut v, &request.get_ref().tenant_id)?;
-        let token = caller_token(&request)?.to_owned();
+        let credential = caller_credential(&request)?;
         let request = request.into_inner();
         email_in(&mut v, "email", &request.email);
         v.text("display_name", &request.display_name, 1, MAX_NAME_LEN);
@@ -459,7 +459,7 @@ impl TenantService for TenantGrpc {
             created_at: now,
             updated_at: now,
         };
-        let user = self.tenants.create_user(&token, user, role).await?;
+        let user = self.tenants.create_user(&credential, user, role).await?;
         Ok(Response::new(pb::CreateUserResponse {
             user: Some(user_out(&user)),
         }))

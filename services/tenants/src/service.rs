@@ -8,7 +8,8 @@
 //! revoked, the key destroyed (crypto-shredding), users tombstoned, DELETED; calling again
 //! resumes it.
 
-use penny_platform::principal::{Principal, bearer_request};
+use penny_platform::principal::Principal;
+use penny_platform::stack::CallerCredential;
 use penny_platform::{ApiError, Authorizer};
 use penny_proto::auth::v1 as auth_pb;
 use penny_proto::auth::v1::auth_service_client::AuthServiceClient;
@@ -141,10 +142,6 @@ fn dependency(service: &'static str, resume: &'static str, status: &Status) -> T
             status.code()
         ))
     }
-}
-
-fn with_token<T>(message: T, token: &str) -> Result<tonic::Request<T>, TenantsError> {
-    bearer_request(message, token).map_err(|_| TenantsError::Internal("unusable token".into()))
 }
 
 fn internal(err: ApiError) -> TenantsError {
@@ -385,13 +382,14 @@ impl Tenants {
             .map_err(not_found_as("tenant"))
     }
 
-    /// Deletes a tenant, or resumes a deletion. `caller_token` is the platform admin's own:
-    /// destroying a key is an admin operation in KeyService, not one a service may do.
+    /// Deletes a tenant, or resumes a deletion. `caller` is the platform admin's own
+    /// credential: destroying a key is an admin operation in KeyService, not one a service
+    /// may do.
     pub async fn delete_tenant(
         &self,
         id: Uuid,
         confirm_slug: &str,
-        caller_token: &str,
+        caller: &CallerCredential,
     ) -> Result<Tenant, TenantsError> {
         let tenant = self.tenant(id).await?;
         if tenant.platform {
@@ -420,13 +418,13 @@ impl Tenants {
         if tenant.state == TenantState::Deleted {
             return Ok(tenant);
         }
-        self.finish_delete(tenant, caller_token).await
+        self.finish_delete(tenant, caller).await
     }
 
     async fn finish_delete(
         &self,
         tenant: Tenant,
-        caller_token: &str,
+        caller: &CallerCredential,
     ) -> Result<Tenant, TenantsError> {
         const RESUME: &str = "the tenant stays PENDING: call DeleteTenant again to finish";
         let tenant_id = tenant.id.to_string();
@@ -473,24 +471,18 @@ impl Tenants {
         // 2. The key: everything encrypted under it becomes unreadable.
         let mut keys = self.keys.clone();
         let allowed = keys
-            .update_key_config(with_token(
-                keys_pb::UpdateKeyConfigRequest {
-                    tenant_id: tenant_id.clone(),
-                    min_decryption_version: None,
-                    deletion_allowed: Some(true),
-                },
-                caller_token,
-            )?)
+            .update_key_config(caller.request(keys_pb::UpdateKeyConfigRequest {
+                tenant_id: tenant_id.clone(),
+                min_decryption_version: None,
+                deletion_allowed: Some(true),
+            }))
             .await;
         match allowed {
             Ok(_) => {
                 match keys
-                    .delete_key(with_token(
-                        keys_pb::DeleteKeyRequest {
-                            tenant_id: tenant_id.clone(),
-                        },
-                        caller_token,
-                    )?)
+                    .delete_key(caller.request(keys_pb::DeleteKeyRequest {
+                        tenant_id: tenant_id.clone(),
+                    }))
                     .await
                 {
                     Ok(_) => {}
@@ -540,7 +532,7 @@ impl Tenants {
     /// binding is refused the user is removed again.
     pub async fn create_user(
         &self,
-        caller_token: &str,
+        caller: &CallerCredential,
         user: User,
         role: Option<String>,
     ) -> Result<User, TenantsError> {
@@ -554,15 +546,12 @@ impl Tenants {
         if let Some(role) = role {
             let granted = self
                 .authz()
-                .grant_role(with_token(
-                    authz_pb::GrantRoleRequest {
-                        tenant_id: user.tenant_id.to_string(),
-                        subject: Some(user_subject(user.tenant_id, user.id)),
-                        role,
-                        workspace_id: String::new(),
-                    },
-                    caller_token,
-                )?)
+                .grant_role(caller.request(authz_pb::GrantRoleRequest {
+                    tenant_id: user.tenant_id.to_string(),
+                    subject: Some(user_subject(user.tenant_id, user.id)),
+                    role,
+                    workspace_id: String::new(),
+                }))
                 .await;
             if let Err(status) = granted {
                 self.store.remove_new_user(user.tenant_id, user.id).await?;

@@ -150,6 +150,34 @@ impl ApiError {
     pub fn violations(&self) -> &[FieldViolation] {
         &self.violations
     }
+
+    /// Another fleet service's refusal of a call made *as the caller* (with the caller's
+    /// own token), passed back unchanged: its code, reason, message and field violations.
+    /// Only for refusals that are the caller's to fix; transient failures are
+    /// [`is_transient`] and become DEPENDENCY_UNAVAILABLE instead.
+    pub fn relayed(status: &Status) -> Self {
+        let details = status.get_error_details();
+        let reason = details
+            .error_info()
+            .and_then(|info| Reason::from_str_name(&format!("ERROR_REASON_{}", info.reason)))
+            .unwrap_or(Reason::Unspecified);
+        let violations = details
+            .bad_request()
+            .map(|bad| {
+                bad.field_violations
+                    .iter()
+                    .map(|v| FieldViolation {
+                        field: v.field.clone(),
+                        description: v.description.clone(),
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        Self {
+            violations,
+            ..Self::new(status.code(), reason, status.message())
+        }
+    }
 }
 
 /// Whether a failed call to another fleet service is transient: it could not answer now

@@ -10,6 +10,7 @@
 #![forbid(unsafe_code)]
 
 pub mod access;
+pub mod apikey;
 pub mod authorizer;
 pub mod config;
 pub mod db;

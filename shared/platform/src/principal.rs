@@ -298,6 +298,17 @@ impl TokenVerifier {
         self.inner.revocations.as_deref()
     }
 
+    /// Refuses a principal whose credential is revoked (or, for users and API keys, whose
+    /// revocation state this verifier cannot vouch for). `issued_at` is the token's `iat`;
+    /// 0 for credentials without one (API keys).
+    pub fn check_credential(
+        &self,
+        principal: &Principal,
+        issued_at: u64,
+    ) -> Result<(), TokenError> {
+        self.check_revoked(principal, issued_at)
+    }
+
     fn check_revoked(&self, principal: &Principal, iat: u64) -> Result<(), TokenError> {
         match self
             .revocation_state()

@@ -235,7 +235,16 @@ pub async fn serve(
         // Bounded concurrency: excess calls are refused at once instead of queueing.
         .layer(LoadShedLayer::new(config.concurrency_limit))
         // No handler runs without a verified principal and a matching access rule.
-        .layer(AuthLayer::new(policy, verifier, config.authorizer.clone()));
+        .layer({
+            let layer = AuthLayer::new(policy, verifier, config.authorizer.clone());
+            // API keys are resolved through auth, when the server knows where it is.
+            match (&config.auth, &config.authorizer) {
+                (Some(auth), Some(authorizer)) => layer.with_api_keys(
+                    crate::apikey::ApiKeyResolver::new(auth.clone(), authorizer.token()),
+                ),
+                _ => layer,
+            }
+        });
 
     tracing::info!(service = name, addr = ?local_addr, tls = config.tls.is_some(), "serving");
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));

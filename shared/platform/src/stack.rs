@@ -21,6 +21,7 @@ use tracing::Instrument;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use crate::access::{AccessPolicy, Requirement};
+use crate::apikey::{API_KEY_HEADER, ApiKeyResolver};
 use crate::authorizer::Authorizer;
 use crate::error::{ApiError, Reason};
 use crate::principal::{Principal, TokenError, TokenVerifier};
@@ -274,6 +275,7 @@ pub struct AuthLayer {
     policy: Arc<AccessPolicy>,
     verifier: TokenVerifier,
     authorizer: Option<Authorizer>,
+    api_keys: Option<ApiKeyResolver>,
 }
 
 impl AuthLayer {
@@ -288,7 +290,16 @@ impl AuthLayer {
             policy: Arc::new(policy),
             verifier,
             authorizer,
+            api_keys: None,
         }
+    }
+
+    /// Also accepts API keys (`x-api-key`), resolved by `resolver`. Without it an API key
+    /// is refused.
+    #[must_use]
+    pub fn with_api_keys(mut self, resolver: ApiKeyResolver) -> Self {
+        self.api_keys = Some(resolver);
+        self
     }
 }
 
@@ -355,6 +366,37 @@ impl AuthLayer {
 }
 
 impl AuthLayer {
+    /// Authentication by API key: the access rule, the key (through auth, cached), its
+    /// revocation state, and what the rule decides from the principal alone. `Ok(None)`
+    /// for a public RPC.
+    async fn authenticate_key(
+        &self,
+        path: &str,
+        secret: &str,
+    ) -> Result<Option<(Principal, Requirement)>, ApiError> {
+        let Some(requirement) = self.policy.requirement(path) else {
+            tracing::warn!(rpc = %path, "rpc has no access rule, refused");
+            return Err(ApiError::permission_denied(
+                "the caller may not perform this operation",
+            ));
+        };
+        if !requirement.needs_principal() {
+            return Ok(None);
+        }
+        let Some(resolver) = &self.api_keys else {
+            return Err(ApiError::unauthenticated(Reason::Unauthenticated));
+        };
+        let principal = resolver.resolve(secret).await?;
+        if let Err(TokenError::RevocationStateUnknown) =
+            self.verifier.check_credential(&principal, 0)
+        {
+            self.verifier.wait_for_revocations(REVOCATION_WAIT).await;
+        }
+        self.verifier.check_credential(&principal, 0)?;
+        requirement.check(&principal)?;
+        Ok(Some((principal, requirement)))
+    }
+
     /// The permission step for an authenticated principal, then the handler (the slow
     /// path; the common one is inlined in [`Auth::call`]).
     async fn authorize<S, B>(
@@ -419,6 +461,30 @@ where
     }
 
     fn call(&mut self, mut req: Request<B>) -> Self::Future {
+        if let Some(key) = req.headers().get(API_KEY_HEADER) {
+            // One credential per call: a key beside a bearer token is refused, not guessed.
+            let secret = key
+                .to_str()
+                .ok()
+                .filter(|_| !req.headers().contains_key(http::header::AUTHORIZATION))
+                .map(str::to_owned);
+            let path = req.uri().path().to_owned();
+            let clone = self.inner.clone();
+            let mut inner = std::mem::replace(&mut self.inner, clone);
+            let layer = self.layer.clone();
+            return Box::pin(async move {
+                let Some(secret) = secret else {
+                    return Ok(refusal(ApiError::unauthenticated(Reason::Unauthenticated)));
+                };
+                match layer.authenticate_key(&path, &secret).await {
+                    Ok(Some((principal, requirement))) => {
+                        layer.authorize(principal, requirement, req, inner).await
+                    }
+                    Ok(None) => inner.call(req).await,
+                    Err(err) => Ok(refusal(err)),
+                }
+            });
+        }
         let (principal, requirement) = match self.layer.authenticate(&req) {
             Ok(Some((principal, requirement))) => (principal, requirement),
             Ok(None) => return Box::pin(self.inner.call(req)),
@@ -497,14 +563,55 @@ pub fn caller<T>(req: &tonic::Request<T>) -> Result<&Principal, tonic::Status> {
         .ok_or_else(|| ApiError::unauthenticated(Reason::Unauthenticated).into())
 }
 
-/// The caller's own bearer token, for a service acting on the caller's behalf in another
-/// service: that service then applies its rules (tenant boundary, no escalation) to the
-/// caller, not to the fleet service in between. Fails closed like [`caller`].
-pub fn caller_token<T>(req: &tonic::Request<T>) -> Result<&str, tonic::Status> {
-    req.metadata()
+/// The credential a caller presented (bearer token or API key), to present again when a
+/// service acts on the caller's behalf in another service: that service then applies its
+/// rules (tenant boundary, no escalation) to the caller, not to the fleet service in
+/// between. Never printed.
+#[derive(Clone)]
+pub struct CallerCredential {
+    header: &'static str,
+    value: http::HeaderValue,
+}
+
+impl std::fmt::Debug for CallerCredential {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CallerCredential")
+            .field("header", &self.header)
+            .finish_non_exhaustive()
+    }
+}
+
+impl CallerCredential {
+    /// `message` as a request carrying this credential.
+    pub fn request<T>(&self, message: T) -> tonic::Request<T> {
+        let mut request = tonic::Request::new(message);
+        if let Ok(value) = tonic::metadata::MetadataValue::try_from(self.value.as_bytes()) {
+            request.metadata_mut().insert(self.header, value);
+        }
+        request
+    }
+}
+
+/// The caller's credential, as the [`AuthLayer`] accepted it. Fails closed like [`caller`].
+pub fn caller_credential<T>(req: &tonic::Request<T>) -> Result<CallerCredential, tonic::Status> {
+    let headers = req.metadata();
+    let found = if let Some(value) = headers
         .get("authorization")
-        .and_then(|value| value.to_str().ok())
-        .and_then(parse_bearer)
+        .filter(|v| v.to_str().ok().and_then(parse_bearer).is_some())
+    {
+        Some(("authorization", value))
+    } else {
+        headers
+            .get(API_KEY_HEADER)
+            .map(|value| (API_KEY_HEADER, value))
+    };
+    found
+        .and_then(|(header, value)| {
+            Some(CallerCredential {
+                header,
+                value: http::HeaderValue::from_bytes(value.as_bytes()).ok()?,
+            })
+        })
         .ok_or_else(|| ApiError::unauthenticated(Reason::Unauthenticated).into())
 }
 

@@ -5,6 +5,7 @@ use sea_orm_migration::prelude::*;
 mod m20261204_000001_create_auth;
 pub mod m20261204_000002_row_level_security;
 mod m20261205_000001_revocations;
+mod m20261205_000002_api_keys;
 
 /// Runs the auth service's migrations.
 #[derive(Debug)]
@@ -17,6 +18,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261204_000001_create_auth::Migration),
             Box::new(m20261204_000002_row_level_security::Migration),
             Box::new(m20261205_000001_revocations::Migration),
+            Box::new(m20261205_000002_api_keys::Migration),
         ]
     }
 

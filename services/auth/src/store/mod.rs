@@ -10,8 +10,10 @@ use uuid::Uuid;
 
 use crate::domain::lockout::{Counter, CounterKey, LockoutPolicy, Verdict};
 
+mod api_keys;
 mod session_log;
 
+pub use api_keys::ApiKeyRecord;
 pub use session_log::{Revocation, RevocationKind, SessionScope};
 
 mod entity {
@@ -95,6 +97,32 @@ mod entity {
             pub mfa_verified: bool,
             pub created_at: TimeDateTimeWithTimeZone,
             pub expires_at: TimeDateTimeWithTimeZone,
+            pub revoked_at: Option<TimeDateTimeWithTimeZone>,
+        }
+
+        #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+        pub enum Relation {}
+
+        impl ActiveModelBehavior for ActiveModel {}
+    }
+
+    pub mod api_keys {
+        use sea_orm::entity::prelude::*;
+
+        #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+        #[sea_orm(table_name = "auth_api_keys")]
+        pub struct Model {
+            #[sea_orm(primary_key, auto_increment = false)]
+            pub id: Uuid,
+            pub tenant_id: Uuid,
+            pub name: String,
+            pub prefix: String,
+            pub secret_hash: String,
+            pub roles: String,
+            pub creator_id: String,
+            pub created_at: TimeDateTimeWithTimeZone,
+            pub expires_at: Option<TimeDateTimeWithTimeZone>,
+            pub last_used_at: Option<TimeDateTimeWithTimeZone>,
             pub revoked_at: Option<TimeDateTimeWithTimeZone>,
         }
 
