@@ -8,6 +8,7 @@ mod auth;
 mod authz;
 mod db;
 mod enforcement;
+mod ip_blocks;
 mod isolation;
 mod keys;
 mod platform;

@@ -543,3 +543,129 @@ async fn a_verifier_that_cannot_hear_from_auth_refuses_users_but_not_services() 
     assert!(hearing.wait_for_revocations(Duration::from_secs(5)).await);
     assert!(hearing.verify(&user).is_ok());
 }
+
+#[tokio::test]
+async fn changing_the_password_checks_the_old_one_and_can_end_the_other_sessions() {
+    let mut h = Harness::start().await;
+    let acme = signed_in_account(&mut h, "acme").await;
+    let here = sign_in(&mut h, &acme).await;
+    let elsewhere = sign_in(&mut h, &acme).await;
+    let change = |token: &str, current: &str, new: &str, revoke: bool| {
+        with_token(
+            pb::ChangePasswordRequest {
+                current_password: current.into(),
+                new_password: new.into(),
+                revoke_other_sessions: revoke,
+            },
+            token,
+        )
+    };
+    let mut auth = h.auth.clone();
+    // The wrong current password is refused like a failed sign-in.
+    let status = auth
+        .change_password(change(
+            &here.access_token,
+            "not it at all",
+            "a new passphrase",
+            true,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(reason(&status), "INVALID_CREDENTIALS");
+    // A common new password is refused, naming the field only.
+    let status = auth
+        .change_password(change(&here.access_token, PASSWORD, "Password123", true))
+        .await
+        .unwrap_err();
+    assert_eq!(penny_tests::bad_fields(&status), ["new_password"]);
+    assert!(!status.message().contains("Password123"));
+    // A token without a session (staff, services) has no password to change.
+    let status = auth
+        .change_password(change(&h.admin, PASSWORD, "a new passphrase", true))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::FailedPrecondition);
+
+    let ended = auth
+        .change_password(change(
+            &here.access_token,
+            PASSWORD,
+            "a brand new passphrase",
+            true,
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .revoked_session_count;
+    assert_eq!(ended, 1);
+    assert_eventually!(
+        Duration::from_secs(2),
+        revoked_everywhere(&h, &elsewhere.access_token, acme.tenant, acme.user).await
+    );
+    assert!(accepted_everywhere(&h, &here.access_token, acme.tenant, acme.user).await);
+    let status = h
+        .login(acme.tenant, &acme.email, PASSWORD)
+        .await
+        .unwrap_err();
+    assert_eq!(reason(&status), "INVALID_CREDENTIALS");
+    h.login(acme.tenant, &acme.email, "a brand new passphrase")
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn introspection_answers_from_auths_own_records() {
+    let mut h = Harness::start().await;
+    let acme = signed_in_account(&mut h, "acme").await;
+    let tokens = sign_in(&mut h, &acme).await;
+    let mut auth = h.auth.clone();
+    let introspect = |token: &str, caller: &str| {
+        with_token(
+            pb::IntrospectTokenRequest {
+                token: token.into(),
+            },
+            caller,
+        )
+    };
+    let service = h.frontend.clone();
+    let found = auth
+        .introspect_token(introspect(&tokens.access_token, &service))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(found.active);
+    let principal = found.principal.unwrap();
+    assert_eq!(principal.id, acme.user.to_string());
+    assert_eq!(principal.session_id, tokens.session_id);
+    assert_eq!(principal.roles, ["owner"]);
+    assert!(!found.token_id.is_empty());
+    // `exp` is whole seconds; the session's expiry was taken a moment before.
+    let exp = found.expire_time.unwrap().seconds;
+    let session_end = tokens.expire_time.unwrap().seconds;
+    assert!((exp - session_end).abs() <= 1, "{exp} vs {session_end}");
+    // Users may not introspect.
+    let status = auth
+        .introspect_token(introspect(&tokens.access_token, &tokens.access_token))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::PermissionDenied);
+    // Garbage and a forged token are simply inactive, with nothing else said.
+    for token in ["garbage", &h.fleet.user_token(acme.tenant, &["owner"])] {
+        let found = auth
+            .introspect_token(introspect(token, &service))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(found, pb::IntrospectTokenResponse::default());
+    }
+    // Logged out: inactive at once (no stream delay: auth's own records).
+    auth.logout(with_token(pb::LogoutRequest {}, &tokens.access_token))
+        .await
+        .unwrap();
+    let found = auth
+        .introspect_token(introspect(&tokens.access_token, &service))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!found.active);
+}

@@ -16,6 +16,9 @@ pub enum AuthError {
     /// Unknown user, wrong password, locked account, suspended user: one answer for all.
     #[error("invalid credentials")]
     InvalidCredentials,
+    /// The client address is on the block list.
+    #[error("sign-in from this address is blocked")]
+    IpBlocked,
     /// An API key secret that is malformed, unknown, revoked or expired.
     #[error("the API key is not valid")]
     ApiKeyInvalid,
@@ -68,6 +71,9 @@ impl From<AuthError> for ApiError {
                 Reason::InvalidCredentials,
                 err.to_string(),
             ),
+            AuthError::IpBlocked => {
+                ApiError::new(Code::PermissionDenied, Reason::IpBlocked, err.to_string())
+            }
             AuthError::ApiKeyInvalid => ApiError::new(
                 Code::Unauthenticated,
                 Reason::Unauthenticated,

@@ -18,10 +18,11 @@ use zeroize::Zeroizing;
 
 use crate::SERVICE_NAME;
 use crate::api_keys::NewApiKey;
+use crate::domain::cidr::{Cidr, CidrError};
 use crate::domain::password::MAX_CHARS;
 use crate::service::{Auth, DEFAULT_RESET_TTL, LoginAttempt, MAX_RESET_TTL};
 use crate::sessions::RevokeTarget;
-use crate::store::{ApiKeyRecord, Revocation, RevocationKind, SessionRecord};
+use crate::store::{ApiKeyRecord, IpBlock, Revocation, RevocationKind, SessionRecord};
 
 /// How long verifiers may cache the JWKS.
 const JWKS_MAX_AGE: Duration = Duration::from_secs(300);
@@ -47,6 +48,12 @@ const MAX_KEY_ROLES: usize = 16;
 const MAX_ROLE_LEN: usize = 64;
 /// Longest presented API key secret.
 const MAX_SECRET_LEN: usize = 128;
+/// Longest token accepted for introspection.
+const MAX_JWT_LEN: usize = 8192;
+/// Longest CIDR text (a full IPv6 address with a prefix).
+const MAX_CIDR_LEN: usize = 43;
+/// Longest IP block.
+const MAX_BLOCK: Duration = Duration::from_secs(365 * 24 * 3600);
 
 /// Login and SetPassword are called by a trusted front-end service on behalf of an end user
 /// (or by platform staff); the JWKS is public.
@@ -66,6 +73,12 @@ pub(crate) fn policy() -> AccessPolicy {
         ("ListApiKeys", Permission("tenant:read")),
         ("RevokeApiKey", Permission("tenant:update")),
         ("ValidateApiKey", ServiceOrAdmin),
+        // The handler also refuses the global list to anyone but staff and services.
+        ("BlockIp", Permission("tenant:update")),
+        ("UnblockIp", Permission("tenant:update")),
+        ("ListBlockedIps", Permission("tenant:read")),
+        ("ChangePassword", Authenticated),
+        ("IntrospectToken", ServiceOrAdmin),
     ]
     .into_iter()
     .fold(AccessPolicy::new(), |policy, (method, requirement)| {
@@ -155,6 +168,36 @@ fn api_key_out(key: &ApiKeyRecord) -> pb::ApiKey {
         last_used_time: key.last_used_at.map(timestamp),
         revoke_time: key.revoked_at.map(timestamp),
     }
+}
+
+fn ip_block_out(block: &IpBlock) -> pb::BlockedIp {
+    pb::BlockedIp {
+        cidr: block.cidr.clone(),
+        tenant_id: if block.tenant_id == crate::ip_blocks::GLOBAL_BLOCKS {
+            String::new()
+        } else {
+            block.tenant_id.to_string()
+        },
+        reason: block.reason.clone(),
+        creator_id: block.creator_id.clone(),
+        create_time: Some(timestamp(block.created_at)),
+        expire_time: block.expires_at.map(timestamp),
+    }
+}
+
+/// An optional tenant id: empty means none (the global block list).
+fn optional_tenant(v: &mut Violations, value: &str) -> Option<Uuid> {
+    (!value.is_empty()).then(|| v.uuid("tenant_id", value))
+}
+
+fn cidr_in(v: &mut Violations, value: &str) -> Option<Cidr> {
+    if value.len() > MAX_CIDR_LEN {
+        v.add("cidr", format!("must be at most {MAX_CIDR_LEN} characters"));
+        return None;
+    }
+    Cidr::parse(value)
+        .map_err(|err: CidrError| v.add("cidr", err.to_string()))
+        .ok()
 }
 
 /// A page cursor that must be a UUID (the listings page by id).
@@ -354,6 +397,156 @@ impl AuthService for AuthGrpc {
                 scopes: Vec::new(),
             }),
             expire_time: key.expires_at.map(timestamp),
+        }))
+    }
+
+    async fn block_ip(
+        &self,
+        request: Request<pb::BlockIpRequest>,
+    ) -> Result<Response<pb::BlockIpResponse>, Status> {
+        let principal = caller(&request)?.clone();
+        let request = request.into_inner();
+        let mut v = Violations::new();
+        let cidr = cidr_in(&mut v, &request.cidr);
+        let tenant = optional_tenant(&mut v, &request.tenant_id);
+        v.text("reason", &request.reason, 1, MAX_REASON_LEN);
+        let duration = match &request.duration {
+            None => None,
+            Some(d) => match u64::try_from(d.seconds) {
+                Ok(s) if (1..=MAX_BLOCK.as_secs()).contains(&s) && d.nanos >= 0 => {
+                    Some(Duration::from_secs(s))
+                }
+                _ => {
+                    v.add("duration", "must be 1 s..365 days");
+                    None
+                }
+            },
+        };
+        v.finish()?;
+        let Some(cidr) = cidr else {
+            return Err(ApiError::invalid_field("cidr", "required").into());
+        };
+        let block = self
+            .auth
+            .block_ip(&principal, tenant, cidr, request.reason, duration)
+            .await?;
+        tracing::warn!(tenant = ?tenant, cidr = %block.cidr, "address blocked");
+        Ok(Response::new(pb::BlockIpResponse {
+            blocked_ip: Some(ip_block_out(&block)),
+        }))
+    }
+
+    async fn unblock_ip(
+        &self,
+        request: Request<pb::UnblockIpRequest>,
+    ) -> Result<Response<pb::UnblockIpResponse>, Status> {
+        let principal = caller(&request)?.clone();
+        let request = request.into_inner();
+        let mut v = Violations::new();
+        let cidr = cidr_in(&mut v, &request.cidr);
+        let tenant = optional_tenant(&mut v, &request.tenant_id);
+        v.finish()?;
+        let Some(cidr) = cidr else {
+            return Err(ApiError::invalid_field("cidr", "required").into());
+        };
+        self.auth.unblock_ip(&principal, tenant, cidr).await?;
+        tracing::info!(tenant = ?tenant, cidr = %cidr, "address unblocked");
+        Ok(Response::new(pb::UnblockIpResponse {}))
+    }
+
+    async fn list_blocked_ips(
+        &self,
+        request: Request<pb::ListBlockedIpsRequest>,
+    ) -> Result<Response<pb::ListBlockedIpsResponse>, Status> {
+        let principal = caller(&request)?.clone();
+        let request = request.into_inner();
+        let mut v = Violations::new();
+        let tenant = optional_tenant(&mut v, &request.tenant_id);
+        let size = page_size(&mut v, request.page_size, 100, 1000);
+        v.finish()?;
+        let after = decode_page_token(&request.page_token)?;
+        let mut blocks = self
+            .auth
+            .list_ip_blocks(&principal, tenant, after.as_deref(), u64::from(size) + 1)
+            .await?;
+        let more = blocks.len() > size as usize;
+        blocks.truncate(size as usize);
+        let next_page_token = match (more, blocks.last()) {
+            (true, Some(last)) => encode_page_token(&last.cidr),
+            _ => String::new(),
+        };
+        Ok(Response::new(pb::ListBlockedIpsResponse {
+            blocked_ips: blocks.iter().map(ip_block_out).collect(),
+            next_page_token,
+        }))
+    }
+
+    async fn change_password(
+        &self,
+        request: Request<pb::ChangePasswordRequest>,
+    ) -> Result<Response<pb::ChangePasswordResponse>, Status> {
+        let principal = caller(&request)?.clone();
+        let request = request.into_inner();
+        let current = Zeroizing::new(request.current_password);
+        let new_password = Zeroizing::new(request.new_password);
+        let mut v = Violations::new();
+        password_in(&mut v, "current_password", &current, true);
+        password_in(&mut v, "new_password", &new_password, true);
+        v.finish()?;
+        let revoked_session_count = self
+            .auth
+            .change_password(
+                &principal,
+                &current,
+                &new_password,
+                request.revoke_other_sessions,
+            )
+            .await?;
+        Ok(Response::new(pb::ChangePasswordResponse {
+            revoked_session_count,
+        }))
+    }
+
+    async fn introspect_token(
+        &self,
+        request: Request<pb::IntrospectTokenRequest>,
+    ) -> Result<Response<pb::IntrospectTokenResponse>, Status> {
+        let token = Zeroizing::new(request.into_inner().token);
+        let mut v = Violations::new();
+        v.length("token", &token, 1, MAX_JWT_LEN);
+        v.finish()?;
+        let Some(claims) = self.auth.introspect(&token).await? else {
+            return Ok(Response::new(pb::IntrospectTokenResponse::default()));
+        };
+        let at = |secs: u64| {
+            OffsetDateTime::from_unix_timestamp(i64::try_from(secs).unwrap_or(0))
+                .ok()
+                .map(timestamp)
+        };
+        let kind = match claims.kind {
+            penny_platform::PrincipalKind::User => penny_proto::common::v1::PrincipalKind::User,
+            penny_platform::PrincipalKind::ApiKey => penny_proto::common::v1::PrincipalKind::ApiKey,
+            penny_platform::PrincipalKind::Service => {
+                penny_proto::common::v1::PrincipalKind::Service
+            }
+        };
+        Ok(Response::new(pb::IntrospectTokenResponse {
+            active: true,
+            principal: Some(pb::Principal {
+                kind: kind as i32,
+                id: claims.sub.clone(),
+                tenant_id: claims.tenant_id.to_string(),
+                roles: claims.roles.clone(),
+                session_id: claims.sid.clone().unwrap_or_default(),
+                scopes: claims
+                    .scope
+                    .as_deref()
+                    .map(|s| s.split_whitespace().map(str::to_owned).collect())
+                    .unwrap_or_default(),
+            }),
+            token_id: claims.jti.clone(),
+            issue_time: at(claims.iat),
+            expire_time: at(claims.exp),
         }))
     }
 

@@ -15,6 +15,7 @@ pub mod config;
 pub mod domain;
 pub mod error;
 mod grpc;
+pub mod ip_blocks;
 pub mod migration;
 pub mod service;
 pub mod sessions;
@@ -65,7 +66,8 @@ pub async fn build(config: AuthConfig, serve_config: &ServeConfig) -> anyhow::Re
         tenants,
         authorizer,
         Arc::new(signing),
-    );
+    )
+    .map_err(|e| anyhow::anyhow!("signing key: {e}"))?;
     auth.spawn_background();
     Ok(auth)
 }

@@ -12,9 +12,10 @@ use std::time::Duration;
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use penny_platform::principal::PrincipalKind;
+use penny_platform::principal::{Claims, PrincipalKind, TokenVerifier};
 use penny_platform::signing::{SigningKey, TokenGrant};
 use penny_platform::{ApiError, Authorizer};
+use penny_platform::{Principal, Reason};
 use penny_proto::authz::v1 as authz_pb;
 use penny_proto::common::v1::PrincipalKind as PbKind;
 use penny_proto::tenants::v1 as tenants_pb;
@@ -28,7 +29,7 @@ use uuid::Uuid;
 use crate::domain::lockout::{CounterKey, LockoutPolicy, Verdict};
 use crate::domain::password::{PasswordHasherPool, policy_problem};
 use crate::error::AuthError;
-use crate::store::{SessionRecord, Store};
+use crate::store::{RevocationKind, SessionRecord, SessionScope, Store};
 
 /// Access tokens live this long unless the tenant's session lifetime is shorter.
 pub const DEFAULT_TOKEN_LIFETIME: Duration = Duration::from_secs(24 * 3600);
@@ -81,6 +82,9 @@ pub struct Auth {
     pub(crate) authorizer: Authorizer,
     signing: Arc<SigningKey>,
     pub(crate) last_used: crate::api_keys::LastUsed,
+    pub(crate) blocks: crate::ip_blocks::BlockCache,
+    /// Verifies this service's own tokens (introspection).
+    verifier: TokenVerifier,
 }
 
 impl std::fmt::Debug for Auth {
@@ -153,6 +157,14 @@ fn internal(err: ApiError) -> AuthError {
     AuthError::Internal(err.message().to_owned())
 }
 
+fn not_a_session() -> AuthError {
+    ApiError::failed_precondition(
+        Reason::FailedPrecondition,
+        "only a signed-in user's session token can change its password",
+    )
+    .into()
+}
+
 impl Auth {
     /// The service over a migrated store.
     pub fn new(
@@ -161,15 +173,18 @@ impl Auth {
         tenants: Channel,
         authorizer: Authorizer,
         signing: Arc<SigningKey>,
-    ) -> Self {
-        Self {
+    ) -> Result<Self, penny_platform::principal::TokenError> {
+        let verifier = TokenVerifier::new(&signing.jwks())?;
+        Ok(Self {
             store,
             hasher,
             tenants: TenantServiceClient::new(tenants),
             authorizer,
             signing,
             last_used: crate::api_keys::LastUsed::default(),
-        }
+            blocks: crate::ip_blocks::BlockCache::default(),
+            verifier,
+        })
     }
 
     /// Writes API key last-use times every [`crate::api_keys::LAST_USED_FLUSH`] until the
@@ -310,6 +325,11 @@ impl Auth {
 
     async fn login_to_the_end(&self, attempt: LoginAttempt) -> Result<SignedIn, AuthError> {
         let now = OffsetDateTime::now_utc();
+        // A blocked address is refused before anything is counted or hashed.
+        if self.ip_blocked(attempt.tenant, attempt.ip).await? {
+            tracing::warn!(tenant = %attempt.tenant, "sign-in refused: the address is blocked");
+            return Err(AuthError::IpBlocked);
+        }
         let tenant = self.tenant(attempt.tenant).await?;
         let active_tenant = tenant
             .as_ref()
@@ -460,11 +480,122 @@ impl Auth {
                 tenant,
                 user_id,
                 &phc,
-                revoke_sessions,
+                revoke_sessions.then_some(SessionScope::All),
                 OffsetDateTime::now_utc(),
             )
             .await?;
         Ok(())
+    }
+
+    /// Changes the caller's own password after checking the current one (a wrong one
+    /// counts against the account's lockout, like a failed sign-in), optionally ending
+    /// every other session. Returns how many sessions ended.
+    pub async fn change_password(
+        &self,
+        caller: &Principal,
+        current: &str,
+        new_password: &str,
+        revoke_others: bool,
+    ) -> Result<u32, AuthError> {
+        let (PrincipalKind::User, Some(Ok(session))) = (
+            caller.kind,
+            caller.session_id.as_deref().map(Uuid::try_parse),
+        ) else {
+            return Err(not_a_session());
+        };
+        let Ok(user_id) = Uuid::try_parse(&caller.id) else {
+            return Err(not_a_session());
+        };
+        let tenant_id = caller.tenant_id;
+        let now = OffsetDateTime::now_utc();
+        let user = self.existing_user(tenant_id, user_id).await?;
+        let policy = self
+            .tenant(tenant_id)
+            .await?
+            .as_ref()
+            .map(lockout_policy)
+            .unwrap_or_default();
+        let keys = [CounterKey::Account(user.email.to_lowercase())];
+        let verdict = self
+            .store
+            .begin_attempt(tenant_id, &keys, &policy, now)
+            .await?;
+        let stored = self.store.password_hash(tenant_id, user_id).await?;
+        let matched = match self.hasher.verify(current, stored.as_deref()).await {
+            Ok(matched) => matched,
+            Err(err) => {
+                if verdict == Verdict::Proceed {
+                    self.store.attempt_abandoned(tenant_id, &keys, now).await?;
+                }
+                return Err(err.into());
+            }
+        };
+        if verdict != Verdict::Proceed {
+            return Err(AuthError::InvalidCredentials);
+        }
+        if !matched {
+            self.store
+                .attempt_failed(tenant_id, &keys, &policy, now)
+                .await?;
+            return Err(AuthError::InvalidCredentials);
+        }
+        self.store.attempt_succeeded(tenant_id, &keys, now).await?;
+        if let Some(problem) = policy_problem(new_password, &user.email) {
+            return Err(AuthError::PasswordPolicy(problem));
+        }
+        let phc = self.hasher.hash(new_password).await?;
+        Ok(self
+            .store
+            .set_password(
+                tenant_id,
+                user_id,
+                &phc,
+                revoke_others.then_some(SessionScope::AllExcept(session)),
+                now,
+            )
+            .await?)
+    }
+
+    /// What a token proves, checked against this service's own records (authoritative,
+    /// with no stream delay): `None` for a token that is invalid, expired or revoked.
+    pub async fn introspect(&self, token: &str) -> Result<Option<Claims>, AuthError> {
+        let Ok(claims) = self.verifier.verify_uncached(token) else {
+            return Ok(None);
+        };
+        let now = OffsetDateTime::now_utc();
+        let issued = OffsetDateTime::from_unix_timestamp(i64::try_from(claims.iat).unwrap_or(0))
+            .unwrap_or(OffsetDateTime::UNIX_EPOCH);
+        let live = match claims.kind {
+            PrincipalKind::User => {
+                let session_live = match claims.sid.as_deref().map(Uuid::try_parse) {
+                    Some(Ok(sid)) => self
+                        .store
+                        .session(claims.tenant_id, sid, now)
+                        .await?
+                        .is_some_and(|(s, live)| live && s.user_id.to_string() == claims.sub),
+                    // A user token without a session is not one this service issues.
+                    _ => false,
+                };
+                session_live
+                    && !self
+                        .store
+                        .revoked_since(claims.tenant_id, RevocationKind::User, &claims.sub, issued)
+                        .await?
+            }
+            PrincipalKind::Service => {
+                !self
+                    .store
+                    .revoked_since(
+                        claims.tenant_id,
+                        RevocationKind::ServiceClient,
+                        &claims.sub,
+                        issued,
+                    )
+                    .await?
+            }
+            PrincipalKind::ApiKey => false,
+        };
+        Ok(live.then_some(claims))
     }
 
     /// Mints a one-time set-password token for a user (invite or reset). Only its hash is

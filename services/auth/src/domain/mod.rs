@@ -1,4 +1,6 @@
-//! Authentication rules, free of transport: password policy and hashing, lockout.
+//! Authentication rules, free of transport: password policy and hashing, lockout, IP
+//! ranges.
 
+pub mod cidr;
 pub mod lockout;
 pub mod password;

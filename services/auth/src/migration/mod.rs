@@ -6,6 +6,7 @@ mod m20261204_000001_create_auth;
 pub mod m20261204_000002_row_level_security;
 mod m20261205_000001_revocations;
 mod m20261205_000002_api_keys;
+mod m20261205_000003_ip_blocks;
 
 /// Runs the auth service's migrations.
 #[derive(Debug)]
@@ -19,6 +20,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261204_000002_row_level_security::Migration),
             Box::new(m20261205_000001_revocations::Migration),
             Box::new(m20261205_000002_api_keys::Migration),
+            Box::new(m20261205_000003_ip_blocks::Migration),
         ]
     }
 

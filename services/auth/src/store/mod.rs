@@ -11,9 +11,11 @@ use uuid::Uuid;
 use crate::domain::lockout::{Counter, CounterKey, LockoutPolicy, Verdict};
 
 mod api_keys;
+mod ip_blocks;
 mod session_log;
 
 pub use api_keys::ApiKeyRecord;
+pub use ip_blocks::{GLOBAL as GLOBAL_BLOCKS, IpBlock};
 pub use session_log::{Revocation, RevocationKind, SessionScope};
 
 mod entity {
@@ -124,6 +126,28 @@ mod entity {
             pub expires_at: Option<TimeDateTimeWithTimeZone>,
             pub last_used_at: Option<TimeDateTimeWithTimeZone>,
             pub revoked_at: Option<TimeDateTimeWithTimeZone>,
+        }
+
+        #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+        pub enum Relation {}
+
+        impl ActiveModelBehavior for ActiveModel {}
+    }
+
+    pub mod ip_blocks {
+        use sea_orm::entity::prelude::*;
+
+        #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+        #[sea_orm(table_name = "auth_ip_blocks")]
+        pub struct Model {
+            #[sea_orm(primary_key, auto_increment = false)]
+            pub tenant_id: Uuid,
+            #[sea_orm(primary_key, auto_increment = false)]
+            pub cidr: String,
+            pub reason: String,
+            pub creator_id: String,
+            pub created_at: TimeDateTimeWithTimeZone,
+            pub expires_at: Option<TimeDateTimeWithTimeZone>,
         }
 
         #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
@@ -396,24 +420,28 @@ impl Store {
         Ok(())
     }
 
-    /// Sets a user's password (the PHC string), optionally ending their sessions.
+    /// Sets a user's password (the PHC string) and ends the sessions in `end`, in one
+    /// transaction. Returns how many sessions ended.
     pub async fn set_password(
         &self,
         tenant: Uuid,
         user: Uuid,
         phc: &str,
-        end_sessions: bool,
+        end: Option<SessionScope>,
         now: OffsetDateTime,
-    ) -> Result<(), DbErr> {
+    ) -> Result<u32, DbErr> {
         let txn = penny_platform::db::begin_tenant(&self.db, tenant).await?;
         Self::put_password_in(&txn, tenant, user, phc, now).await?;
         Self::retire_reset_tokens_in(&txn, tenant, user, now).await?;
-        if end_sessions {
-            Self::end_sessions_in(&txn, tenant, user, SessionScope::All, now).await?;
-        }
+        let ended = match end {
+            Some(scope) => Self::end_sessions_in(&txn, tenant, user, scope, now).await?,
+            None => 0,
+        };
         txn.commit().await?;
-        self.revoked.notify_waiters();
-        Ok(())
+        if ended > 0 {
+            self.revoked.notify_waiters();
+        }
+        Ok(ended)
     }
 
     /// Stores a minted set-password token by its hash, retiring the user's earlier ones.

@@ -280,6 +280,26 @@ impl Store {
         Ok(rows.into_iter().map(record_from).collect())
     }
 
+    /// Whether a revocation of `kind` for `subject` was made at or after `since`.
+    pub async fn revoked_since(
+        &self,
+        tenant: Uuid,
+        kind: RevocationKind,
+        subject: &str,
+        since: OffsetDateTime,
+    ) -> Result<bool, DbErr> {
+        let txn = penny_platform::db::begin_tenant(&self.db, tenant).await?;
+        let found = revocations::Entity::find()
+            .filter(revocations::Column::TenantId.eq(tenant))
+            .filter(revocations::Column::Kind.eq(kind.as_str()))
+            .filter(revocations::Column::SubjectId.eq(subject))
+            .filter(revocations::Column::RevokedAt.gte(since))
+            .one(&txn)
+            .await?;
+        txn.commit().await?;
+        Ok(found.is_some())
+    }
+
     /// The newest sequence number handed out (0 before the first revocation).
     pub async fn latest_revocation(&self) -> Result<u64, DbErr> {
         let backend = self.db.get_database_backend();
