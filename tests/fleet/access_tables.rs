@@ -195,12 +195,19 @@ async fn every_rpc_has_a_rule_and_a_viewer_gets_no_more_than_it_allows() {
                         method.path
                     );
                 }
-                Requirement::Authenticated if method.path.ends_with("/Logout") => {
-                    // The one empty request a viewer may make: ending its own session
-                    // (this test token's subject is no user id, so there is none to end).
-                    if let Err(status) = result {
-                        assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
-                    }
+                Requirement::Enrollment => {
+                    // Acting on the caller's own session or enrolment (Logout, EnrollMfa,
+                    // ConfirmMfa): this test token's subject is no user id, so there is
+                    // nothing to act on, or the empty request is invalid.
+                    let status = result.expect_err(&method.path);
+                    assert!(
+                        matches!(
+                            status.code(),
+                            Code::FailedPrecondition | Code::InvalidArgument
+                        ),
+                        "{}: {status:?}",
+                        method.path
+                    );
                 }
                 Requirement::Authenticated => {
                     // Admitted by the stack; the handler decides, and an empty request is
@@ -218,7 +225,7 @@ async fn every_rpc_has_a_rule_and_a_viewer_gets_no_more_than_it_allows() {
             }
         }
     }
-    assert_eq!(called, 10 + 12 + 13 + 16);
+    assert_eq!(called, 10 + 12 + 13 + 20);
 }
 
 #[tokio::test]

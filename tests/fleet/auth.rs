@@ -551,25 +551,6 @@ pub(crate) mod service {
     }
 
     #[tokio::test]
-    async fn a_tenant_that_requires_mfa_refuses_sign_in_only_after_the_password() {
-        let mut h = Harness::start().await;
-        let account = h.tenant("strict", true).await;
-        let right = "correct horse battery staple";
-        h.set_password(&account, right).await;
-        let wrong = h
-            .login(account.tenant, &account.email, "not the password")
-            .await
-            .unwrap_err();
-        assert_eq!(reason(&wrong), "INVALID_CREDENTIALS");
-        let status = h
-            .login(account.tenant, &account.email, right)
-            .await
-            .unwrap_err();
-        assert_eq!(status.code(), Code::FailedPrecondition);
-        assert_eq!(reason(&status), "MFA_NOT_ENROLLED");
-    }
-
-    #[tokio::test]
     async fn only_trusted_callers_sign_users_in() {
         let mut h = Harness::start().await;
         let account = h.tenant("acme", false).await;

@@ -11,6 +11,7 @@ mod enforcement;
 mod ip_blocks;
 mod isolation;
 mod keys;
+mod mfa;
 mod platform;
 mod sessions;
 mod tenants;

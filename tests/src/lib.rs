@@ -416,6 +416,10 @@ impl TestFleetBuilder {
                         &config,
                         database,
                         format!("http://{}", tenants.server.addr),
+                        format!(
+                            "http://{}",
+                            keys.as_ref().expect("keys run with auth").server.addr
+                        ),
                         data_dir.path(),
                         listener,
                     )
@@ -740,6 +744,7 @@ async fn start_auth_on(
     config: &ServeConfig,
     database: TestDatabase,
     tenants_url: String,
+    keys_url: String,
     signing_key_dir: &Path,
     listener: TcpListener,
 ) -> AuthServer {
@@ -748,6 +753,7 @@ async fn start_auth_on(
             database_url: database.url.clone(),
             migration_database_url: database.migration_url.clone(),
             tenants_url,
+            keys_url,
             signing_key_dir: signing_key_dir.to_owned(),
         },
         config,

@@ -27,6 +27,9 @@ pub struct Args {
     /// security policy.
     #[arg(long = "auth-tenants-url", env = "PENNY_TENANTS_URL")]
     pub tenants_url: String,
+    /// The keys service (`http://host:port`), which encrypts TOTP secrets.
+    #[arg(long = "auth-keys-url", env = "PENNY_KEYS_URL")]
+    pub keys_url: String,
     /// Directory holding the Ed25519 token-signing key (`signing-key.pk8`, created 0600 if
     /// missing) and its JWKS. Every service's `PENNY_JWKS_FILE` must publish this key.
     #[arg(long = "auth-signing-key-dir", env = "PENNY_AUTH_SIGNING_KEY_DIR")]
@@ -43,6 +46,8 @@ pub struct AuthConfig {
     pub migration_database_url: Option<String>,
     /// The tenants service.
     pub tenants_url: String,
+    /// The keys service.
+    pub keys_url: String,
     /// Where the signing key lives.
     pub signing_key_dir: PathBuf,
 }
@@ -54,6 +59,7 @@ impl Args {
             database_url: self.database_url,
             migration_database_url: self.migration_database_url,
             tenants_url: self.tenants_url,
+            keys_url: self.keys_url,
             signing_key_dir: self.signing_key_dir,
         }
     }

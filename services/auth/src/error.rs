@@ -31,11 +31,6 @@ pub enum AuthError {
     /// The user does not exist (administrative path).
     #[error("user not found")]
     UserNotFound,
-    /// The tenant requires MFA, which cannot be enrolled in this version.
-    #[error(
-        "this tenant requires MFA; MFA enrolment is not available in this version, so sign-in is refused"
-    )]
-    MfaRequired,
     /// A service the call needs did not answer.
     #[error("the {0} service is unavailable")]
     Dependency(&'static str),
@@ -87,9 +82,6 @@ impl From<AuthError> for ApiError {
             AuthError::PasswordPolicy(why) => ApiError::invalid_field("new_password", why)
                 .with_reason(Reason::PasswordPolicyViolation),
             AuthError::UserNotFound => ApiError::not_found(Reason::NotFound, err.to_string()),
-            AuthError::MfaRequired => {
-                ApiError::failed_precondition(Reason::MfaNotEnrolled, err.to_string())
-            }
             AuthError::Dependency(_) => ApiError::unavailable(
                 Reason::DependencyUnavailable,
                 err.to_string(),

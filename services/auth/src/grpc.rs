@@ -4,6 +4,7 @@ use std::net::IpAddr;
 use std::pin::Pin;
 use std::time::Duration;
 
+use penny_platform::access::ENROLL_SCOPE;
 use penny_platform::page::{decode_page_token, encode_page_token, page_token_error};
 use penny_platform::stack::{caller, caller_credential, draining};
 use penny_platform::validate::{Violations, page_size};
@@ -20,7 +21,10 @@ use crate::SERVICE_NAME;
 use crate::api_keys::NewApiKey;
 use crate::domain::cidr::{Cidr, CidrError};
 use crate::domain::password::MAX_CHARS;
-use crate::service::{Auth, DEFAULT_RESET_TTL, LoginAttempt, MAX_RESET_TTL};
+use crate::mfa::Proof;
+use crate::service::{
+    Auth, DEFAULT_RESET_TTL, LoginAttempt, MAX_RESET_TTL, SignInOutcome, SignedIn,
+};
 use crate::sessions::RevokeTarget;
 use crate::store::{ApiKeyRecord, IpBlock, Revocation, RevocationKind, SessionRecord};
 
@@ -48,6 +52,8 @@ const MAX_KEY_ROLES: usize = 16;
 const MAX_ROLE_LEN: usize = 64;
 /// Longest presented API key secret.
 const MAX_SECRET_LEN: usize = 128;
+/// Longest TOTP or recovery code.
+const MAX_CODE_LEN: usize = 64;
 /// Longest token accepted for introspection.
 const MAX_JWT_LEN: usize = 8192;
 /// Longest CIDR text (a full IPv6 address with a prefix).
@@ -58,13 +64,18 @@ const MAX_BLOCK: Duration = Duration::from_secs(365 * 24 * 3600);
 /// Login and SetPassword are called by a trusted front-end service on behalf of an end user
 /// (or by platform staff); the JWKS is public.
 pub(crate) fn policy() -> AccessPolicy {
-    use Requirement::{Authenticated, Permission, Public, ServiceOrAdmin};
+    use Requirement::{Authenticated, Enrollment, Permission, Public, ServiceOrAdmin};
     [
         ("SetPassword", ServiceOrAdmin),
         ("Login", ServiceOrAdmin),
         ("GetJwks", Public),
         // Users act on their own sessions; the handler asks authz for anything more.
-        ("Logout", Authenticated),
+        ("Logout", Enrollment),
+        // An enrolment-only token (scope `mfa:enroll`) is good here and nowhere else.
+        ("EnrollMfa", Enrollment),
+        ("ConfirmMfa", Enrollment),
+        ("VerifyMfa", ServiceOrAdmin),
+        ("DisableMfa", Authenticated),
         ("ListSessions", Authenticated),
         ("RevokeSession", Authenticated),
         ("WatchRevocations", ServiceOrAdmin),
@@ -121,6 +132,32 @@ fn password_in(v: &mut Violations, field: &str, value: &str, required: bool) {
         v.add(field, "required");
     } else if chars > MAX_CHARS {
         v.add(field, format!("must be at most {MAX_CHARS} characters"));
+    }
+}
+
+fn ip_in(v: &mut Violations, value: &str) -> Option<IpAddr> {
+    match value.parse::<IpAddr>() {
+        Ok(ip) => Some(ip),
+        Err(_) => {
+            v.add(
+                "ip_address",
+                "required: the end user's IPv4 or IPv6 address",
+            );
+            None
+        }
+    }
+}
+
+fn tokens_out(signed_in: SignedIn, scopes: &[&str]) -> pb::Tokens {
+    let session = &signed_in.session;
+    pb::Tokens {
+        token_type: "Bearer".into(),
+        expire_time: Some(timestamp(session.expires_at)),
+        session_id: session.id.to_string(),
+        user_id: session.user_id.to_string(),
+        tenant_id: session.tenant_id.to_string(),
+        scopes: scopes.iter().map(|s| (*s).to_owned()).collect(),
+        access_token: signed_in.access_token,
     }
 }
 
@@ -772,16 +809,7 @@ impl AuthService for AuthGrpc {
         let tenant = v.uuid("tenant_id", &request.tenant_id);
         v.length("email", &request.email, 3, 254);
         password_in(&mut v, "password", &password, true);
-        let ip = match request.ip_address.parse::<IpAddr>() {
-            Ok(ip) => Some(ip),
-            Err(_) => {
-                v.add(
-                    "ip_address",
-                    "required: the end user's IPv4 or IPv6 address",
-                );
-                None
-            }
-        };
+        let ip = ip_in(&mut v, &request.ip_address);
         v.text("user_agent", &request.user_agent, 0, MAX_USER_AGENT_LEN);
         v.finish()?;
         let Some(ip) = ip else {
@@ -797,18 +825,129 @@ impl AuthService for AuthGrpc {
                 user_agent: request.user_agent,
             })
             .await?;
-        let session = &signed_in.session;
+        let result = match signed_in {
+            SignInOutcome::SignedIn(signed_in) => {
+                pb::login_response::Result::Tokens(tokens_out(signed_in, &[]))
+            }
+            SignInOutcome::Challenge {
+                challenge,
+                expires_at,
+            } => pb::login_response::Result::MfaChallenge(pb::MfaChallenge {
+                challenge_token: challenge,
+                expire_time: Some(timestamp(expires_at)),
+            }),
+            SignInOutcome::MustEnroll(signed_in) => pb::login_response::Result::MfaEnrollmentToken(
+                tokens_out(signed_in, &[ENROLL_SCOPE]),
+            ),
+        };
         Ok(Response::new(pb::LoginResponse {
-            result: Some(pb::login_response::Result::Tokens(pb::Tokens {
-                access_token: signed_in.access_token,
-                token_type: "Bearer".into(),
-                expire_time: Some(timestamp(session.expires_at)),
-                session_id: session.id.to_string(),
-                user_id: session.user_id.to_string(),
-                tenant_id: session.tenant_id.to_string(),
-                scopes: Vec::new(),
-            })),
+            result: Some(result),
         }))
+    }
+
+    async fn enroll_mfa(
+        &self,
+        request: Request<pb::EnrollMfaRequest>,
+    ) -> Result<Response<pb::EnrollMfaResponse>, Status> {
+        let principal = caller(&request)?.clone();
+        let enrolment = self.auth.enroll_mfa(&principal).await?;
+        Ok(Response::new(pb::EnrollMfaResponse {
+            secret: enrolment.secret.to_string(),
+            otpauth_uri: enrolment.uri.to_string(),
+            qr_code_png: enrolment.qr_png,
+            expire_time: Some(timestamp(enrolment.expires_at)),
+        }))
+    }
+
+    async fn confirm_mfa(
+        &self,
+        request: Request<pb::ConfirmMfaRequest>,
+    ) -> Result<Response<pb::ConfirmMfaResponse>, Status> {
+        let principal = caller(&request)?.clone();
+        let code = Zeroizing::new(request.into_inner().totp_code);
+        let mut v = Violations::new();
+        v.length("totp_code", &code, 1, MAX_CODE_LEN);
+        v.finish()?;
+        let (codes, upgraded) = self.auth.confirm_mfa(&principal, &code).await?;
+        tracing::info!(tenant = %principal.tenant_id, "MFA activated");
+        Ok(Response::new(pb::ConfirmMfaResponse {
+            recovery_codes: codes.iter().map(|c| c.to_string()).collect(),
+            tokens: upgraded.map(|signed_in| tokens_out(signed_in, &[])),
+        }))
+    }
+
+    async fn verify_mfa(
+        &self,
+        request: Request<pb::VerifyMfaRequest>,
+    ) -> Result<Response<pb::VerifyMfaResponse>, Status> {
+        let request = request.into_inner();
+        let challenge = Zeroizing::new(request.challenge_token);
+        let mut v = Violations::new();
+        v.length("challenge_token", &challenge, 1, MAX_TOKEN_LEN);
+        let proof = match request.code {
+            Some(pb::verify_mfa_request::Code::TotpCode(code)) => {
+                v.length("totp_code", &code, 1, MAX_CODE_LEN);
+                Some(Proof::Totp(Zeroizing::new(code)))
+            }
+            Some(pb::verify_mfa_request::Code::RecoveryCode(code)) => {
+                v.length("recovery_code", &code, 1, MAX_CODE_LEN);
+                Some(Proof::Recovery(Zeroizing::new(code)))
+            }
+            None => {
+                v.add("code", "one of totp_code or recovery_code is required");
+                None
+            }
+        };
+        let ip = ip_in(&mut v, &request.ip_address);
+        v.text("user_agent", &request.user_agent, 0, MAX_USER_AGENT_LEN);
+        v.finish()?;
+        let (Some(proof), Some(ip)) = (proof, ip) else {
+            return Err(ApiError::invalid_field("code", "required").into());
+        };
+        let (signed_in, left) = self
+            .auth
+            .verify_mfa(&challenge, proof, ip, request.user_agent)
+            .await?;
+        Ok(Response::new(pb::VerifyMfaResponse {
+            tokens: Some(tokens_out(signed_in, &[])),
+            recovery_codes_remaining: left,
+        }))
+    }
+
+    async fn disable_mfa(
+        &self,
+        request: Request<pb::DisableMfaRequest>,
+    ) -> Result<Response<pb::DisableMfaResponse>, Status> {
+        let principal = caller(&request)?.clone();
+        let mut v = Violations::new();
+        let proof = match request.into_inner().proof {
+            Some(pb::disable_mfa_request::Proof::TotpCode(code)) => {
+                v.length("totp_code", &code, 1, MAX_CODE_LEN);
+                Some(Proof::Totp(Zeroizing::new(code)))
+            }
+            Some(pb::disable_mfa_request::Proof::RecoveryCode(code)) => {
+                v.length("recovery_code", &code, 1, MAX_CODE_LEN);
+                Some(Proof::Recovery(Zeroizing::new(code)))
+            }
+            Some(pb::disable_mfa_request::Proof::Password(password)) => {
+                password_in(&mut v, "password", &password, true);
+                Some(Proof::Password(Zeroizing::new(password)))
+            }
+            None => {
+                v.add(
+                    "proof",
+                    "one of totp_code, recovery_code or password is required",
+                );
+                None
+            }
+        };
+        v.finish()?;
+        let Some(proof) = proof else {
+            return Err(ApiError::invalid_field("proof", "required").into());
+        };
+        self.auth.disable_mfa(&principal, proof).await?;
+        tracing::info!(tenant = %principal.tenant_id, "MFA switched off");
+        Ok(Response::new(pb::DisableMfaResponse {}))
     }
 
     async fn get_jwks(

@@ -16,6 +16,7 @@ pub mod domain;
 pub mod error;
 mod grpc;
 pub mod ip_blocks;
+pub mod mfa;
 pub mod migration;
 pub mod service;
 pub mod sessions;
@@ -45,6 +46,9 @@ pub async fn build(config: AuthConfig, serve_config: &ServeConfig) -> anyhow::Re
     let tenants = tonic::transport::Endpoint::from_shared(config.tenants_url.clone())
         .with_context(|| format!("PENNY_TENANTS_URL: not a URL: {}", config.tenants_url))?
         .connect_lazy();
+    let keys = tonic::transport::Endpoint::from_shared(config.keys_url.clone())
+        .with_context(|| format!("PENNY_KEYS_URL: not a URL: {}", config.keys_url))?
+        .connect_lazy();
     let signing = SigningKey::load_or_create(&config.signing_key_dir).with_context(|| {
         format!(
             "PENNY_AUTH_SIGNING_KEY_DIR {}: cannot load the signing key",
@@ -64,6 +68,7 @@ pub async fn build(config: AuthConfig, serve_config: &ServeConfig) -> anyhow::Re
         store::Store::new(db),
         hasher,
         tenants,
+        keys,
         authorizer,
         Arc::new(signing),
     )

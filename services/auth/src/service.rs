@@ -12,12 +12,14 @@ use std::time::Duration;
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use penny_platform::access::ENROLL_SCOPE;
 use penny_platform::principal::{Claims, PrincipalKind, TokenVerifier};
 use penny_platform::signing::{SigningKey, TokenGrant};
 use penny_platform::{ApiError, Authorizer};
 use penny_platform::{Principal, Reason};
 use penny_proto::authz::v1 as authz_pb;
 use penny_proto::common::v1::PrincipalKind as PbKind;
+use penny_proto::keys::v1::key_service_client::KeyServiceClient;
 use penny_proto::tenants::v1 as tenants_pb;
 use penny_proto::tenants::v1::tenant_service_client::TenantServiceClient;
 use sha2::{Digest, Sha256};
@@ -64,6 +66,23 @@ impl std::fmt::Debug for LoginAttempt {
     }
 }
 
+/// How a sign-in with the right password ends.
+#[derive(Debug, Clone)]
+pub enum SignInOutcome {
+    /// Tokens for a new session.
+    SignedIn(SignedIn),
+    /// The user has MFA: the second step needs this challenge.
+    Challenge {
+        /// The single-use challenge token.
+        challenge: String,
+        /// When it lapses.
+        expires_at: OffsetDateTime,
+    },
+    /// The tenant requires MFA and the user has none: a session whose token only allows
+    /// enrolment.
+    MustEnroll(SignedIn),
+}
+
 /// A successful sign-in.
 #[derive(Debug, Clone)]
 pub struct SignedIn {
@@ -79,6 +98,7 @@ pub struct Auth {
     pub(crate) store: Store,
     hasher: PasswordHasherPool,
     tenants: TenantServiceClient<Channel>,
+    pub(crate) keys: KeyServiceClient<Channel>,
     pub(crate) authorizer: Authorizer,
     signing: Arc<SigningKey>,
     pub(crate) last_used: crate::api_keys::LastUsed,
@@ -101,10 +121,26 @@ pub(crate) fn token_hash(token: &str) -> String {
         .collect()
 }
 
-/// The tenant a set-password token belongs to (tokens carry it, so the lookup runs inside
-/// that tenant's row level security scope).
+/// A one-time token: `prefix`, the tenant (so its lookup runs inside that tenant's row
+/// level security scope), and 32 random bytes. Only its hash is stored.
+pub(crate) fn new_prefixed_token(prefix: &str, tenant: Uuid) -> String {
+    let mut secret = zeroize::Zeroizing::new([0u8; 32]);
+    rand::fill(&mut secret[..]);
+    format!(
+        "{prefix}{}_{}",
+        tenant.simple(),
+        URL_SAFE_NO_PAD.encode(&secret[..])
+    )
+}
+
+/// The tenant a set-password token belongs to.
 fn reset_token_tenant(token: &str) -> Option<Uuid> {
-    let rest = token.strip_prefix(RESET_PREFIX)?;
+    prefixed_token_tenant(token, RESET_PREFIX)
+}
+
+/// The tenant a token made by [`new_prefixed_token`] with `prefix` names.
+pub(crate) fn prefixed_token_tenant(token: &str, prefix: &str) -> Option<Uuid> {
+    let rest = token.strip_prefix(prefix)?;
     let (tenant, secret) = rest.split_once('_')?;
     if secret.len() != 43 {
         return None;
@@ -145,7 +181,7 @@ fn token_lifetime(tenant: &tenants_pb::Tenant) -> Duration {
         })
 }
 
-fn dependency(service: &'static str, status: &tonic::Status) -> AuthError {
+pub(crate) fn dependency(service: &'static str, status: &tonic::Status) -> AuthError {
     if penny_platform::error::is_transient(status) {
         AuthError::Dependency(service)
     } else {
@@ -171,6 +207,7 @@ impl Auth {
         store: Store,
         hasher: PasswordHasherPool,
         tenants: Channel,
+        keys: Channel,
         authorizer: Authorizer,
         signing: Arc<SigningKey>,
     ) -> Result<Self, penny_platform::principal::TokenError> {
@@ -179,6 +216,7 @@ impl Auth {
             store,
             hasher,
             tenants: TenantServiceClient::new(tenants),
+            keys: KeyServiceClient::new(keys),
             authorizer,
             signing,
             last_used: crate::api_keys::LastUsed::default(),
@@ -220,7 +258,10 @@ impl Auth {
     }
 
     /// The tenant, or `None` when there is no such tenant.
-    async fn tenant(&self, tenant: Uuid) -> Result<Option<tenants_pb::Tenant>, AuthError> {
+    pub(crate) async fn tenant(
+        &self,
+        tenant: Uuid,
+    ) -> Result<Option<tenants_pb::Tenant>, AuthError> {
         let request = self
             .authorizer
             .service_request(tenants_pb::GetTenantRequest {
@@ -275,12 +316,6 @@ impl Auth {
     /// The names of the roles bound to the user at tenant scope (the token's `roles`
     /// claim; authz's bindings stay the source of truth).
     async fn roles(&self, tenant: Uuid, user: Uuid) -> Result<Vec<String>, AuthError> {
-        // Authz keeps the platform tenant's bindings from services, and a token claiming
-        // `admin` there would make its holder platform staff: staff tokens are not issued
-        // by sign-in (the platform tenant requires MFA, which is not built).
-        if tenant == penny_platform::principal::PLATFORM_TENANT_ID {
-            return Ok(Vec::new());
-        }
         let request = self
             .authorizer
             .service_request(authz_pb::ListRoleBindingsRequest {
@@ -314,7 +349,7 @@ impl Auth {
 
     /// Signs in: tokens for a new session, or `InvalidCredentials` for every kind of
     /// failure alike.
-    pub async fn login(&self, attempt: LoginAttempt) -> Result<SignedIn, AuthError> {
+    pub async fn login(&self, attempt: LoginAttempt) -> Result<SignInOutcome, AuthError> {
         // Run to the end even if the caller goes away: an admitted attempt must always be
         // recorded or released, or it would hold its account's in-flight count.
         let this = self.clone();
@@ -323,7 +358,7 @@ impl Auth {
             .map_err(|_| AuthError::Internal("the sign-in task was lost".into()))?
     }
 
-    async fn login_to_the_end(&self, attempt: LoginAttempt) -> Result<SignedIn, AuthError> {
+    async fn login_to_the_end(&self, attempt: LoginAttempt) -> Result<SignInOutcome, AuthError> {
         let now = OffsetDateTime::now_utc();
         // A blocked address is refused before anything is counted or hashed.
         if self.ip_blocked(attempt.tenant, attempt.ip).await? {
@@ -380,41 +415,184 @@ impl Auth {
         self.store
             .attempt_succeeded(attempt.tenant, &keys, now)
             .await?;
+        // The password was right: a second factor if the user has one, enrolment if the
+        // tenant demands one, tokens otherwise.
+        if self.mfa_active(attempt.tenant, user_id).await? {
+            let (challenge, expires_at) = self
+                .open_challenge(attempt.tenant, user_id, attempt.ip)
+                .await?;
+            return Ok(SignInOutcome::Challenge {
+                challenge,
+                expires_at,
+            });
+        }
         if tenant
             .security_policy
             .as_ref()
             .is_some_and(|p| p.mfa_required)
         {
-            return Err(AuthError::MfaRequired);
+            let signed_in = self
+                .start_session(
+                    tenant,
+                    user_id,
+                    attempt.ip,
+                    attempt.user_agent,
+                    false,
+                    &[ENROLL_SCOPE],
+                )
+                .await?;
+            return Ok(SignInOutcome::MustEnroll(signed_in));
         }
+        let signed_in = self
+            .start_session(tenant, user_id, attempt.ip, attempt.user_agent, false, &[])
+            .await?;
+        Ok(SignInOutcome::SignedIn(signed_in))
+    }
+
+    /// Records a new session and mints its token. In the platform tenant the token carries
+    /// roles only when a second factor was verified: a staff token is never issued on a
+    /// password alone.
+    pub(crate) async fn start_session(
+        &self,
+        tenant: &tenants_pb::Tenant,
+        user: Uuid,
+        ip: IpAddr,
+        user_agent: String,
+        mfa_verified: bool,
+        scopes: &[&str],
+    ) -> Result<SignedIn, AuthError> {
+        let tenant_id = Uuid::try_parse(&tenant.id)
+            .map_err(|_| AuthError::Internal("tenants answered a malformed tenant id".into()))?;
+        let now = OffsetDateTime::now_utc();
         let lifetime = token_lifetime(tenant);
         let session = SessionRecord {
             id: Uuid::now_v7(),
-            tenant_id: attempt.tenant,
-            user_id,
-            ip_address: attempt.ip.to_string(),
-            user_agent: attempt.user_agent,
+            tenant_id,
+            user_id: user,
+            ip_address: ip.to_string(),
+            user_agent,
             created_at: now,
             expires_at: now + lifetime,
-            mfa_verified: false,
+            mfa_verified,
         };
-        let roles = self.roles(attempt.tenant, user_id).await?;
+        let roles = self
+            .token_roles(tenant_id, user, mfa_verified, scopes)
+            .await?;
         self.store.insert_session(&session).await?;
-        let access_token = self
-            .signing
-            .mint(&TokenGrant {
-                subject: user_id.to_string(),
-                tenant_id: attempt.tenant,
-                roles,
-                kind: PrincipalKind::User,
-                session_id: Some(session.id.to_string()),
-                lifetime,
-            })
-            .map_err(|e| AuthError::Internal(e.to_string()))?;
+        let access_token = self.mint_for(&session, roles, lifetime, scopes)?;
         Ok(SignedIn {
             session,
             access_token,
         })
+    }
+
+    /// Full tokens for an existing session (after MFA enrolment upgraded it), living no
+    /// longer than the session.
+    pub(crate) async fn reissue(
+        &self,
+        caller: &Principal,
+        session: Uuid,
+    ) -> Result<SignedIn, AuthError> {
+        let now = OffsetDateTime::now_utc();
+        let Some((mut record, true)) = self.store.session(caller.tenant_id, session, now).await?
+        else {
+            return Err(ApiError::unauthenticated(Reason::TokenRevoked).into());
+        };
+        record.mfa_verified = true;
+        let lifetime = Duration::from_secs(
+            u64::try_from((record.expires_at - now).whole_seconds()).unwrap_or(0),
+        );
+        let roles = self
+            .token_roles(record.tenant_id, record.user_id, true, &[])
+            .await?;
+        let access_token = self.mint_for(&record, roles, lifetime, &[])?;
+        Ok(SignedIn {
+            session: record,
+            access_token,
+        })
+    }
+
+    /// The roles a new token carries: none for an enrolment-only token, none in the
+    /// platform tenant without a verified second factor.
+    async fn token_roles(
+        &self,
+        tenant: Uuid,
+        user: Uuid,
+        mfa_verified: bool,
+        scopes: &[&str],
+    ) -> Result<Vec<String>, AuthError> {
+        if !scopes.is_empty()
+            || (tenant == penny_platform::principal::PLATFORM_TENANT_ID && !mfa_verified)
+        {
+            return Ok(Vec::new());
+        }
+        self.roles(tenant, user).await
+    }
+
+    fn mint_for(
+        &self,
+        session: &SessionRecord,
+        roles: Vec<String>,
+        lifetime: Duration,
+        scopes: &[&str],
+    ) -> Result<String, AuthError> {
+        self.signing
+            .mint_scoped(
+                &TokenGrant {
+                    subject: session.user_id.to_string(),
+                    tenant_id: session.tenant_id,
+                    roles,
+                    kind: PrincipalKind::User,
+                    session_id: Some(session.id.to_string()),
+                    lifetime,
+                },
+                scopes,
+            )
+            .map_err(|e| AuthError::Internal(e.to_string()))
+    }
+
+    /// Whether `password` is the user's, counted against the account's lockout like a
+    /// sign-in (a wrong one is a failure; a locked account never matches).
+    pub(crate) async fn password_matches(
+        &self,
+        tenant_id: Uuid,
+        user_id: Uuid,
+        password: &str,
+    ) -> Result<bool, AuthError> {
+        let now = OffsetDateTime::now_utc();
+        let user = self.existing_user(tenant_id, user_id).await?;
+        let policy = self
+            .tenant(tenant_id)
+            .await?
+            .as_ref()
+            .map(lockout_policy)
+            .unwrap_or_default();
+        let keys = [CounterKey::Account(user.email.to_lowercase())];
+        let verdict = self
+            .store
+            .begin_attempt(tenant_id, &keys, &policy, now)
+            .await?;
+        let stored = self.store.password_hash(tenant_id, user_id).await?;
+        let matched = match self.hasher.verify(password, stored.as_deref()).await {
+            Ok(matched) => matched,
+            Err(err) => {
+                if verdict == Verdict::Proceed {
+                    self.store.attempt_abandoned(tenant_id, &keys, now).await?;
+                }
+                return Err(err.into());
+            }
+        };
+        if verdict != Verdict::Proceed {
+            return Ok(false);
+        }
+        if matched {
+            self.store.attempt_succeeded(tenant_id, &keys, now).await?;
+        } else {
+            self.store
+                .attempt_failed(tenant_id, &keys, &policy, now)
+                .await?;
+        }
+        Ok(matched)
     }
 
     /// The same work for every attempt: the user by email (none when the tenant or user
@@ -508,38 +686,10 @@ impl Auth {
         };
         let tenant_id = caller.tenant_id;
         let now = OffsetDateTime::now_utc();
+        if !self.password_matches(tenant_id, user_id, current).await? {
+            return Err(AuthError::InvalidCredentials);
+        }
         let user = self.existing_user(tenant_id, user_id).await?;
-        let policy = self
-            .tenant(tenant_id)
-            .await?
-            .as_ref()
-            .map(lockout_policy)
-            .unwrap_or_default();
-        let keys = [CounterKey::Account(user.email.to_lowercase())];
-        let verdict = self
-            .store
-            .begin_attempt(tenant_id, &keys, &policy, now)
-            .await?;
-        let stored = self.store.password_hash(tenant_id, user_id).await?;
-        let matched = match self.hasher.verify(current, stored.as_deref()).await {
-            Ok(matched) => matched,
-            Err(err) => {
-                if verdict == Verdict::Proceed {
-                    self.store.attempt_abandoned(tenant_id, &keys, now).await?;
-                }
-                return Err(err.into());
-            }
-        };
-        if verdict != Verdict::Proceed {
-            return Err(AuthError::InvalidCredentials);
-        }
-        if !matched {
-            self.store
-                .attempt_failed(tenant_id, &keys, &policy, now)
-                .await?;
-            return Err(AuthError::InvalidCredentials);
-        }
-        self.store.attempt_succeeded(tenant_id, &keys, now).await?;
         if let Some(problem) = policy_problem(new_password, &user.email) {
             return Err(AuthError::PasswordPolicy(problem));
         }
@@ -607,13 +757,7 @@ impl Auth {
         ttl: Duration,
     ) -> Result<(String, OffsetDateTime), AuthError> {
         self.existing_user(tenant, user_id).await?;
-        let mut secret = zeroize::Zeroizing::new([0u8; 32]);
-        rand::fill(&mut secret[..]);
-        let token = format!(
-            "{RESET_PREFIX}{}_{}",
-            tenant.simple(),
-            URL_SAFE_NO_PAD.encode(&secret[..])
-        );
+        let token = new_prefixed_token(RESET_PREFIX, tenant);
         let now = OffsetDateTime::now_utc();
         let expires = now + ttl;
         self.store
@@ -622,7 +766,7 @@ impl Auth {
         Ok((token, expires))
     }
 
-    async fn existing_user(
+    pub(crate) async fn existing_user(
         &self,
         tenant: Uuid,
         user_id: Uuid,

@@ -377,6 +377,7 @@ async fn start_auth_fleet(
             database_url: penny_platform::db::sqlite_url(&data_dir.0, "auth"),
             migration_database_url: None,
             tenants_url: format!("http://{}", addrs[2]),
+            keys_url: format!("http://{}", addrs[0]),
             signing_key_dir: data_dir.0.clone(),
         },
         &config,

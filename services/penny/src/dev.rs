@@ -144,6 +144,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         database_url: penny_platform::db::sqlite_url(&args.data_dir, "auth"),
         migration_database_url: None,
         tenants_url: format!("http://{}:{TENANTS_PORT}", args.host),
+        keys_url: format!("http://{}:{KEYS_PORT}", args.host),
         signing_key_dir: args.data_dir.clone(),
     };
     let listener = bind(&args.host, AUTH_PORT, "auth").await?;

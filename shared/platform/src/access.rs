@@ -9,6 +9,9 @@ use std::collections::HashMap;
 use crate::error::ApiError;
 use crate::principal::Principal;
 
+/// The scope of a user token that only allows MFA enrolment.
+pub const ENROLL_SCOPE: &str = "mfa:enroll";
+
 /// What a caller must be to call one RPC.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Requirement {
@@ -16,6 +19,9 @@ pub enum Requirement {
     Public,
     /// Any authenticated principal.
     Authenticated,
+    /// Any authenticated principal, including a user token restricted to MFA enrolment
+    /// (scope [`ENROLL_SCOPE`]); every other requirement refuses restricted user tokens.
+    Enrollment,
     /// A fleet service, or platform staff.
     ServiceOrAdmin,
     /// Platform staff only.
@@ -47,8 +53,19 @@ impl Requirement {
     /// Decides what can be decided from the principal alone; a [`Self::Permission`] also
     /// needs the authz service (see [`Self::permission_for`]).
     pub fn check(self, principal: &Principal) -> Result<(), ApiError> {
+        // A user token with scopes is a restricted one (MFA enrolment): good only where
+        // the table says so.
+        if principal.kind == crate::PrincipalKind::User
+            && !principal.scopes.is_empty()
+            && self != Self::Enrollment
+            && self != Self::Public
+        {
+            return Err(ApiError::permission_denied(
+                "this token only allows MFA enrolment",
+            ));
+        }
         let allowed = match self {
-            Self::Public | Self::Authenticated | Self::Permission(_) => true,
+            Self::Public | Self::Authenticated | Self::Enrollment | Self::Permission(_) => true,
             Self::ServiceOrAdmin => principal.is_service() || principal.is_platform_admin(),
             Self::PlatformAdmin => principal.is_platform_admin(),
         };

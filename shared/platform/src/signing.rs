@@ -144,6 +144,11 @@ impl SigningKey {
 
     /// Mints an access token.
     pub fn mint(&self, grant: &TokenGrant) -> Result<String, SigningError> {
+        self.mint_scoped(grant, &[])
+    }
+
+    /// Mints an access token restricted to `scopes` (none: unrestricted).
+    pub fn mint_scoped(&self, grant: &TokenGrant, scopes: &[&str]) -> Result<String, SigningError> {
         let now = now_secs();
         let claims = Claims {
             sub: grant.subject.clone(),
@@ -151,7 +156,7 @@ impl SigningKey {
             roles: grant.roles.clone(),
             sid: grant.session_id.clone(),
             kind: grant.kind,
-            scope: None,
+            scope: (!scopes.is_empty()).then(|| scopes.join(" ")),
             iss: ISSUER.to_owned(),
             aud: AUDIENCE.to_owned(),
             exp: now.saturating_add(grant.lifetime.as_secs()),

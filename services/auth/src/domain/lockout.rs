@@ -48,6 +48,8 @@ pub enum CounterKey {
     Ip(String),
     /// The account from that IP.
     AccountIp(String, String),
+    /// A user's second-factor codes (counted apart from passwords), by user id.
+    Otp(String),
 }
 
 impl CounterKey {
@@ -67,6 +69,7 @@ impl CounterKey {
             Self::Account(account) => format!("a\u{1f}{account}"),
             Self::Ip(ip) => format!("i\u{1f}{ip}"),
             Self::AccountIp(account, ip) => format!("ai\u{1f}{account}\u{1f}{ip}"),
+            Self::Otp(user) => format!("o\u{1f}{user}"),
         }
     }
 

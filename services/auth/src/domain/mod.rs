@@ -1,6 +1,7 @@
 //! Authentication rules, free of transport: password policy and hashing, lockout, IP
-//! ranges.
+//! ranges, TOTP.
 
 pub mod cidr;
 pub mod lockout;
 pub mod password;
+pub mod totp;

@@ -7,6 +7,7 @@ pub mod m20261204_000002_row_level_security;
 mod m20261205_000001_revocations;
 mod m20261205_000002_api_keys;
 mod m20261205_000003_ip_blocks;
+mod m20261205_000004_mfa;
 
 /// Runs the auth service's migrations.
 #[derive(Debug)]
@@ -21,6 +22,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261205_000001_revocations::Migration),
             Box::new(m20261205_000002_api_keys::Migration),
             Box::new(m20261205_000003_ip_blocks::Migration),
+            Box::new(m20261205_000004_mfa::Migration),
         ]
     }
 

@@ -12,10 +12,12 @@ use crate::domain::lockout::{Counter, CounterKey, LockoutPolicy, Verdict};
 
 mod api_keys;
 mod ip_blocks;
+mod mfa;
 mod session_log;
 
 pub use api_keys::ApiKeyRecord;
 pub use ip_blocks::{GLOBAL as GLOBAL_BLOCKS, IpBlock};
+pub use mfa::{MfaRecord, MfaState};
 pub use session_log::{Revocation, RevocationKind, SessionScope};
 
 mod entity {
@@ -148,6 +150,72 @@ mod entity {
             pub creator_id: String,
             pub created_at: TimeDateTimeWithTimeZone,
             pub expires_at: Option<TimeDateTimeWithTimeZone>,
+        }
+
+        #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+        pub enum Relation {}
+
+        impl ActiveModelBehavior for ActiveModel {}
+    }
+
+    pub mod mfa {
+        use sea_orm::entity::prelude::*;
+
+        #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+        #[sea_orm(table_name = "auth_mfa")]
+        pub struct Model {
+            #[sea_orm(primary_key, auto_increment = false)]
+            pub tenant_id: Uuid,
+            #[sea_orm(primary_key, auto_increment = false)]
+            pub user_id: Uuid,
+            pub state: String,
+            pub secret_ciphertext: String,
+            pub last_step: i64,
+            pub pending_expires_at: Option<TimeDateTimeWithTimeZone>,
+            pub created_at: TimeDateTimeWithTimeZone,
+            pub confirmed_at: Option<TimeDateTimeWithTimeZone>,
+        }
+
+        #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+        pub enum Relation {}
+
+        impl ActiveModelBehavior for ActiveModel {}
+    }
+
+    pub mod recovery_codes {
+        use sea_orm::entity::prelude::*;
+
+        #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+        #[sea_orm(table_name = "auth_recovery_codes")]
+        pub struct Model {
+            #[sea_orm(primary_key, auto_increment = false)]
+            pub tenant_id: Uuid,
+            #[sea_orm(primary_key, auto_increment = false)]
+            pub user_id: Uuid,
+            #[sea_orm(primary_key, auto_increment = false)]
+            pub code_hash: String,
+            pub used_at: Option<TimeDateTimeWithTimeZone>,
+        }
+
+        #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+        pub enum Relation {}
+
+        impl ActiveModelBehavior for ActiveModel {}
+    }
+
+    pub mod challenges {
+        use sea_orm::entity::prelude::*;
+
+        #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+        #[sea_orm(table_name = "auth_mfa_challenges")]
+        pub struct Model {
+            #[sea_orm(primary_key, auto_increment = false)]
+            pub token_hash: String,
+            pub tenant_id: Uuid,
+            pub user_id: Uuid,
+            pub ip_address: String,
+            pub expires_at: TimeDateTimeWithTimeZone,
+            pub used_at: Option<TimeDateTimeWithTimeZone>,
         }
 
         #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
