@@ -234,7 +234,11 @@ pub(crate) mod service {
 
     impl Harness {
         pub(crate) async fn start() -> Self {
-            let fleet = TestFleet::builder().with_auth().start().await;
+            Self::start_with(TestFleet::builder()).await
+        }
+
+        pub(crate) async fn start_with(builder: penny_tests::TestFleetBuilder) -> Self {
+            let fleet = builder.with_auth().start().await;
             let auth = AuthServiceClient::new(fleet.auth().server.channel().await);
             let tenants = TenantServiceClient::new(fleet.tenants().server.channel().await);
             let admin = fleet.admin_token();
@@ -424,13 +428,17 @@ pub(crate) mod service {
         assert_eq!(tokens.token_type, "Bearer");
         assert_eq!(tokens.user_id, account.user.to_string());
         assert_eq!(tokens.tenant_id, account.tenant.to_string());
-        // Its claims: the user, the tenant, the session, the roles bound in authz.
-        let principal = h
-            .fleet
-            .config
-            .verifier
-            .verify(&tokens.access_token)
-            .unwrap();
+        // Its claims: the user, the tenant, the session, the roles bound in authz, as a
+        // verifier that follows auth's JWKS (as every service's does) reads them.
+        let verifier = h.fleet.config.verifier.following_revocations(
+            h.fleet.auth().server.channel().await,
+            h.fleet.service_token().into(),
+        );
+        penny_tests::assert_eventually!(
+            std::time::Duration::from_secs(5),
+            verifier.verify(&tokens.access_token).is_ok()
+        );
+        let principal = verifier.verify(&tokens.access_token).unwrap();
         assert_eq!(principal.id, account.user.to_string());
         assert_eq!(principal.tenant_id, account.tenant);
         assert_eq!(
@@ -461,7 +469,8 @@ pub(crate) mod service {
             .unwrap()
             .into_inner();
         assert_eq!(jwks.keys.len(), 1);
-        assert_eq!(jwks.keys[0].kid, h.fleet.signing.kid());
+        let header = jsonwebtoken::decode_header(&tokens.access_token).unwrap();
+        assert_eq!(Some(jwks.keys[0].kid.clone()), header.kid);
         assert_eq!(jwks.keys[0].alg, "EdDSA");
         // The auth database holds an argon2id hash, never the password.
         let owner = penny_platform::db::connect(

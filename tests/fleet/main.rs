@@ -14,5 +14,6 @@ mod keys;
 mod mfa;
 mod platform;
 mod sessions;
+mod signing_keys;
 mod tenants;
 mod vault_contract;

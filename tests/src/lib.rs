@@ -249,6 +249,7 @@ pub struct TestFleetBuilder {
     auth: bool,
     concurrency_limit: Option<usize>,
     tls: Option<penny_platform::server::TlsMaterial>,
+    signing_key_rotation: Option<Duration>,
 }
 
 impl TestFleetBuilder {
@@ -292,6 +293,12 @@ impl TestFleetBuilder {
     pub fn with_auth(mut self) -> Self {
         self.auth = true;
         self.with_tenants()
+    }
+
+    /// Rotate auth's signing key this often (tests of rotation).
+    pub fn signing_key_rotation(mut self, every: Duration) -> Self {
+        self.signing_key_rotation = Some(every);
+        self
     }
 
     /// Serve TLS (and mTLS when the material names a client CA).
@@ -420,7 +427,8 @@ impl TestFleetBuilder {
                             "http://{}",
                             keys.as_ref().expect("keys run with auth").server.addr
                         ),
-                        data_dir.path(),
+                        self.signing_key_rotation
+                            .unwrap_or(penny_auth::keyring::DEFAULT_ROTATION),
                         listener,
                     )
                     .await,
@@ -745,7 +753,7 @@ async fn start_auth_on(
     database: TestDatabase,
     tenants_url: String,
     keys_url: String,
-    signing_key_dir: &Path,
+    signing_key_rotation: Duration,
     listener: TcpListener,
 ) -> AuthServer {
     let auth = penny_auth::build(
@@ -754,7 +762,7 @@ async fn start_auth_on(
             migration_database_url: database.migration_url.clone(),
             tenants_url,
             keys_url,
-            signing_key_dir: signing_key_dir.to_owned(),
+            signing_key_rotation,
         },
         config,
     )

@@ -1,7 +1,6 @@
 //! The auth service's settings: `--auth-*` flags with `PENNY_AUTH_*` fallbacks.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
 
 /// `penny serve auth` flags.
 #[derive(Debug, Clone, clap::Args)]
@@ -30,10 +29,12 @@ pub struct Args {
     /// The keys service (`http://host:port`), which encrypts TOTP secrets.
     #[arg(long = "auth-keys-url", env = "PENNY_KEYS_URL")]
     pub keys_url: String,
-    /// Directory holding the Ed25519 token-signing key (`signing-key.pk8`, created 0600 if
-    /// missing) and its JWKS. Every service's `PENNY_JWKS_FILE` must publish this key.
-    #[arg(long = "auth-signing-key-dir", env = "PENNY_AUTH_SIGNING_KEY_DIR")]
-    pub signing_key_dir: PathBuf,
+    /// How often the token-signing key is replaced, in seconds (default 30 days; at
+    /// least 60). Keys are stored sealed by the keys service; every service trusts them
+    /// through auth's JWKS (PENNY_AUTH_URL).
+    #[arg(long = "auth-signing-key-rotation-secs", env = "PENNY_AUTH_SIGNING_KEY_ROTATION_SECS",
+          default_value_t = 30 * 24 * 3600, value_parser = clap::value_parser!(u64).range(60..))]
+    pub signing_key_rotation_secs: u64,
 }
 
 /// Everything the auth service needs besides the standard server settings (which must
@@ -48,8 +49,8 @@ pub struct AuthConfig {
     pub tenants_url: String,
     /// The keys service.
     pub keys_url: String,
-    /// Where the signing key lives.
-    pub signing_key_dir: PathBuf,
+    /// How often the signing key is replaced.
+    pub signing_key_rotation: std::time::Duration,
 }
 
 impl Args {
@@ -60,7 +61,7 @@ impl Args {
             migration_database_url: self.migration_database_url,
             tenants_url: self.tenants_url,
             keys_url: self.keys_url,
-            signing_key_dir: self.signing_key_dir,
+            signing_key_rotation: std::time::Duration::from_secs(self.signing_key_rotation_secs),
         }
     }
 }

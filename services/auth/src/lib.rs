@@ -16,17 +16,17 @@ pub mod domain;
 pub mod error;
 mod grpc;
 pub mod ip_blocks;
+pub mod keyring;
 pub mod mfa;
 pub mod migration;
+mod sealed;
 pub mod service;
 pub mod sessions;
 pub mod store;
 
 use std::future::Future;
-use std::sync::Arc;
 
 use anyhow::Context as _;
-use penny_platform::signing::SigningKey;
 use penny_platform::{ServeConfig, ServiceBundle};
 use tokio::net::TcpListener;
 
@@ -36,7 +36,8 @@ pub use service::Auth;
 /// The gRPC name of the service.
 pub const SERVICE_NAME: &str = "penny.auth.v1.AuthService";
 
-/// Connects the database (migrating it), loads the signing key and prepares the hashers.
+/// Connects the database (migrating it), loads (or makes) the signing key and prepares the
+/// hashers.
 /// The serve configuration must carry an authorizer: auth calls authz and tenants with the
 /// service token it holds.
 pub async fn build(config: AuthConfig, serve_config: &ServeConfig) -> anyhow::Result<Auth> {
@@ -49,12 +50,6 @@ pub async fn build(config: AuthConfig, serve_config: &ServeConfig) -> anyhow::Re
     let keys = tonic::transport::Endpoint::from_shared(config.keys_url.clone())
         .with_context(|| format!("PENNY_KEYS_URL: not a URL: {}", config.keys_url))?
         .connect_lazy();
-    let signing = SigningKey::load_or_create(&config.signing_key_dir).with_context(|| {
-        format!(
-            "PENNY_AUTH_SIGNING_KEY_DIR {}: cannot load the signing key",
-            config.signing_key_dir.display()
-        )
-    })?;
     let db = penny_platform::db::open::<migration::Migrator>(
         &config.database_url,
         config.migration_database_url.as_deref(),
@@ -70,9 +65,20 @@ pub async fn build(config: AuthConfig, serve_config: &ServeConfig) -> anyhow::Re
         tenants,
         keys,
         authorizer,
-        Arc::new(signing),
-    )
-    .map_err(|e| anyhow::anyhow!("signing key: {e}"))?;
+        config.signing_key_rotation,
+    );
+    // The signing key is sealed by the keys service: load it now if keys answers (it
+    // does in `penny dev` and the tests, which start keys first), else keep trying in the
+    // background while the service reports not ready.
+    for attempt in 0..20 {
+        match auth.maintain_signing_keys().await {
+            Ok(()) => break,
+            Err(err) if attempt == 19 => {
+                tracing::warn!(error = %err, "no signing key yet; sign-in is unavailable until the keys service answers");
+            }
+            Err(_) => tokio::time::sleep(std::time::Duration::from_millis(500)).await,
+        }
+    }
     auth.spawn_background();
     Ok(auth)
 }

@@ -12,7 +12,6 @@ use std::time::Duration;
 use penny_platform::access::ENROLL_SCOPE;
 use penny_platform::principal::PrincipalKind;
 use penny_platform::{ApiError, Principal, Reason};
-use penny_proto::keys::v1 as keys_pb;
 use penny_proto::tenants::v1 as tenants_pb;
 use time::OffsetDateTime;
 use tonic::Code;
@@ -95,76 +94,6 @@ fn session_user(caller: &Principal) -> Result<(Uuid, Uuid), AuthError> {
 }
 
 impl Auth {
-    /// Encrypts a TOTP secret under the tenant's key, creating the key on first use (the
-    /// platform tenant's, which no tenant saga made).
-    async fn seal(&self, tenant: Uuid, user: Uuid, secret: &[u8]) -> Result<String, AuthError> {
-        let request = || {
-            self.authorizer.service_request(keys_pb::EncryptRequest {
-                tenant_id: tenant.to_string(),
-                items: vec![keys_pb::EncryptItem {
-                    plaintext: secret.to_vec(),
-                    context: Some(keys_pb::EncryptionContext {
-                        purpose: PURPOSE.into(),
-                        object_id: user.to_string(),
-                    }),
-                }],
-            })
-        };
-        let mut keys = self.keys.clone();
-        let reply = match keys.encrypt(request()?).await {
-            Err(status) if status.code() == Code::NotFound => {
-                keys.create_key(self.authorizer.service_request(keys_pb::CreateKeyRequest {
-                    tenant_id: tenant.to_string(),
-                })?)
-                .await
-                .map_err(|s| crate::service::dependency("keys", &s))?;
-                keys.encrypt(request()?).await
-            }
-            other => other,
-        }
-        .map_err(|s| crate::service::dependency("keys", &s))?
-        .into_inner();
-        match reply.results.into_iter().next().and_then(|r| r.result) {
-            Some(keys_pb::encrypt_result::Result::Ciphertext(ciphertext)) => Ok(ciphertext),
-            _ => Err(AuthError::Internal(
-                "keys did not encrypt the TOTP secret".into(),
-            )),
-        }
-    }
-
-    /// Decrypts a stored TOTP secret.
-    async fn open(
-        &self,
-        tenant: Uuid,
-        user: Uuid,
-        ciphertext: &str,
-    ) -> Result<Zeroizing<Vec<u8>>, AuthError> {
-        let reply = self
-            .keys
-            .clone()
-            .decrypt(self.authorizer.service_request(keys_pb::DecryptRequest {
-                tenant_id: tenant.to_string(),
-                items: vec![keys_pb::DecryptItem {
-                    ciphertext: ciphertext.to_owned(),
-                    context: Some(keys_pb::EncryptionContext {
-                        purpose: PURPOSE.into(),
-                        object_id: user.to_string(),
-                    }),
-                }],
-            })?)
-            .await
-            .map_err(|s| crate::service::dependency("keys", &s))?
-            .into_inner();
-        match reply.results.into_iter().next().and_then(|r| r.result) {
-            Some(keys_pb::decrypt_result::Result::Plaintext(plaintext)) => {
-                Ok(Zeroizing::new(plaintext))
-            }
-            _ => Err(AuthError::Internal(
-                "keys did not decrypt the TOTP secret".into(),
-            )),
-        }
-    }
-
     /// Checks one code of a user's OTP budget: the counter admits it, `check` decides, and
     /// the outcome is counted. A refused or locked attempt is MFA_CODE_INVALID.
     async fn spend_otp_attempt<F>(
@@ -225,7 +154,9 @@ impl Auth {
         }
         match proof {
             Proof::Totp(code) => {
-                let secret = self.open(tenant, user, &mfa.secret_ciphertext).await?;
+                let secret = self
+                    .open(tenant, PURPOSE, &user.to_string(), &mfa.secret_ciphertext)
+                    .await?;
                 let totp =
                     totp::totp(&secret, "user").map_err(|e| AuthError::Internal(e.to_string()))?;
                 let now = penny_platform::principal::now_secs();
@@ -269,7 +200,9 @@ impl Auth {
         );
         let qr_png = totp::qr_png(&uri)
             .ok_or_else(|| AuthError::Internal("the QR code could not be made".into()))?;
-        let ciphertext = self.seal(tenant, user, &secret).await?;
+        let ciphertext = self
+            .seal(tenant, PURPOSE, &user.to_string(), &secret)
+            .await?;
         let now = OffsetDateTime::now_utc();
         let expires_at = now + ENROLL_TTL;
         if !self
@@ -319,7 +252,14 @@ impl Auth {
             .map(|c| totp::recovery_code_hash(user, c))
             .collect();
         self.spend_otp_attempt(tenant, user, async || {
-            let secret = self.open(tenant, user, &pending.secret_ciphertext).await?;
+            let secret = self
+                .open(
+                    tenant,
+                    PURPOSE,
+                    &user.to_string(),
+                    &pending.secret_ciphertext,
+                )
+                .await?;
             let totp =
                 totp::totp(&secret, "user").map_err(|e| AuthError::Internal(e.to_string()))?;
             let Some(step) =

@@ -13,8 +13,8 @@ use std::time::Duration;
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use penny_platform::access::ENROLL_SCOPE;
-use penny_platform::principal::{Claims, PrincipalKind, TokenVerifier};
-use penny_platform::signing::{SigningKey, TokenGrant};
+use penny_platform::principal::{Claims, PrincipalKind};
+use penny_platform::signing::TokenGrant;
 use penny_platform::{ApiError, Authorizer};
 use penny_platform::{Principal, Reason};
 use penny_proto::authz::v1 as authz_pb;
@@ -100,11 +100,14 @@ pub struct Auth {
     tenants: TenantServiceClient<Channel>,
     pub(crate) keys: KeyServiceClient<Channel>,
     pub(crate) authorizer: Authorizer,
-    signing: Arc<SigningKey>,
+    /// The keys tokens are signed with.
+    pub(crate) keyring: crate::keyring::KeyRing,
+    /// How often the signing key is replaced.
+    pub(crate) rotation: Duration,
     pub(crate) last_used: crate::api_keys::LastUsed,
     pub(crate) blocks: crate::ip_blocks::BlockCache,
-    /// Verifies this service's own tokens (introspection).
-    verifier: TokenVerifier,
+    /// Held by the service's clones, not by its background tasks: they end when it is gone.
+    lifetime: Arc<()>,
 }
 
 impl std::fmt::Debug for Auth {
@@ -209,32 +212,40 @@ impl Auth {
         tenants: Channel,
         keys: Channel,
         authorizer: Authorizer,
-        signing: Arc<SigningKey>,
-    ) -> Result<Self, penny_platform::principal::TokenError> {
-        let verifier = TokenVerifier::new(&signing.jwks())?;
-        Ok(Self {
+        rotation: Duration,
+    ) -> Self {
+        Self {
             store,
             hasher,
             tenants: TenantServiceClient::new(tenants),
             keys: KeyServiceClient::new(keys),
             authorizer,
-            signing,
+            keyring: crate::keyring::KeyRing::default(),
+            rotation,
             last_used: crate::api_keys::LastUsed::default(),
             blocks: crate::ip_blocks::BlockCache::default(),
-            verifier,
-        })
+            lifetime: Arc::new(()),
+        }
     }
 
-    /// Writes API key last-use times every [`crate::api_keys::LAST_USED_FLUSH`] until the
-    /// last clone of the service is gone.
+    /// A clone for a background task, with a handle that tells the task when the service
+    /// itself (every clone but the task's) is gone.
+    pub(crate) fn for_background(&self) -> (Self, std::sync::Weak<()>) {
+        let mut task = self.clone();
+        task.lifetime = Arc::new(());
+        (task, Arc::downgrade(&self.lifetime))
+    }
+
+    /// Starts the background work: the signing key ring's upkeep, and writing API key
+    /// last-use times every [`crate::api_keys::LAST_USED_FLUSH`]. Both end when the last
+    /// clone of the service is gone.
     pub fn spawn_background(&self) {
-        let store = self.store.clone();
-        let last_used = self.last_used.clone();
-        let alive = std::sync::Arc::downgrade(&self.signing);
+        self.spawn_key_maintenance();
+        let (auth, alive) = self.for_background();
         tokio::spawn(async move {
             loop {
                 tokio::time::sleep(crate::api_keys::LAST_USED_FLUSH).await;
-                last_used.flush(&store).await;
+                auth.flush_last_used().await;
                 if alive.strong_count() == 0 {
                     return;
                 }
@@ -247,14 +258,15 @@ impl Auth {
         self.last_used.flush(&self.store).await;
     }
 
-    /// Whether the database answers.
+    /// Whether the database answers and a signing key is loaded.
     pub async fn ready(&self) -> bool {
-        penny_platform::db::ping(self.store.connection()).await
+        self.keyring.loaded() && penny_platform::db::ping(self.store.connection()).await
     }
 
-    /// The public keys that verify this service's tokens.
+    /// The public keys that verify this service's tokens: the signing key and those about
+    /// to sign or whose tokens may still be valid.
     pub fn jwks(&self) -> penny_platform::principal::Jwks {
-        self.signing.jwks()
+        self.keyring.jwks()
     }
 
     /// The tenant, or `None` when there is no such tenant.
@@ -536,7 +548,8 @@ impl Auth {
         lifetime: Duration,
         scopes: &[&str],
     ) -> Result<String, AuthError> {
-        self.signing
+        self.keyring
+            .current()?
             .mint_scoped(
                 &TokenGrant {
                     subject: session.user_id.to_string(),
@@ -709,7 +722,10 @@ impl Auth {
     /// What a token proves, checked against this service's own records (authoritative,
     /// with no stream delay): `None` for a token that is invalid, expired or revoked.
     pub async fn introspect(&self, token: &str) -> Result<Option<Claims>, AuthError> {
-        let Ok(claims) = self.verifier.verify_uncached(token) else {
+        let Some(verifier) = self.keyring.verifier() else {
+            return Err(AuthError::Dependency("keys"));
+        };
+        let Ok(claims) = verifier.verify_uncached(token) else {
             return Ok(None);
         };
         let now = OffsetDateTime::now_utc();

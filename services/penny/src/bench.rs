@@ -378,7 +378,7 @@ async fn start_auth_fleet(
             migration_database_url: None,
             tenants_url: format!("http://{}", addrs[2]),
             keys_url: format!("http://{}", addrs[0]),
-            signing_key_dir: data_dir.0.clone(),
+            signing_key_rotation: penny_auth::keyring::DEFAULT_ROTATION,
         },
         &config,
     )

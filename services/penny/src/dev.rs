@@ -145,7 +145,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         migration_database_url: None,
         tenants_url: format!("http://{}:{TENANTS_PORT}", args.host),
         keys_url: format!("http://{}:{KEYS_PORT}", args.host),
-        signing_key_dir: args.data_dir.clone(),
+        signing_key_rotation: penny_auth::keyring::DEFAULT_ROTATION,
     };
     let listener = bind(&args.host, AUTH_PORT, "auth").await?;
     running.push(Running {

@@ -227,12 +227,23 @@ pub struct TokenVerifier {
     inner: Arc<VerifierInner>,
 }
 
-struct VerifierInner {
+pub(crate) struct VerifierInner {
+    /// Keys from the JWKS file (bootstrap credentials such as `penny dev`'s).
     keys: RwLock<HashMap<String, DecodingKey>>,
+    /// Keys auth publishes (its rotating signing keys), refreshed from its JWKS.
+    published: RwLock<HashMap<String, DecodingKey>>,
+    /// Auth's JWKS, when this verifier follows it: asks for an early refresh.
+    jwks_source: Option<Arc<crate::revocation::JwksSource>>,
     cache: RwLock<HashMap<[u8; 32], CachedToken>>,
     validation: Validation,
     /// Revoked credentials, when this verifier follows auth's revocation stream.
     revocations: Option<Arc<RevocationState>>,
+}
+
+impl TokenVerifier {
+    pub(crate) fn from_inner(inner: Arc<VerifierInner>) -> Self {
+        Self { inner }
+    }
 }
 
 impl fmt::Debug for TokenVerifier {
@@ -254,6 +265,8 @@ impl TokenVerifier {
         let verifier = Self {
             inner: Arc::new(VerifierInner {
                 keys: RwLock::new(HashMap::new()),
+                published: RwLock::new(HashMap::new()),
+                jwks_source: None,
                 cache: RwLock::new(HashMap::new()),
                 validation,
                 revocations: None,
@@ -263,10 +276,11 @@ impl TokenVerifier {
         Ok(verifier)
     }
 
-    /// A verifier with the same keys (and its own cache) that follows the auth service's
-    /// revocation stream at `auth`, calling it with `service_token`. The follower stops
-    /// when the returned verifier and all its clones are dropped. See
-    /// [`crate::revocation`] for what is refused while the stream is not fresh.
+    /// A verifier with the same keys (and its own cache) that follows the auth service at
+    /// `auth`: its revocation stream (called with `service_token`) and its JWKS (the keys
+    /// auth signs with, trusted beside this verifier's own). The followers stop when the
+    /// returned verifier and all its clones are dropped. See [`crate::revocation`] for
+    /// what is refused while the stream is not fresh.
     pub fn following_revocations(
         &self,
         auth: tonic::transport::Channel,
@@ -278,20 +292,65 @@ impl TokenVerifier {
             .read()
             .map(|keys| keys.clone())
             .unwrap_or_default();
+        let published = self
+            .inner
+            .published
+            .read()
+            .map(|keys| keys.clone())
+            .unwrap_or_default();
         let state = Arc::new(RevocationState::default());
+        let source = Arc::new(crate::revocation::JwksSource::default());
         tokio::spawn(crate::revocation::follow(
             Arc::downgrade(&state),
-            auth,
+            auth.clone(),
             service_token,
         ));
-        Self {
+        let verifier = Self {
             inner: Arc::new(VerifierInner {
                 keys: RwLock::new(keys),
+                published: RwLock::new(published),
+                jwks_source: Some(source.clone()),
                 cache: RwLock::new(HashMap::new()),
                 validation: self.inner.validation.clone(),
                 revocations: Some(state),
             }),
+        };
+        tokio::spawn(crate::revocation::follow_jwks(
+            Arc::downgrade(&verifier.inner),
+            source,
+            auth,
+        ));
+        verifier
+    }
+
+    /// Replaces the keys auth publishes. Tokens cached under a key that is gone are
+    /// forgotten.
+    pub fn replace_published_keys(&self, jwks: &Jwks) -> Result<(), TokenError> {
+        let keys = decoding_keys(jwks)?;
+        let mut removed = false;
+        if let Ok(mut guard) = self.inner.published.write() {
+            removed = guard.keys().any(|kid| !keys.contains_key(kid));
+            *guard = keys;
         }
+        if removed && let Ok(mut cache) = self.inner.cache.write() {
+            cache.clear();
+        }
+        Ok(())
+    }
+
+    /// Asks for auth's JWKS now (a token named a key this verifier does not know) and
+    /// waits up to `limit` for it; whether a fresh set arrived. Requests are coalesced
+    /// and rate-limited, so unknown `kid`s cannot make it hammer auth.
+    pub async fn refresh_published_keys(&self, limit: Duration) -> bool {
+        match &self.inner.jwks_source {
+            Some(source) => source.refresh(limit).await,
+            None => false,
+        }
+    }
+
+    /// Whether this verifier follows auth's JWKS.
+    pub fn follows_published_keys(&self) -> bool {
+        self.inner.jwks_source.is_some()
     }
 
     pub(crate) fn revocation_state(&self) -> Option<&RevocationState> {
@@ -320,17 +379,10 @@ impl TokenVerifier {
         }
     }
 
-    /// Replaces the trusted keys (JWKS refresh) and forgets every cached token.
+    /// Replaces the verifier's own trusted keys (those of the JWKS file) and forgets every
+    /// cached token.
     pub fn replace_keys(&self, jwks: &Jwks) -> Result<(), TokenError> {
-        let mut keys = HashMap::new();
-        for jwk in &jwks.keys {
-            if jwk.kty != "OKP" || jwk.crv != "Ed25519" {
-                continue;
-            }
-            let key =
-                DecodingKey::from_ed_components(&jwk.x).map_err(|_| TokenError::MalformedHeader)?;
-            keys.insert(jwk.kid.clone(), key);
-        }
+        let keys = decoding_keys(jwks)?;
         if let Ok(mut guard) = self.inner.keys.write() {
             *guard = keys;
         }
@@ -408,10 +460,22 @@ impl TokenVerifier {
             return Err(TokenError::WrongType);
         }
         let kid = header.kid.ok_or(TokenError::MissingKid)?;
-        let keys = self.inner.keys.read().map_err(|_| TokenError::UnknownKid)?;
-        let key = keys.get(&kid).ok_or(TokenError::UnknownKid)?;
+        let key = {
+            let keys = self.inner.keys.read().map_err(|_| TokenError::UnknownKid)?;
+            match keys.get(&kid) {
+                Some(key) => key.clone(),
+                None => self
+                    .inner
+                    .published
+                    .read()
+                    .map_err(|_| TokenError::UnknownKid)?
+                    .get(&kid)
+                    .cloned()
+                    .ok_or(TokenError::UnknownKid)?,
+            }
+        };
         let data =
-            jsonwebtoken::decode::<Claims>(token, key, &self.inner.validation).map_err(|err| {
+            jsonwebtoken::decode::<Claims>(token, &key, &self.inner.validation).map_err(|err| {
                 match err.kind() {
                     jsonwebtoken::errors::ErrorKind::ExpiredSignature => TokenError::Expired,
                     other => TokenError::Invalid(format!("{other:?}")),
@@ -419,6 +483,20 @@ impl TokenVerifier {
             })?;
         Ok(data.claims)
     }
+}
+
+/// The Ed25519 keys of a JWKS by `kid`; keys of any other type are skipped.
+fn decoding_keys(jwks: &Jwks) -> Result<HashMap<String, DecodingKey>, TokenError> {
+    let mut keys = HashMap::new();
+    for jwk in &jwks.keys {
+        if jwk.kty != "OKP" || jwk.crv != "Ed25519" {
+            continue;
+        }
+        let key =
+            DecodingKey::from_ed_components(&jwk.x).map_err(|_| TokenError::MalformedHeader)?;
+        keys.insert(jwk.kid.clone(), key);
+    }
+    Ok(keys)
 }
 
 /// A request carrying `authorization: Bearer <token>`: how every caller in the fleet (the

@@ -20,8 +20,14 @@ use penny_proto::auth::v1 as pb;
 use penny_proto::auth::v1::auth_service_client::AuthServiceClient;
 use tonic::transport::Channel;
 
-use crate::principal::{LEEWAY_SECS, Principal, PrincipalKind, TokenVerifier, now_secs};
+use crate::principal::{
+    Jwk, Jwks, LEEWAY_SECS, Principal, PrincipalKind, TokenVerifier, VerifierInner, now_secs,
+};
 
+/// How often auth's JWKS is fetched (a key is published well before it signs).
+pub const JWKS_REFRESH: Duration = Duration::from_secs(60);
+/// The least time between two JWKS fetches, however often an unknown `kid` asks.
+const JWKS_MIN_INTERVAL: Duration = Duration::from_secs(1);
 /// A stream silent this long (three heartbeats) no longer vouches for anything.
 pub const STALE_AFTER: Duration = Duration::from_secs(15);
 /// How long to wait before reconnecting a broken stream.
@@ -196,6 +202,87 @@ pub(crate) async fn follow(
             }
         }
         tokio::time::sleep(RECONNECT_DELAY).await;
+    }
+}
+
+/// Coalesces requests for an early JWKS fetch.
+#[derive(Debug, Default)]
+pub(crate) struct JwksSource {
+    wake: tokio::sync::Notify,
+    /// Bumped by every successful fetch.
+    fetched: AtomicU64,
+}
+
+impl JwksSource {
+    /// Asks for a fetch and waits up to `limit` for one to complete.
+    pub(crate) async fn refresh(&self, limit: Duration) -> bool {
+        let before = self.fetched.load(Ordering::Acquire);
+        self.wake.notify_one();
+        let deadline = tokio::time::Instant::now() + limit;
+        while self.fetched.load(Ordering::Acquire) == before {
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        true
+    }
+}
+
+/// Keeps the verifier's published keys equal to auth's JWKS for as long as it lives:
+/// fetched at once, every [`JWKS_REFRESH`], and early when asked (at most once per
+/// [`JWKS_MIN_INTERVAL`]). GetJwks is public, so no token is needed.
+pub(crate) async fn follow_jwks(
+    verifier: Weak<VerifierInner>,
+    source: std::sync::Arc<JwksSource>,
+    channel: Channel,
+) {
+    let mut client = AuthServiceClient::new(channel);
+    loop {
+        let Some(inner) = verifier.upgrade() else {
+            return;
+        };
+        let fetched = match client.get_jwks(pb::GetJwksRequest {}).await {
+            Ok(reply) => {
+                let jwks = Jwks {
+                    keys: reply
+                        .into_inner()
+                        .keys
+                        .into_iter()
+                        .map(|k| Jwk {
+                            kty: k.kty,
+                            crv: k.crv,
+                            x: k.x,
+                            kid: k.kid,
+                            alg: k.alg,
+                            use_: k.r#use,
+                        })
+                        .collect(),
+                };
+                match TokenVerifier::from_inner(inner).replace_published_keys(&jwks) {
+                    Ok(()) => true,
+                    Err(err) => {
+                        tracing::warn!(error = %err, "auth published an unusable JWKS; keeping the last one");
+                        false
+                    }
+                }
+            }
+            Err(status) => {
+                drop(inner);
+                tracing::debug!(code = ?status.code(), "auth's JWKS unavailable");
+                false
+            }
+        };
+        if fetched {
+            source.fetched.fetch_add(1, Ordering::AcqRel);
+        }
+        tokio::time::sleep(JWKS_MIN_INTERVAL).await;
+        if fetched {
+            tokio::select! {
+                () = tokio::time::sleep(JWKS_REFRESH) => {}
+                () = source.wake.notified() => {}
+            }
+        }
     }
 }
 

@@ -69,7 +69,8 @@ impl SigningKey {
         Self::from_pkcs8(document.as_ref()).ok_or(SigningError::Sign)
     }
 
-    fn from_pkcs8(pkcs8: &[u8]) -> Option<Self> {
+    /// The key in a PKCS#8 document, if it holds an Ed25519 key.
+    pub fn from_pkcs8(pkcs8: &[u8]) -> Option<Self> {
         let pair = Ed25519KeyPair::from_pkcs8(pkcs8).ok()?;
         let public = pair.public_key().as_ref().to_vec();
         let digest = Sha256::digest(&public);
@@ -110,17 +111,27 @@ impl SigningKey {
         &self.kid
     }
 
+    /// The private key as a PKCS#8 document, to store it sealed (never in the clear).
+    pub fn pkcs8_document(&self) -> &[u8] {
+        &self.pkcs8
+    }
+
+    /// This key's public half as a JWK.
+    pub fn jwk(&self) -> Jwk {
+        Jwk {
+            kty: "OKP".to_owned(),
+            crv: "Ed25519".to_owned(),
+            x: URL_SAFE_NO_PAD.encode(&self.public),
+            kid: self.kid.clone(),
+            alg: "EdDSA".to_owned(),
+            use_: "sig".to_owned(),
+        }
+    }
+
     /// The JWKS publishing this key's public half.
     pub fn jwks(&self) -> Jwks {
         Jwks {
-            keys: vec![Jwk {
-                kty: "OKP".to_owned(),
-                crv: "Ed25519".to_owned(),
-                x: URL_SAFE_NO_PAD.encode(&self.public),
-                kid: self.kid.clone(),
-                alg: "EdDSA".to_owned(),
-                use_: "sig".to_owned(),
-            }],
+            keys: vec![self.jwk()],
         }
     }
 

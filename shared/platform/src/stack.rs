@@ -326,6 +326,8 @@ enum AuthFailure {
     Refused(ApiError),
     /// The verifier cannot vouch for revocations yet: worth a short wait.
     RevocationsUnknown,
+    /// The token names a key this verifier does not know yet: worth asking auth.
+    UnknownKey,
 }
 
 impl From<ApiError> for AuthFailure {
@@ -338,6 +340,7 @@ impl From<TokenError> for AuthFailure {
     fn from(err: TokenError) -> Self {
         match err {
             TokenError::RevocationStateUnknown => Self::RevocationsUnknown,
+            TokenError::UnknownKid => Self::UnknownKey,
             other => Self::Refused(other.into()),
         }
     }
@@ -491,14 +494,25 @@ where
             Err(AuthFailure::Refused(err)) => {
                 return Box::pin(std::future::ready(Ok(refusal(err))));
             }
-            Err(AuthFailure::RevocationsUnknown) => {
-                // At start, or while the stream to auth reconnects: wait a little for the
-                // revocation state, then decide once more (and refuse if still unknown).
+            Err(AuthFailure::UnknownKey) if !self.layer.verifier.follows_published_keys() => {
+                return Box::pin(std::future::ready(Ok(refusal(
+                    TokenError::UnknownKid.into(),
+                ))));
+            }
+            Err(failure @ (AuthFailure::RevocationsUnknown | AuthFailure::UnknownKey)) => {
+                // At start, while the stream to auth reconnects, or just after auth
+                // published a new key: wait a little for the revocation state or auth's
+                // JWKS, then decide once more (and refuse if still unknown).
                 let clone = self.inner.clone();
                 let mut inner = std::mem::replace(&mut self.inner, clone);
                 let layer = self.layer.clone();
                 return Box::pin(async move {
-                    layer.verifier.wait_for_revocations(REVOCATION_WAIT).await;
+                    if matches!(failure, AuthFailure::UnknownKey) {
+                        layer.verifier.refresh_published_keys(REVOCATION_WAIT).await;
+                    }
+                    if !layer.verifier.revocations_fresh() {
+                        layer.verifier.wait_for_revocations(REVOCATION_WAIT).await;
+                    }
                     let second = layer.authenticate(&req);
                     let (principal, requirement) = match second {
                         Ok(Some(found)) => found,
@@ -506,6 +520,9 @@ where
                         Err(AuthFailure::Refused(err)) => return Ok(refusal(err)),
                         Err(AuthFailure::RevocationsUnknown) => {
                             return Ok(refusal(TokenError::RevocationStateUnknown.into()));
+                        }
+                        Err(AuthFailure::UnknownKey) => {
+                            return Ok(refusal(TokenError::UnknownKid.into()));
                         }
                     };
                     layer.authorize(principal, requirement, req, inner).await

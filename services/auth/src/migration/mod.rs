@@ -8,6 +8,7 @@ mod m20261205_000001_revocations;
 mod m20261205_000002_api_keys;
 mod m20261205_000003_ip_blocks;
 mod m20261205_000004_mfa;
+mod m20261205_000005_signing_keys;
 
 /// Runs the auth service's migrations.
 #[derive(Debug)]
@@ -23,6 +24,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261205_000002_api_keys::Migration),
             Box::new(m20261205_000003_ip_blocks::Migration),
             Box::new(m20261205_000004_mfa::Migration),
+            Box::new(m20261205_000005_signing_keys::Migration),
         ]
     }
 

@@ -14,11 +14,13 @@ mod api_keys;
 mod ip_blocks;
 mod mfa;
 mod session_log;
+mod signing_keys;
 
 pub use api_keys::ApiKeyRecord;
 pub use ip_blocks::{GLOBAL as GLOBAL_BLOCKS, IpBlock};
 pub use mfa::{MfaRecord, MfaState};
 pub use session_log::{Revocation, RevocationKind, SessionScope};
+pub use signing_keys::StoredSigningKey;
 
 mod entity {
     pub mod lockouts {
@@ -216,6 +218,29 @@ mod entity {
             pub ip_address: String,
             pub expires_at: TimeDateTimeWithTimeZone,
             pub used_at: Option<TimeDateTimeWithTimeZone>,
+        }
+
+        #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+        pub enum Relation {}
+
+        impl ActiveModelBehavior for ActiveModel {}
+    }
+
+    pub mod signing_keys {
+        use sea_orm::entity::prelude::*;
+
+        #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+        #[sea_orm(table_name = "auth_signing_keys")]
+        pub struct Model {
+            #[sea_orm(primary_key, auto_increment = false)]
+            pub kid: String,
+            pub tenant_id: Uuid,
+            pub public_key: String,
+            pub private_ciphertext: String,
+            pub created_at: TimeDateTimeWithTimeZone,
+            pub activates_at: TimeDateTimeWithTimeZone,
+            pub retired_at: Option<TimeDateTimeWithTimeZone>,
+            pub expires_at: Option<TimeDateTimeWithTimeZone>,
         }
 
         #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
