@@ -106,6 +106,8 @@ pub struct Auth {
     pub(crate) rotation: Duration,
     pub(crate) last_used: crate::api_keys::LastUsed,
     pub(crate) blocks: crate::ip_blocks::BlockCache,
+    /// Tenants as tenants last answered, for at most [`TENANT_CACHE_TTL`].
+    tenant_cache: TenantCache,
     /// Held by the service's clones, not by its background tasks: they end when it is gone.
     lifetime: Arc<()>,
 }
@@ -113,6 +115,36 @@ pub struct Auth {
 impl std::fmt::Debug for Auth {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Auth").finish_non_exhaustive()
+    }
+}
+
+/// How long a tenant (its state and security policy) is taken as tenants last answered:
+/// a policy change or deletion binds sign-in within this.
+pub const TENANT_CACHE_TTL: Duration = Duration::from_secs(1);
+
+type CachedTenant = (std::time::Instant, Option<tenants_pb::Tenant>);
+
+/// Tenants by id, briefly: every sign-in needs its tenant's policy, and asking tenants
+/// each time costs a call per attempt.
+#[derive(Debug, Clone, Default)]
+struct TenantCache {
+    entries: Arc<std::sync::Mutex<std::collections::HashMap<Uuid, CachedTenant>>>,
+}
+
+impl TenantCache {
+    fn get(&self, tenant: Uuid) -> Option<Option<tenants_pb::Tenant>> {
+        let entries = self.entries.lock().ok()?;
+        let (at, found) = entries.get(&tenant)?;
+        (at.elapsed() < TENANT_CACHE_TTL).then(|| found.clone())
+    }
+
+    fn put(&self, tenant: Uuid, found: Option<tenants_pb::Tenant>) {
+        if let Ok(mut entries) = self.entries.lock() {
+            if entries.len() >= 10_000 {
+                entries.clear();
+            }
+            entries.insert(tenant, (std::time::Instant::now(), found));
+        }
     }
 }
 
@@ -224,6 +256,7 @@ impl Auth {
             rotation,
             last_used: crate::api_keys::LastUsed::default(),
             blocks: crate::ip_blocks::BlockCache::default(),
+            tenant_cache: TenantCache::default(),
             lifetime: Arc::new(()),
         }
     }
@@ -274,17 +307,22 @@ impl Auth {
         &self,
         tenant: Uuid,
     ) -> Result<Option<tenants_pb::Tenant>, AuthError> {
+        if let Some(found) = self.tenant_cache.get(tenant) {
+            return Ok(found);
+        }
         let request = self
             .authorizer
             .service_request(tenants_pb::GetTenantRequest {
                 tenant_id: tenant.to_string(),
             })
             .map_err(internal)?;
-        match self.tenants.clone().get_tenant(request).await {
-            Ok(response) => Ok(response.into_inner().tenant),
-            Err(status) if status.code() == Code::NotFound => Ok(None),
-            Err(status) => Err(dependency("tenants", &status)),
-        }
+        let found = match self.tenants.clone().get_tenant(request).await {
+            Ok(response) => response.into_inner().tenant,
+            Err(status) if status.code() == Code::NotFound => None,
+            Err(status) => return Err(dependency("tenants", &status)),
+        };
+        self.tenant_cache.put(tenant, found.clone());
+        Ok(found)
     }
 
     /// The active or suspended user with this email, if any.
@@ -388,7 +426,7 @@ impl Auth {
             .begin_attempt(attempt.tenant, &keys, &policy, now)
             .await?;
         let checked = self.check_password(&attempt).await;
-        let (user, matched) = match checked {
+        let (user, matched, mfa_active) = match checked {
             Ok(checked) => checked,
             Err(err) => {
                 if verdict == Verdict::Proceed {
@@ -429,7 +467,7 @@ impl Auth {
             .await?;
         // The password was right: a second factor if the user has one, enrolment if the
         // tenant demands one, tokens otherwise.
-        if self.mfa_active(attempt.tenant, user_id).await? {
+        if mfa_active {
             let (challenge, expires_at) = self
                 .open_challenge(attempt.tenant, user_id, attempt.ip)
                 .await?;
@@ -609,23 +647,24 @@ impl Auth {
     }
 
     /// The same work for every attempt: the user by email (none when the tenant or user
-    /// does not exist), a password-hash lookup (with a random id when there is no user), and
-    /// one verification, against the stored hash or the dummy.
+    /// does not exist), a credential lookup (password hash and whether MFA is active, with a
+    /// random id when there is no user), and one verification, against the stored hash or
+    /// the dummy.
     async fn check_password(
         &self,
         attempt: &LoginAttempt,
-    ) -> Result<(Option<tenants_pb::User>, bool), AuthError> {
+    ) -> Result<(Option<tenants_pb::User>, bool, bool), AuthError> {
         let user = self.user_by_email(attempt.tenant, &attempt.email).await?;
         let user_id = user
             .as_ref()
             .and_then(|u| Uuid::try_parse(&u.id).ok())
             .unwrap_or_else(Uuid::new_v4);
-        let stored = self.store.password_hash(attempt.tenant, user_id).await?;
+        let (stored, mfa) = self.store.credential(attempt.tenant, user_id).await?;
         let matched = self
             .hasher
             .verify(&attempt.password, stored.as_deref())
             .await?;
-        Ok((user, matched))
+        Ok((user, matched, mfa))
     }
 
     /// Sets a password with a one-time token; every session of the user ends.

@@ -458,6 +458,27 @@ impl Store {
         .map(drop)
     }
 
+    /// The PHC string of a user's password (if set) and whether the user has MFA in force,
+    /// read in one transaction: what sign-in needs from this database before hashing.
+    pub async fn credential(
+        &self,
+        tenant: Uuid,
+        user: Uuid,
+    ) -> Result<(Option<String>, bool), DbErr> {
+        let txn = penny_platform::db::begin_tenant(&self.db, tenant).await?;
+        let found = credentials::Entity::find_by_id((tenant, user))
+            .filter(credentials::Column::TenantId.eq(tenant))
+            .one(&txn)
+            .await?;
+        let mfa = entity::mfa::Entity::find_by_id((tenant, user))
+            .filter(entity::mfa::Column::TenantId.eq(tenant))
+            .filter(entity::mfa::Column::State.eq("active"))
+            .one(&txn)
+            .await?;
+        txn.commit().await?;
+        Ok((found.map(|c| c.password_hash), mfa.is_some()))
+    }
+
     /// The PHC string of a user's password, if one is set.
     pub async fn password_hash(&self, tenant: Uuid, user: Uuid) -> Result<Option<String>, DbErr> {
         let txn = penny_platform::db::begin_tenant(&self.db, tenant).await?;
