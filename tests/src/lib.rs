@@ -288,8 +288,8 @@ impl TestFleetBuilder {
         self
     }
 
-    /// Start the auth service, with the tenants, keys and authz services it needs. It signs
-    /// with the fleet's signing key, so its tokens work everywhere in the fleet.
+    /// Start the auth service, with the tenants, keys and authz services it needs. Every
+    /// server follows it (revocations, and the JWKS of the keys it signs with).
     pub fn with_auth(mut self) -> Self {
         self.auth = true;
         self.with_tenants()

@@ -26,7 +26,8 @@ pub struct Args {
     /// security policy.
     #[arg(long = "auth-tenants-url", env = "PENNY_TENANTS_URL")]
     pub tenants_url: String,
-    /// The keys service (`http://host:port`), which encrypts TOTP secrets.
+    /// The keys service (`http://host:port`), which seals TOTP secrets and token-signing
+    /// keys. Auth is not ready until it has loaded (or made) its signing key through it.
     #[arg(long = "auth-keys-url", env = "PENNY_KEYS_URL")]
     pub keys_url: String,
     /// How often the token-signing key is replaced, in seconds (default 30 days; at

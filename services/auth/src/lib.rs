@@ -1,12 +1,12 @@
 //! Penny authentication: passwords, sign-in with lockout, and the tokens every service
 //! verifies.
 //!
-//! Built so far: the password policy and argon2id hashing, lockout counters kept exactly
-//! under concurrency, set-password tokens (invites and resets), `Login` issuing an EdDSA
-//! access token for a new session, and the JWKS. Users and the tenant's security policy
-//! come from the tenants service; the roles claim from authz's bindings. MFA, session
-//! revocation, API keys, service credentials and IP blocks are not built yet, and their
-//! RPCs are absent.
+//! Built: the password policy and argon2id hashing, lockout counters kept exactly under
+//! concurrency, set-password tokens (invites and resets), sign-in with TOTP MFA and IP
+//! blocks, sessions with a revocation stream every service follows, API keys, and EdDSA
+//! tokens signed with keys sealed by the keys service and rotated. Users and the tenant's
+//! security policy come from the tenants service; the roles claim from authz's bindings.
+//! Service credentials (`IssueServiceToken`) are not built yet, and that RPC is absent.
 
 #![forbid(unsafe_code)]
 
@@ -33,6 +33,9 @@ use tokio::net::TcpListener;
 pub use config::{Args, AuthConfig};
 pub use service::Auth;
 
+/// How long auth waits for tenants or keys to answer one call.
+const DEPENDENCY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// The gRPC name of the service.
 pub const SERVICE_NAME: &str = "penny.auth.v1.AuthService";
 
@@ -44,11 +47,15 @@ pub async fn build(config: AuthConfig, serve_config: &ServeConfig) -> anyhow::Re
     let authorizer = serve_config.authorizer.clone().context(
         "auth needs the authz service: set PENNY_AUTHZ_URL and PENNY_SERVICE_TOKEN_FILE",
     )?;
+    // Every call to another service has a deadline: one that never answers must not hold
+    // a sign-in (or the start) forever.
     let tenants = tonic::transport::Endpoint::from_shared(config.tenants_url.clone())
         .with_context(|| format!("PENNY_TENANTS_URL: not a URL: {}", config.tenants_url))?
+        .timeout(DEPENDENCY_TIMEOUT)
         .connect_lazy();
     let keys = tonic::transport::Endpoint::from_shared(config.keys_url.clone())
         .with_context(|| format!("PENNY_KEYS_URL: not a URL: {}", config.keys_url))?
+        .timeout(DEPENDENCY_TIMEOUT)
         .connect_lazy();
     let db = penny_platform::db::open::<migration::Migrator>(
         &config.database_url,
@@ -70,14 +77,18 @@ pub async fn build(config: AuthConfig, serve_config: &ServeConfig) -> anyhow::Re
     // The signing key is sealed by the keys service: load it now if keys answers (it
     // does in `penny dev` and the tests, which start keys first), else keep trying in the
     // background while the service reports not ready.
-    for attempt in 0..20 {
-        match auth.maintain_signing_keys().await {
-            Ok(()) => break,
-            Err(err) if attempt == 19 => {
-                tracing::warn!(error = %err, "no signing key yet; sign-in is unavailable until the keys service answers");
-            }
-            Err(_) => tokio::time::sleep(std::time::Duration::from_millis(500)).await,
+    let first_load = async {
+        while auth.maintain_signing_keys().await.is_err() {
+            tokio::time::sleep(std::time::Duration::from_millis(500)).await;
         }
+    };
+    if tokio::time::timeout(std::time::Duration::from_secs(10), first_load)
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            "no signing key yet; sign-in is unavailable (and health NOT_SERVING) until the keys service answers"
+        );
     }
     auth.spawn_background();
     Ok(auth)

@@ -57,8 +57,8 @@ pub enum Proof {
     Password(Zeroizing<String>),
 }
 
-/// OTP attempts are limited on their own counter: 5 wrong codes in 5 minutes lock it for
-/// 5 minutes (doubling with each lock).
+/// OTP attempts are limited on their own counter with the default lockout policy: more
+/// than 5 wrong codes in 5 minutes lock it for 15 minutes, doubling with each lock.
 fn otp_policy() -> LockoutPolicy {
     LockoutPolicy::default()
 }
@@ -231,6 +231,12 @@ impl Auth {
         let (user, session) = session_user(caller)?;
         let tenant = caller.tenant_id;
         let now = OffsetDateTime::now_utc();
+        let upgrading = caller.scopes.iter().any(|s| s == ENROLL_SCOPE);
+        if upgrading {
+            // The upgraded token must be mintable before MFA is switched on, or the
+            // recovery codes would be lost with the failed reply.
+            self.keyring.current()?;
+        }
         let pending = self
             .store
             .mfa(tenant, user)
@@ -274,7 +280,7 @@ impl Auth {
         })
         .await?;
         self.store.mark_session_mfa(tenant, session).await?;
-        let upgraded = if caller.scopes.iter().any(|s| s == ENROLL_SCOPE) {
+        let upgraded = if upgrading {
             Some(self.reissue(caller, session).await?)
         } else {
             None

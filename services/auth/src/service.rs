@@ -513,6 +513,8 @@ impl Auth {
     ) -> Result<SignedIn, AuthError> {
         let tenant_id = Uuid::try_parse(&tenant.id)
             .map_err(|_| AuthError::Internal("tenants answered a malformed tenant id".into()))?;
+        // No session row for a token that cannot be signed.
+        self.keyring.current()?;
         let now = OffsetDateTime::now_utc();
         let lifetime = token_lifetime(tenant);
         let session = SessionRecord {

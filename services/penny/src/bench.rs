@@ -372,6 +372,18 @@ async fn start_auth_fleet(
         &config,
     )
     .await?;
+    let mut stops = Vec::new();
+    let mut tasks = Vec::new();
+    for (bundle, listener) in [
+        (penny_keys::bundle(keys, &config), keys_listener),
+        (penny_authz::bundle(authz, &config), authz_listener),
+        (penny_tenants::bundle(tenants, &config), tenants_listener),
+    ] {
+        let (stop, task) = spawn_server(config.clone(), bundle, listener);
+        stops.push(stop);
+        tasks.push(task);
+    }
+    // Auth seals its signing key through keys at start: keys is serving by now.
     let auth = penny_auth::build(
         penny_auth::AuthConfig {
             database_url: penny_platform::db::sqlite_url(&data_dir.0, "auth"),
@@ -383,18 +395,13 @@ async fn start_auth_fleet(
         &config,
     )
     .await?;
-    let mut stops = Vec::new();
-    let mut tasks = Vec::new();
-    for (bundle, listener) in [
-        (penny_keys::bundle(keys, &config), keys_listener),
-        (penny_authz::bundle(authz, &config), authz_listener),
-        (penny_tenants::bundle(tenants, &config), tenants_listener),
-        (penny_auth::bundle(auth, &config), auth_listener),
-    ] {
-        let (stop, task) = spawn_server(config.clone(), bundle, listener);
-        stops.push(stop);
-        tasks.push(task);
-    }
+    let (stop, task) = spawn_server(
+        config.clone(),
+        penny_auth::bundle(auth, &config),
+        auth_listener,
+    );
+    stops.push(stop);
+    tasks.push(task);
     Ok((
         addrs[3].clone(),
         BenchServer {

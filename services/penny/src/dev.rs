@@ -138,8 +138,8 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         stop(),
     ));
 
-    // auth: signs in with the data directory's signing key, so its tokens are the ones
-    // every service here already verifies.
+    // auth: signs with keys it seals through the keys service above; every service here
+    // trusts them through auth's JWKS (serve_config.auth).
     let auth_config = penny_auth::AuthConfig {
         database_url: penny_platform::db::sqlite_url(&args.data_dir, "auth"),
         migration_database_url: None,

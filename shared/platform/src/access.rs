@@ -163,5 +163,24 @@ mod tests {
         assert!(Requirement::PlatformAdmin.check(&service).is_err());
         assert!(Requirement::ServiceOrAdmin.check(&service).is_ok());
         assert!(Requirement::ServiceOrAdmin.check(&customer_admin).is_err());
+        // An API key recorded with `admin` in the platform tenant is not staff.
+        let staff_key = principal(PrincipalKind::ApiKey, PLATFORM_TENANT_ID, &["admin"]);
+        assert!(Requirement::PlatformAdmin.check(&staff_key).is_err());
+        assert!(Requirement::ServiceOrAdmin.check(&staff_key).is_err());
+    }
+
+    #[test]
+    fn restricted_user_tokens_pass_only_enrolment_rules() {
+        let mut enrolling = principal(PrincipalKind::User, Uuid::new_v4(), &[]);
+        enrolling.scopes = vec![ENROLL_SCOPE.to_owned()];
+        assert!(Requirement::Enrollment.check(&enrolling).is_ok());
+        assert!(Requirement::Public.check(&enrolling).is_ok());
+        for refused in [
+            Requirement::Authenticated,
+            Requirement::Permission("tenant:read"),
+            Requirement::ServiceOrAdmin,
+        ] {
+            assert!(refused.check(&enrolling).is_err(), "{refused:?}");
+        }
     }
 }

@@ -75,10 +75,13 @@ pub struct Principal {
 }
 
 impl Principal {
-    /// Platform staff: the `admin` role inside the platform tenant. An `admin` role claimed
-    /// in any other tenant counts for nothing.
+    /// Platform staff: a person with the `admin` role inside the platform tenant. An
+    /// `admin` role claimed in any other tenant, or carried by an API key (whose roles are
+    /// recorded once, at creation), counts for nothing.
     pub fn is_platform_admin(&self) -> bool {
-        self.tenant_id == PLATFORM_TENANT_ID && self.roles.iter().any(|r| r == "admin")
+        self.kind == PrincipalKind::User
+            && self.tenant_id == PLATFORM_TENANT_ID
+            && self.roles.iter().any(|r| r == "admin")
     }
 
     /// One of the fleet's services (or an internal caller with client credentials).

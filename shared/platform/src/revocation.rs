@@ -104,6 +104,11 @@ impl RevocationState {
 
     fn apply(&self, message: &pb::WatchRevocationsResponse) {
         let now = now_secs();
+        if message.reset {
+            // Everything known is discarded: nothing is vouched for until the snapshot that
+            // follows is complete.
+            self.caught_up.store(false, Ordering::Release);
+        }
         if let Ok(mut set) = self.set.write() {
             if message.reset {
                 *set = RevocationSet::default();
@@ -377,14 +382,18 @@ mod tests {
         key.kind = PrincipalKind::ApiKey;
         key.session_id = None;
         assert_eq!(state.check(&key, now), Err(Refusal::Revoked));
-        // A reset forgets everything before what it carries.
+        // A reset forgets everything, and vouches for nothing until the snapshot is whole.
         state.apply(&pb::WatchRevocationsResponse {
             reset: true,
+            ..Default::default()
+        });
+        assert_eq!(state.len(), 0);
+        assert_eq!(state.check(&user("u1", "s1"), now), Err(Refusal::Unknown));
+        state.apply(&pb::WatchRevocationsResponse {
             caught_up: true,
             ..Default::default()
         });
         assert_eq!(state.check(&user("u1", "s1"), now), Ok(()));
-        assert_eq!(state.len(), 0);
     }
 
     #[test]

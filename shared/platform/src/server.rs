@@ -223,7 +223,13 @@ pub async fn serve(
         (Some(auth), Some(authorizer)) => config
             .verifier
             .following_revocations(auth.clone(), authorizer.token()),
-        _ => config.verifier.clone(),
+        _ => {
+            tracing::warn!(
+                service = name,
+                "not following auth (PENNY_AUTH_URL unset): revoked sessions and API keys are not refused here, and tokens auth signs are not trusted"
+            );
+            config.verifier.clone()
+        }
     };
     // Layers run outermost first.
     let stack = tower::ServiceBuilder::new()
