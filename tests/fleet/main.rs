@@ -13,6 +13,7 @@ mod isolation;
 mod keys;
 mod mfa;
 mod platform;
+mod service_tokens;
 mod sessions;
 mod signing_keys;
 mod tenants;

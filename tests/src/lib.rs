@@ -250,6 +250,7 @@ pub struct TestFleetBuilder {
     concurrency_limit: Option<usize>,
     tls: Option<penny_platform::server::TlsMaterial>,
     signing_key_rotation: Option<Duration>,
+    service_clients: Vec<penny_auth::service_tokens::ClientSpec>,
 }
 
 impl TestFleetBuilder {
@@ -293,6 +294,12 @@ impl TestFleetBuilder {
     pub fn with_auth(mut self) -> Self {
         self.auth = true;
         self.with_tenants()
+    }
+
+    /// Provision these service clients in auth.
+    pub fn service_clients(mut self, clients: Vec<penny_auth::service_tokens::ClientSpec>) -> Self {
+        self.service_clients = clients;
+        self
     }
 
     /// Rotate auth's signing key this often (tests of rotation).
@@ -429,6 +436,7 @@ impl TestFleetBuilder {
                         ),
                         self.signing_key_rotation
                             .unwrap_or(penny_auth::keyring::DEFAULT_ROTATION),
+                        self.service_clients.clone(),
                         listener,
                     )
                     .await,
@@ -754,6 +762,7 @@ async fn start_auth_on(
     tenants_url: String,
     keys_url: String,
     signing_key_rotation: Duration,
+    service_clients: Vec<penny_auth::service_tokens::ClientSpec>,
     listener: TcpListener,
 ) -> AuthServer {
     let auth = penny_auth::build(
@@ -763,6 +772,7 @@ async fn start_auth_on(
             tenants_url,
             keys_url,
             signing_key_rotation,
+            service_clients: Some(service_clients),
         },
         config,
     )

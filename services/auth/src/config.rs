@@ -30,6 +30,15 @@ pub struct Args {
     /// keys. Auth is not ready until it has loaded (or made) its signing key through it.
     #[arg(long = "auth-keys-url", env = "PENNY_KEYS_URL")]
     pub keys_url: String,
+    /// JSON file listing the service clients that may trade a client id and secret for a
+    /// service token (`IssueServiceToken`): `[{"client_id", "name", "secret_sha256",
+    /// "scopes"}]`. Only hashes: the file holds no secret. At every start the stored clients
+    /// are made exactly these; a client no longer listed is revoked and its tokens refused.
+    #[arg(
+        long = "auth-service-clients-file",
+        env = "PENNY_AUTH_SERVICE_CLIENTS_FILE"
+    )]
+    pub service_clients_file: Option<std::path::PathBuf>,
     /// How often the token-signing key is replaced, in seconds (default 30 days; at
     /// least 60). Keys are stored sealed by the keys service; every service trusts them
     /// through auth's JWKS (PENNY_AUTH_URL).
@@ -52,17 +61,25 @@ pub struct AuthConfig {
     pub keys_url: String,
     /// How often the signing key is replaced.
     pub signing_key_rotation: std::time::Duration,
+    /// The service clients to provision; `None` leaves the stored ones as they are.
+    pub service_clients: Option<Vec<crate::service_tokens::ClientSpec>>,
 }
 
 impl Args {
-    /// The configuration.
-    pub fn into_config(self) -> AuthConfig {
-        AuthConfig {
+    /// The configuration; fails naming the setting when the clients file is unreadable.
+    pub fn into_config(self) -> anyhow::Result<AuthConfig> {
+        let service_clients = self
+            .service_clients_file
+            .as_deref()
+            .map(crate::service_tokens::read_clients_file)
+            .transpose()?;
+        Ok(AuthConfig {
+            service_clients,
             database_url: self.database_url,
             migration_database_url: self.migration_database_url,
             tenants_url: self.tenants_url,
             keys_url: self.keys_url,
             signing_key_rotation: std::time::Duration::from_secs(self.signing_key_rotation_secs),
-        }
+        })
     }
 }

@@ -90,6 +90,8 @@ pub(crate) fn policy() -> AccessPolicy {
         ("ListBlockedIps", Permission("tenant:read")),
         ("ChangePassword", Authenticated),
         ("IntrospectToken", ServiceOrAdmin),
+        // Client credentials are the credential: no token needed.
+        ("IssueServiceToken", Public),
     ]
     .into_iter()
     .fold(AccessPolicy::new(), |policy, (method, requirement)| {
@@ -515,6 +517,32 @@ impl AuthService for AuthGrpc {
         Ok(Response::new(pb::ListBlockedIpsResponse {
             blocked_ips: blocks.iter().map(ip_block_out).collect(),
             next_page_token,
+        }))
+    }
+
+    async fn issue_service_token(
+        &self,
+        request: Request<pb::IssueServiceTokenRequest>,
+    ) -> Result<Response<pb::IssueServiceTokenResponse>, Status> {
+        let request = request.into_inner();
+        let secret = Zeroizing::new(request.client_secret);
+        let mut v = Violations::new();
+        let client = v.uuid("client_id", &request.client_id);
+        v.length("client_secret", &secret, 1, MAX_SECRET_LEN);
+        v.count("scopes", request.scopes.len(), 0, 32);
+        for (i, scope) in request.scopes.iter().enumerate() {
+            v.length(&format!("scopes[{i}]"), scope, 1, 128);
+        }
+        v.finish()?;
+        let issued = self
+            .auth
+            .issue_service_token(client, &secret, &request.scopes)
+            .await?;
+        Ok(Response::new(pb::IssueServiceTokenResponse {
+            access_token: issued.access_token,
+            token_type: "Bearer".into(),
+            expire_time: Some(timestamp(issued.expires_at)),
+            scopes: issued.scopes,
         }))
     }
 

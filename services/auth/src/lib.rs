@@ -21,6 +21,7 @@ pub mod mfa;
 pub mod migration;
 mod sealed;
 pub mod service;
+pub mod service_tokens;
 pub mod sessions;
 pub mod store;
 
@@ -74,6 +75,16 @@ pub async fn build(config: AuthConfig, serve_config: &ServeConfig) -> anyhow::Re
         authorizer,
         config.signing_key_rotation,
     );
+    if let Some(clients) = &config.service_clients {
+        let revoked = auth.provision_service_clients(clients).await.map_err(|e| {
+            anyhow::anyhow!("PENNY_AUTH_SERVICE_CLIENTS_FILE: cannot provision: {e}")
+        })?;
+        tracing::info!(
+            clients = clients.len(),
+            revoked,
+            "service clients provisioned"
+        );
+    }
     // The signing key is sealed by the keys service: load it now if keys answers (it
     // does in `penny dev` and the tests, which start keys first), else keep trying in the
     // background while the service reports not ready.

@@ -391,6 +391,7 @@ async fn start_auth_fleet(
             tenants_url: format!("http://{}", addrs[2]),
             keys_url: format!("http://{}", addrs[0]),
             signing_key_rotation: penny_auth::keyring::DEFAULT_ROTATION,
+            service_clients: None,
         },
         &config,
     )

@@ -140,12 +140,22 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
 
     // auth: signs with keys it seals through the keys service above; every service here
     // trusts them through auth's JWKS (serve_config.auth).
+    let (client_secret, client_secret_hash) = penny_auth::service_tokens::new_client_secret();
     let auth_config = penny_auth::AuthConfig {
         database_url: penny_platform::db::sqlite_url(&args.data_dir, "auth"),
         migration_database_url: None,
         tenants_url: format!("http://{}:{TENANTS_PORT}", args.host),
         keys_url: format!("http://{}:{KEYS_PORT}", args.host),
         signing_key_rotation: penny_auth::keyring::DEFAULT_ROTATION,
+        // One service client for the developer (a new secret at every start; the previous
+        // one is revoked): IssueServiceToken with PENNY_CLIENT_ID and PENNY_CLIENT_SECRET
+        // from dev.env.
+        service_clients: Some(vec![penny_auth::service_tokens::ClientSpec {
+            client_id: DEV_CLIENT_ID,
+            name: "penny-dev".to_owned(),
+            secret_sha256: client_secret_hash,
+            scopes: Vec::new(),
+        }]),
     };
     let listener = bind(&args.host, AUTH_PORT, "auth").await?;
     running.push(Running {
@@ -165,7 +175,10 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     });
 
     let env_path = args.data_dir.join("dev.env");
-    let mut env = format!("PENNY_TOKEN={token}\n");
+    let mut env = format!(
+        "PENNY_TOKEN={token}\nPENNY_CLIENT_ID={DEV_CLIENT_ID}\nPENNY_CLIENT_SECRET={}\n",
+        client_secret.as_str()
+    );
     for service in &running {
         let _ = writeln!(env, "{}={}", service.env_name, service.addr);
     }
@@ -181,6 +194,9 @@ async fn wait(mut tasks: tokio::task::JoinSet<anyhow::Result<()>>) -> anyhow::Re
     }
     Ok(())
 }
+
+/// The service client `penny dev` provisions for the developer.
+const DEV_CLIENT_ID: uuid::Uuid = uuid::Uuid::from_u128(0x0000_0000_0000_4000_8000_0000_0000_0d01);
 
 /// The fixed dev port of the auth service.
 const AUTH_PORT: u16 = 50051;

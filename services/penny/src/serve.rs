@@ -48,7 +48,7 @@ pub async fn run(command: ServeCommand) -> anyhow::Result<()> {
                 .await
                 .map_err(|e| anyhow::anyhow!("PENNY_AUTH_LISTEN {listen}: {e}"))?;
             penny_auth::serve(
-                auth.into_config(),
+                auth.into_config()?,
                 serve_config,
                 listener,
                 penny_platform::shutdown_signal(),

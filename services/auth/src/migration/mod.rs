@@ -9,6 +9,7 @@ mod m20261205_000002_api_keys;
 mod m20261205_000003_ip_blocks;
 mod m20261205_000004_mfa;
 mod m20261205_000005_signing_keys;
+mod m20261205_000006_service_clients;
 
 /// Runs the auth service's migrations.
 #[derive(Debug)]
@@ -25,6 +26,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261205_000003_ip_blocks::Migration),
             Box::new(m20261205_000004_mfa::Migration),
             Box::new(m20261205_000005_signing_keys::Migration),
+            Box::new(m20261205_000006_service_clients::Migration),
         ]
     }
 

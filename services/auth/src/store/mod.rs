@@ -13,12 +13,14 @@ use crate::domain::lockout::{Counter, CounterKey, LockoutPolicy, Verdict};
 mod api_keys;
 mod ip_blocks;
 mod mfa;
+mod service_clients;
 mod session_log;
 mod signing_keys;
 
 pub use api_keys::ApiKeyRecord;
 pub use ip_blocks::{GLOBAL as GLOBAL_BLOCKS, IpBlock};
 pub use mfa::{MfaRecord, MfaState};
+pub use service_clients::ServiceClient;
 pub use session_log::{Revocation, RevocationKind, SessionScope};
 pub use signing_keys::StoredSigningKey;
 
@@ -241,6 +243,28 @@ mod entity {
             pub activates_at: TimeDateTimeWithTimeZone,
             pub retired_at: Option<TimeDateTimeWithTimeZone>,
             pub expires_at: Option<TimeDateTimeWithTimeZone>,
+        }
+
+        #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+        pub enum Relation {}
+
+        impl ActiveModelBehavior for ActiveModel {}
+    }
+
+    pub mod service_clients {
+        use sea_orm::entity::prelude::*;
+
+        #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+        #[sea_orm(table_name = "auth_service_clients")]
+        pub struct Model {
+            #[sea_orm(primary_key, auto_increment = false)]
+            pub client_id: Uuid,
+            pub tenant_id: Uuid,
+            pub name: String,
+            pub secret_hash: String,
+            pub scopes: String,
+            pub created_at: TimeDateTimeWithTimeZone,
+            pub revoked_at: Option<TimeDateTimeWithTimeZone>,
         }
 
         #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

@@ -1,0 +1,260 @@
+//! Service credentials: the fleet's services and internal callers trade a client id and
+//! secret for a short-lived service token (`IssueServiceToken`, client-credentials style).
+//!
+//! Clients are provisioned from configuration (only the SHA-256 of each secret is given and
+//! stored); a client dropped from it is revoked at the next start, and every service refuses
+//! its tokens through the revocation stream. Wrong secrets count against the client on the
+//! lockout counters, like passwords against an account.
+
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use penny_platform::principal::PLATFORM_TENANT_ID;
+use penny_platform::signing::TokenGrant;
+use penny_platform::{ApiError, PrincipalKind, Reason};
+use subtle::ConstantTimeEq;
+use time::OffsetDateTime;
+use tonic::Code;
+use uuid::Uuid;
+
+use crate::domain::lockout::{CounterKey, LockoutPolicy, Verdict};
+use crate::error::AuthError;
+use crate::service::{Auth, token_hash};
+use crate::store::ServiceClient;
+
+/// How long a service token lives; clients fetch a new one before it ends.
+pub const SERVICE_TOKEN_LIFETIME: Duration = Duration::from_secs(3600);
+
+/// One configured client.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientSpec {
+    /// The client id (UUID).
+    pub client_id: Uuid,
+    /// For people and logs.
+    pub name: String,
+    /// SHA-256 of the secret, 64 lowercase hex digits.
+    pub secret_sha256: String,
+    /// Scopes it may ask for (`[a-z0-9_.:-]`, at most 128 characters each).
+    #[serde(default)]
+    pub scopes: Vec<String>,
+}
+
+impl ClientSpec {
+    fn check(&self) -> Result<(), String> {
+        if self.secret_sha256.len() != 64
+            || !self
+                .secret_sha256
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        {
+            return Err(format!(
+                "client {}: secret_sha256 must be 64 lowercase hex digits",
+                self.client_id
+            ));
+        }
+        if self.name.is_empty() || self.name.len() > 128 {
+            return Err(format!(
+                "client {}: name must be 1..128 characters",
+                self.client_id
+            ));
+        }
+        for scope in &self.scopes {
+            if scope.is_empty()
+                || scope.len() > 128
+                || !scope
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"_.:-".contains(&b))
+            {
+                return Err(format!(
+                    "client {}: scope {scope:?} is not allowed",
+                    self.client_id
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A fresh client secret (`psc_` and base64url of 32 random bytes) and its SHA-256, hex:
+/// the secret goes to the client, the hash to the clients file.
+pub fn new_client_secret() -> (zeroize::Zeroizing<String>, String) {
+    use base64::Engine as _;
+    let mut bytes = zeroize::Zeroizing::new([0u8; 32]);
+    rand::fill(&mut bytes[..]);
+    let secret = zeroize::Zeroizing::new(format!(
+        "psc_{}",
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(&bytes[..])
+    ));
+    let hash = token_hash(&secret);
+    (secret, hash)
+}
+
+/// Reads and checks a clients file (see `--auth-service-clients-file`).
+pub fn read_clients_file(path: &Path) -> anyhow::Result<Vec<ClientSpec>> {
+    let bytes = std::fs::read(path).with_context(|| {
+        format!(
+            "PENNY_AUTH_SERVICE_CLIENTS_FILE: cannot read {}",
+            path.display()
+        )
+    })?;
+    let clients: Vec<ClientSpec> = serde_json::from_slice(&bytes).with_context(|| {
+        format!(
+            "PENNY_AUTH_SERVICE_CLIENTS_FILE {}: not a list of clients",
+            path.display()
+        )
+    })?;
+    for client in &clients {
+        client
+            .check()
+            .map_err(|why| anyhow::anyhow!("PENNY_AUTH_SERVICE_CLIENTS_FILE: {why}"))?;
+    }
+    Ok(clients)
+}
+
+fn refused() -> AuthError {
+    ApiError::new(
+        Code::Unauthenticated,
+        Reason::ClientCredentialsInvalid,
+        "invalid client credentials",
+    )
+    .into()
+}
+
+/// A service token issued to a client.
+#[derive(Debug, Clone)]
+pub struct ServiceToken {
+    /// The signed JWT.
+    pub access_token: String,
+    /// When it expires.
+    pub expires_at: OffsetDateTime,
+    /// The scopes it carries.
+    pub scopes: Vec<String>,
+}
+
+impl Auth {
+    /// Makes the stored clients exactly `specs`. Returns how many were revoked.
+    pub async fn provision_service_clients(&self, specs: &[ClientSpec]) -> Result<u32, AuthError> {
+        let clients: Vec<ServiceClient> = specs
+            .iter()
+            .map(|spec| ServiceClient {
+                client_id: spec.client_id,
+                name: spec.name.clone(),
+                secret_hash: spec.secret_sha256.clone(),
+                scopes: spec.scopes.clone(),
+                revoked_at: None,
+            })
+            .collect();
+        Ok(self
+            .store
+            .reconcile_service_clients(&clients, OffsetDateTime::now_utc())
+            .await?)
+    }
+
+    /// Trades client credentials for a service token. An unknown client, a revoked one and
+    /// a wrong secret get the same answer; a scope the client may not have is refused.
+    pub async fn issue_service_token(
+        &self,
+        client_id: Uuid,
+        secret: &str,
+        requested: &[String],
+    ) -> Result<ServiceToken, AuthError> {
+        let now = OffsetDateTime::now_utc();
+        let keys = [CounterKey::Account(format!("service-client:{client_id}"))];
+        let policy = LockoutPolicy::default();
+        let verdict = self
+            .store
+            .begin_attempt(PLATFORM_TENANT_ID, &keys, &policy, now)
+            .await?;
+        let client = match self.store.service_client(client_id).await {
+            Ok(client) => client,
+            Err(err) => {
+                if verdict == Verdict::Proceed {
+                    self.store
+                        .attempt_abandoned(PLATFORM_TENANT_ID, &keys, now)
+                        .await?;
+                }
+                return Err(err.into());
+            }
+        };
+        let presented = token_hash(secret);
+        // The comparison runs whether or not the client exists, in constant time.
+        let expected = client
+            .as_ref()
+            .map_or_else(|| "0".repeat(64), |c| c.secret_hash.clone());
+        let matched: bool = presented.as_bytes().ct_eq(expected.as_bytes()).into();
+        let usable = client.filter(|c| c.revoked_at.is_none() && matched);
+        if verdict != Verdict::Proceed {
+            tracing::warn!(client = %client_id, "service token refused: the client is locked");
+            return Err(refused());
+        }
+        let Some(client) = usable else {
+            self.store
+                .attempt_failed(PLATFORM_TENANT_ID, &keys, &policy, now)
+                .await?;
+            return Err(refused());
+        };
+        self.store
+            .attempt_succeeded(PLATFORM_TENANT_ID, &keys, now)
+            .await?;
+        let scopes = if requested.is_empty() {
+            client.scopes.clone()
+        } else {
+            if let Some(extra) = requested.iter().find(|s| !client.scopes.contains(s)) {
+                return Err(ApiError::permission_denied(format!(
+                    "the client may not ask for scope {extra:?}"
+                ))
+                .into());
+            }
+            requested.to_vec()
+        };
+        let scope_refs: Vec<&str> = scopes.iter().map(String::as_str).collect();
+        let access_token = self
+            .keyring
+            .current()?
+            .mint_scoped(
+                &TokenGrant {
+                    subject: client.client_id.to_string(),
+                    tenant_id: PLATFORM_TENANT_ID,
+                    roles: Vec::new(),
+                    kind: PrincipalKind::Service,
+                    session_id: None,
+                    lifetime: SERVICE_TOKEN_LIFETIME,
+                },
+                &scope_refs,
+            )
+            .map_err(|e| AuthError::Internal(e.to_string()))?;
+        tracing::info!(client = %client.client_id, name = %client.name, "service token issued");
+        Ok(ServiceToken {
+            access_token,
+            expires_at: now + SERVICE_TOKEN_LIFETIME,
+            scopes,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn client_specs_are_checked() {
+        let good = ClientSpec {
+            client_id: Uuid::new_v4(),
+            name: "audit".into(),
+            secret_sha256: "a".repeat(64),
+            scopes: vec!["auth:block-ip".into()],
+        };
+        assert!(good.check().is_ok());
+        let mut bad = good.clone();
+        bad.secret_sha256 = "A".repeat(64);
+        assert!(bad.check().is_err());
+        let mut bad = good.clone();
+        bad.scopes = vec!["has space".into()];
+        assert!(bad.check().is_err());
+        let mut bad = good;
+        bad.name = String::new();
+        assert!(bad.check().is_err());
+    }
+}

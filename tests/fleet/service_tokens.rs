@@ -1,0 +1,149 @@
+//! Service credentials: a provisioned client trades its id and secret for a service token
+//! every service accepts; unknown clients and wrong secrets get one answer and run out of
+//! tries; scopes are no wider than the client's; only the secret's hash is stored.
+
+use penny_auth::service_tokens::{ClientSpec, new_client_secret};
+use penny_proto::auth::v1 as pb;
+use penny_proto::keys::v1 as keys_pb;
+use penny_tests::{TestFleet, error_reason as reason, with_token};
+use sea_orm::{ConnectionTrait, Statement};
+use tonic::Code;
+use uuid::Uuid;
+
+use crate::auth::service::Harness;
+
+fn issue(client: Uuid, secret: &str, scopes: &[&str]) -> pb::IssueServiceTokenRequest {
+    pb::IssueServiceTokenRequest {
+        client_id: client.to_string(),
+        client_secret: secret.into(),
+        scopes: scopes.iter().map(|s| (*s).to_owned()).collect(),
+    }
+}
+
+#[tokio::test]
+async fn a_provisioned_client_gets_a_service_token_every_service_accepts() {
+    let (secret, hash) = new_client_secret();
+    let client = Uuid::new_v4();
+    let h = Harness::start_with(TestFleet::builder().service_clients(vec![ClientSpec {
+        client_id: client,
+        name: "security-monitor".into(),
+        secret_sha256: hash.clone(),
+        scopes: vec!["auth:block-ip".into(), "tenants:suspend".into()],
+    }]))
+    .await;
+    let mut auth = h.auth.clone();
+
+    // No token needed: the credentials are the credential.
+    let issued = auth
+        .issue_service_token(issue(client, &secret, &[]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(issued.token_type, "Bearer");
+    assert_eq!(issued.scopes, ["auth:block-ip", "tenants:suspend"]);
+    let narrower = auth
+        .issue_service_token(issue(client, &secret, &["auth:block-ip"]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(narrower.scopes, ["auth:block-ip"]);
+    let status = auth
+        .issue_service_token(issue(client, &secret, &["keys:delete"]))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::PermissionDenied);
+
+    // It is a service principal in every service: keys (services only) and auth.
+    let tenant = Uuid::new_v4().to_string();
+    keys_pb::key_service_client::KeyServiceClient::new(h.fleet.keys().server.channel().await)
+        .create_key(with_token(
+            keys_pb::CreateKeyRequest {
+                tenant_id: tenant.clone(),
+            },
+            &issued.access_token,
+        ))
+        .await
+        .unwrap();
+    auth.list_blocked_ips(with_token(
+        pb::ListBlockedIpsRequest::default(),
+        &issued.access_token,
+    ))
+    .await
+    .unwrap();
+    let found = auth
+        .introspect_token(with_token(
+            pb::IntrospectTokenRequest {
+                token: issued.access_token.clone(),
+            },
+            &h.frontend,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(found.active);
+    assert_eq!(found.principal.unwrap().id, client.to_string());
+
+    // Unknown client and wrong secret: one answer, nothing about which.
+    let unknown = auth
+        .issue_service_token(issue(Uuid::new_v4(), &secret, &[]))
+        .await
+        .unwrap_err();
+    let wrong = auth
+        .issue_service_token(issue(client, "psc_not-the-secret", &[]))
+        .await
+        .unwrap_err();
+    for status in [&unknown, &wrong] {
+        assert_eq!(status.code(), Code::Unauthenticated);
+        assert_eq!(reason(status), "CLIENT_CREDENTIALS_INVALID");
+    }
+    assert_eq!(unknown.message(), wrong.message());
+    // Wrong secrets run out: after six, even the right one is refused for a while.
+    for _ in 0..5 {
+        auth.issue_service_token(issue(client, "psc_guess", &[]))
+            .await
+            .unwrap_err();
+    }
+    let status = auth
+        .issue_service_token(issue(client, &secret, &[]))
+        .await
+        .unwrap_err();
+    assert_eq!(reason(&status), "CLIENT_CREDENTIALS_INVALID");
+
+    // Only the hash is stored.
+    let url = h
+        .fleet
+        .auth()
+        .database
+        .migration_url
+        .clone()
+        .unwrap_or_else(|| h.fleet.auth().database.url.clone());
+    let db = penny_platform::db::connect(&url).await.unwrap();
+    let rows = db
+        .query_all_raw(Statement::from_string(
+            db.get_database_backend(),
+            "SELECT secret_hash, name, scopes FROM auth_service_clients",
+        ))
+        .await
+        .unwrap();
+    assert_eq!(rows.len(), 1);
+    for column in 0..3 {
+        let value: String = rows[0].try_get_by_index(column).unwrap();
+        assert!(!value.contains(secret.as_str()));
+    }
+    let stored: String = rows[0].try_get_by_index(0).unwrap();
+    assert_eq!(stored, hash);
+
+    // Bad input is named.
+    let status = auth
+        .issue_service_token(pb::IssueServiceTokenRequest {
+            client_id: "nope".into(),
+            client_secret: String::new(),
+            scopes: vec![String::new()],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        penny_tests::bad_fields(&status),
+        ["client_id", "client_secret", "scopes[0]"]
+    );
+}
