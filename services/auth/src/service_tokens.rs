@@ -54,7 +54,7 @@ impl ClientSpec {
                 self.client_id
             ));
         }
-        if self.name.is_empty() || self.name.len() > 128 {
+        if self.name.is_empty() || self.name.chars().count() > 128 {
             return Err(format!(
                 "client {}: name must be 1..128 characters",
                 self.client_id
@@ -105,10 +105,17 @@ pub fn read_clients_file(path: &Path) -> anyhow::Result<Vec<ClientSpec>> {
             path.display()
         )
     })?;
+    let mut seen = std::collections::HashSet::new();
     for client in &clients {
         client
             .check()
             .map_err(|why| anyhow::anyhow!("PENNY_AUTH_SERVICE_CLIENTS_FILE: {why}"))?;
+        if !seen.insert(client.client_id) {
+            anyhow::bail!(
+                "PENNY_AUTH_SERVICE_CLIENTS_FILE: client {} is listed twice",
+                client.client_id
+            );
+        }
     }
     Ok(clients)
 }

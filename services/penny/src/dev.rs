@@ -1,8 +1,9 @@
 //! `penny dev`: the whole fleet in one process on embedded defaults.
 //!
 //! Everything lives under the data directory: the token-signing key and its JWKS, one
-//! SQLite file per service, and `dev.env` with a platform-admin token and each service's
-//! address, ready for `source` and `grpcurl`.
+//! SQLite file per service, and `dev.env` with a platform-admin token, a service client's
+//! id and secret (for `IssueServiceToken`) and each service's address, ready for `source`
+//! and `grpcurl`.
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -141,17 +142,18 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     // auth: signs with keys it seals through the keys service above; every service here
     // trusts them through auth's JWKS (serve_config.auth).
     let (client_secret, client_secret_hash) = penny_auth::service_tokens::new_client_secret();
+    let dev_client_id = uuid::Uuid::new_v4();
     let auth_config = penny_auth::AuthConfig {
         database_url: penny_platform::db::sqlite_url(&args.data_dir, "auth"),
         migration_database_url: None,
         tenants_url: format!("http://{}:{TENANTS_PORT}", args.host),
         keys_url: format!("http://{}:{KEYS_PORT}", args.host),
         signing_key_rotation: penny_auth::keyring::DEFAULT_ROTATION,
-        // One service client for the developer (a new secret at every start; the previous
-        // one is revoked): IssueServiceToken with PENNY_CLIENT_ID and PENNY_CLIENT_SECRET
-        // from dev.env.
+        // One service client for the developer, new at every start: the previous one is
+        // revoked (and its tokens refused). IssueServiceToken with PENNY_CLIENT_ID and
+        // PENNY_CLIENT_SECRET from dev.env.
         service_clients: Some(vec![penny_auth::service_tokens::ClientSpec {
-            client_id: DEV_CLIENT_ID,
+            client_id: dev_client_id,
             name: "penny-dev".to_owned(),
             secret_sha256: client_secret_hash,
             scopes: Vec::new(),
@@ -176,7 +178,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
 
     let env_path = args.data_dir.join("dev.env");
     let mut env = format!(
-        "PENNY_TOKEN={token}\nPENNY_CLIENT_ID={DEV_CLIENT_ID}\nPENNY_CLIENT_SECRET={}\n",
+        "PENNY_TOKEN={token}\nPENNY_CLIENT_ID={dev_client_id}\nPENNY_CLIENT_SECRET={}\n",
         client_secret.as_str()
     );
     for service in &running {
@@ -194,9 +196,6 @@ async fn wait(mut tasks: tokio::task::JoinSet<anyhow::Result<()>>) -> anyhow::Re
     }
     Ok(())
 }
-
-/// The service client `penny dev` provisions for the developer.
-const DEV_CLIENT_ID: uuid::Uuid = uuid::Uuid::from_u128(0x0000_0000_0000_4000_8000_0000_0000_0d01);
 
 /// The fixed dev port of the auth service.
 const AUTH_PORT: u16 = 50051;
