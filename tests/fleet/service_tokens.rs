@@ -1,6 +1,6 @@
 //! Service credentials: a provisioned client trades its id and secret for a service token
-//! every service accepts; unknown clients and wrong secrets get one answer and run out of
-//! tries; scopes are no wider than the client's; only the secret's hash is stored.
+//! every service accepts; unknown clients and wrong secrets get one answer and lock nobody
+//! out; no scopes are granted (none is enforced yet); only the secret's hash is stored.
 
 use penny_auth::service_tokens::{ClientSpec, new_client_secret};
 use penny_proto::auth::v1 as pb;
@@ -28,7 +28,7 @@ async fn a_provisioned_client_gets_a_service_token_every_service_accepts() {
         client_id: client,
         name: "security-monitor".into(),
         secret_sha256: hash.clone(),
-        scopes: vec!["auth:block-ip".into(), "tenants:suspend".into()],
+        scopes: vec![],
     }]))
     .await;
     let mut auth = h.auth.clone();
@@ -40,13 +40,8 @@ async fn a_provisioned_client_gets_a_service_token_every_service_accepts() {
         .unwrap()
         .into_inner();
     assert_eq!(issued.token_type, "Bearer");
-    assert_eq!(issued.scopes, ["auth:block-ip", "tenants:suspend"]);
-    let narrower = auth
-        .issue_service_token(issue(client, &secret, &["auth:block-ip"]))
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(narrower.scopes, ["auth:block-ip"]);
+    assert!(issued.scopes.is_empty());
+    // Scopes are not enforced by any service yet, so none can be had.
     let status = auth
         .issue_service_token(issue(client, &secret, &["keys:delete"]))
         .await
@@ -97,17 +92,16 @@ async fn a_provisioned_client_gets_a_service_token_every_service_accepts() {
         assert_eq!(reason(status), "CLIENT_CREDENTIALS_INVALID");
     }
     assert_eq!(unknown.message(), wrong.message());
-    // Wrong secrets run out: after six, even the right one is refused for a while.
-    for _ in 0..5 {
+    // Wrong secrets lock nobody out (a public RPC must not let anyone lock a client):
+    // after many, the right one still works.
+    for _ in 0..8 {
         auth.issue_service_token(issue(client, "psc_guess", &[]))
             .await
             .unwrap_err();
     }
-    let status = auth
-        .issue_service_token(issue(client, &secret, &[]))
+    auth.issue_service_token(issue(client, &secret, &[]))
         .await
-        .unwrap_err();
-    assert_eq!(reason(&status), "CLIENT_CREDENTIALS_INVALID");
+        .unwrap();
 
     // Only the hash is stored.
     let url = h

@@ -320,7 +320,8 @@ async fn other_users_sessions_need_permission_and_other_tenants_see_nothing() {
     .await
     .unwrap_err();
     assert_eq!(status.code(), Code::NotFound);
-    // Nor with its own tenant id and acme's session.
+    // Nor with its own tenant id and acme's session, nor with acme's owner as "its" user:
+    // revoking a user of another tenant from one's own is NOT_FOUND, and announces nothing.
     let status = revoke(
         &h,
         &stranger.access_token,
@@ -330,6 +331,16 @@ async fn other_users_sessions_need_permission_and_other_tenants_see_nothing() {
     .await
     .unwrap_err();
     assert_eq!(status.code(), Code::NotFound);
+    let status = revoke(
+        &h,
+        &stranger.access_token,
+        globex.tenant,
+        pb::revoke_session_request::Target::UserId(acme.user.to_string()),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(status.code(), Code::NotFound);
+    tokio::time::sleep(Duration::from_millis(600)).await;
     assert!(accepted_everywhere(&h, &owner.access_token, acme.tenant, acme.user).await);
 
     // The owner (user:read, user:suspend) may do both to the viewer.

@@ -232,6 +232,14 @@ impl Auth {
             .await?
             .filter(|key| key.active(now))
             .ok_or(AuthError::ApiKeyInvalid)?;
+        // A key acts for its tenant: none once the tenant is gone or not active.
+        let tenant_active = self
+            .tenant(key.tenant_id)
+            .await?
+            .is_some_and(|t| t.state == penny_proto::tenants::v1::TenantState::Active as i32);
+        if !tenant_active {
+            return Err(AuthError::ApiKeyInvalid);
+        }
         self.last_used.record(key.tenant_id, key.id, now);
         Ok(key)
     }

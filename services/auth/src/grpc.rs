@@ -469,7 +469,8 @@ impl AuthService for AuthGrpc {
             .auth
             .block_ip(&principal, tenant, cidr, request.reason, duration)
             .await?;
-        tracing::warn!(tenant = ?tenant, cidr = %block.cidr, "address blocked");
+        // The range is an address, personal data: its size only.
+        tracing::warn!(tenant = ?tenant, prefix = %block.cidr.rsplit('/').next().unwrap_or(""), "address range blocked");
         Ok(Response::new(pb::BlockIpResponse {
             blocked_ip: Some(ip_block_out(&block)),
         }))
@@ -489,7 +490,7 @@ impl AuthService for AuthGrpc {
             return Err(ApiError::invalid_field("cidr", "required").into());
         };
         self.auth.unblock_ip(&principal, tenant, cidr).await?;
-        tracing::info!(tenant = ?tenant, cidr = %cidr, "address unblocked");
+        tracing::info!(tenant = ?tenant, "address range unblocked");
         Ok(Response::new(pb::UnblockIpResponse {}))
     }
 
@@ -982,6 +983,16 @@ impl AuthService for AuthGrpc {
         &self,
         _request: Request<pb::GetJwksRequest>,
     ) -> Result<Response<pb::GetJwksResponse>, Status> {
+        // An empty set would make every follower forget auth's keys: a replica that has
+        // not loaded its keys yet says so instead.
+        if !self.auth.keys_loaded() {
+            return Err(ApiError::unavailable(
+                Reason::DependencyUnavailable,
+                "the signing keys are not loaded yet; retry later",
+                Duration::from_secs(1),
+            )
+            .into());
+        }
         let keys = self
             .auth
             .jwks()

@@ -24,8 +24,8 @@ pub use crate::store::GLOBAL_BLOCKS;
 
 /// How long a replica trusts its copy of a tenant's ranges.
 pub const CACHE_TTL: Duration = Duration::from_secs(1);
-/// Most ranges one tenant (or the global list) holds that sign-in checks.
-const MAX_RANGES: u64 = 100_000;
+/// Most active ranges one tenant (or the global list) may hold; sign-in checks them all.
+pub const MAX_RANGES: u64 = 10_000;
 
 /// One tenant's parsed active ranges, and when they were read.
 type Ranges = (Instant, Arc<Vec<Cidr>>);
@@ -83,6 +83,16 @@ impl Auth {
     ) -> Result<IpBlock, AuthError> {
         let tenant = scope(caller, tenant)?;
         let now = OffsetDateTime::now_utc();
+        // Past the cap a new range would not be enforced: refuse it instead.
+        let active = self.store.ip_blocks(tenant, now, None, MAX_RANGES).await?;
+        if active.len() as u64 >= MAX_RANGES && !active.iter().any(|b| b.cidr == cidr.to_string()) {
+            return Err(ApiError::new(
+                tonic::Code::ResourceExhausted,
+                Reason::BatchTooLarge,
+                format!("at most {MAX_RANGES} ranges may be blocked in one list"),
+            )
+            .into());
+        }
         let block = IpBlock {
             tenant_id: tenant,
             cidr: cidr.to_string(),

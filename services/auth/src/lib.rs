@@ -6,7 +6,7 @@
 //! blocks, sessions with a revocation stream every service follows, API keys, and EdDSA
 //! tokens signed with keys sealed by the keys service and rotated. Users and the tenant's
 //! security policy come from the tenants service; the roles claim from authz's bindings.
-//! Service credentials (`IssueServiceToken`) are not built yet, and that RPC is absent.
+//! Service clients trade their credentials for service tokens (`IssueServiceToken`).
 
 #![forbid(unsafe_code)]
 

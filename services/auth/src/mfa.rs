@@ -275,7 +275,7 @@ impl Auth {
             };
             Ok(self
                 .store
-                .confirm_mfa(tenant, user, step, &hashes, now)
+                .confirm_mfa(tenant, user, &pending.secret_ciphertext, step, &hashes, now)
                 .await?)
         })
         .await?;
@@ -320,7 +320,8 @@ impl Auth {
             return Err(challenge_refused());
         }
         // What held at the password step must still hold: an active tenant and user, an
-        // address not blocked since.
+        // address not blocked since. The token is issued as of this check.
+        let checked_at = OffsetDateTime::now_utc();
         let tenant_record = self
             .tenant(tenant)
             .await?
@@ -337,7 +338,7 @@ impl Auth {
             return Err(AuthError::IpBlocked);
         }
         let signed_in = self
-            .start_session(&tenant_record, user, ip, user_agent, true, &[])
+            .start_session(&tenant_record, user, ip, user_agent, true, &[], checked_at)
             .await?;
         let left = self.store.recovery_codes_left(tenant, user).await?;
         Ok((signed_in, left))

@@ -296,6 +296,11 @@ impl Auth {
         self.keyring.loaded() && penny_platform::db::ping(self.store.connection()).await
     }
 
+    /// Whether the signing keys are loaded.
+    pub fn keys_loaded(&self) -> bool {
+        self.keyring.loaded()
+    }
+
     /// The public keys that verify this service's tokens: the signing key and those about
     /// to sign or whose tokens may still be valid.
     pub fn jwks(&self) -> penny_platform::principal::Jwks {
@@ -489,19 +494,33 @@ impl Auth {
                     attempt.user_agent,
                     false,
                     &[ENROLL_SCOPE],
+                    now,
                 )
                 .await?;
             return Ok(SignInOutcome::MustEnroll(signed_in));
         }
         let signed_in = self
-            .start_session(tenant, user_id, attempt.ip, attempt.user_agent, false, &[])
+            .start_session(
+                tenant,
+                user_id,
+                attempt.ip,
+                attempt.user_agent,
+                false,
+                &[],
+                now,
+            )
             .await?;
         Ok(SignInOutcome::SignedIn(signed_in))
     }
 
     /// Records a new session and mints its token. In the platform tenant the token carries
-    /// roles only when a second factor was verified: a staff token is never issued on a
-    /// password alone.
+    /// roles only when a second factor was verified (though a staff account that has not
+    /// enrolled yet can enrol with its password alone).
+    ///
+    /// `checked_at` is when the user's status was read: the session starts, and the token
+    /// is issued (`iat`), then, so a suspension committed after that read refuses the token
+    /// even when it is signed later.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) async fn start_session(
         &self,
         tenant: &tenants_pb::Tenant,
@@ -510,12 +529,13 @@ impl Auth {
         user_agent: String,
         mfa_verified: bool,
         scopes: &[&str],
+        checked_at: OffsetDateTime,
     ) -> Result<SignedIn, AuthError> {
         let tenant_id = Uuid::try_parse(&tenant.id)
             .map_err(|_| AuthError::Internal("tenants answered a malformed tenant id".into()))?;
         // No session row for a token that cannot be signed.
         self.keyring.current()?;
-        let now = OffsetDateTime::now_utc();
+        let now = checked_at;
         let lifetime = token_lifetime(tenant);
         let session = SessionRecord {
             id: Uuid::now_v7(),
@@ -531,7 +551,7 @@ impl Auth {
             .token_roles(tenant_id, user, mfa_verified, scopes)
             .await?;
         self.store.insert_session(&session).await?;
-        let access_token = self.mint_for(&session, roles, lifetime, scopes)?;
+        let access_token = self.mint_for(&session, roles, lifetime, scopes, now)?;
         Ok(SignedIn {
             session,
             access_token,
@@ -557,7 +577,7 @@ impl Auth {
         let roles = self
             .token_roles(record.tenant_id, record.user_id, true, &[])
             .await?;
-        let access_token = self.mint_for(&record, roles, lifetime, &[])?;
+        let access_token = self.mint_for(&record, roles, lifetime, &[], now)?;
         Ok(SignedIn {
             session: record,
             access_token,
@@ -587,10 +607,11 @@ impl Auth {
         roles: Vec<String>,
         lifetime: Duration,
         scopes: &[&str],
+        issued_at: OffsetDateTime,
     ) -> Result<String, AuthError> {
         self.keyring
             .current()?
-            .mint_scoped(
+            .mint_issued_at(
                 &TokenGrant {
                     subject: session.user_id.to_string(),
                     tenant_id: session.tenant_id,
@@ -600,6 +621,7 @@ impl Auth {
                     lifetime,
                 },
                 scopes,
+                u64::try_from(issued_at.unix_timestamp()).unwrap_or(0),
             )
             .map_err(|e| AuthError::Internal(e.to_string()))
     }

@@ -126,6 +126,14 @@ impl Auth {
             }
             RevokeTarget::User(user) => {
                 self.may_act_on(caller, tenant, user, END_SESSIONS).await?;
+                // Only a user of this tenant (a revocation names its tenant, and ids of
+                // other tenants' users, or made-up ones, must not fill the log).
+                self.existing_user(tenant, user)
+                    .await
+                    .map_err(|err| match err {
+                        AuthError::UserNotFound => not_found(),
+                        other => other,
+                    })?;
                 if is_self(caller, tenant, user) {
                     Ok(self
                         .store

@@ -170,6 +170,10 @@ impl Tenants {
         resume: &'static str,
     ) -> Result<(), TenantsError> {
         let Some(auth) = &self.auth else {
+            tracing::error!(
+                tenant = %tenant,
+                "no auth service configured (PENNY_AUTH_URL): the user's sessions are not ended"
+            );
             return Ok(());
         };
         auth.clone()

@@ -19,6 +19,7 @@ use std::time::Duration;
 use penny_proto::auth::v1 as pb;
 use penny_proto::auth::v1::auth_service_client::AuthServiceClient;
 use tonic::transport::Channel;
+use uuid::Uuid;
 
 use crate::principal::{
     Jwk, Jwks, LEEWAY_SECS, Principal, PrincipalKind, TokenVerifier, VerifierInner, now_secs,
@@ -41,15 +42,17 @@ pub(crate) struct RevocationState {
     last_heard: AtomicU64,
 }
 
-/// Revoked ids, each with the time after which it can be forgotten (`u64::MAX`: never).
+/// Revoked ids by tenant, each with the time after which it can be forgotten (`u64::MAX`:
+/// never). Keyed by tenant too, so a revocation announced in one tenant can never refuse a
+/// principal of another.
 #[derive(Debug, Default)]
 struct RevocationSet {
-    sessions: HashMap<String, u64>,
-    api_keys: HashMap<String, u64>,
-    /// User id → (revoked at, forget after): tokens issued at or before are refused.
-    users: HashMap<String, (u64, u64)>,
-    /// Service client id → (revoked at, forget after).
-    clients: HashMap<String, (u64, u64)>,
+    sessions: HashMap<(Uuid, String), u64>,
+    api_keys: HashMap<(Uuid, String), u64>,
+    /// (tenant, user id) → (revoked at, forget after): tokens issued at or before are refused.
+    users: HashMap<(Uuid, String), (u64, u64)>,
+    /// (tenant, service client id) → (revoked at, forget after).
+    clients: HashMap<(Uuid, String), (u64, u64)>,
 }
 
 /// Why [`RevocationState::check`] refused.
@@ -78,21 +81,20 @@ impl RevocationState {
         let Ok(set) = self.set.read() else {
             return Err(Refusal::Unknown);
         };
+        let tenant = principal.tenant_id;
+        let key = (tenant, principal.id.clone());
         let revoked = match principal.kind {
             PrincipalKind::User => {
                 principal
                     .session_id
                     .as_ref()
-                    .is_some_and(|sid| set.sessions.contains_key(sid))
-                    || set
-                        .users
-                        .get(&principal.id)
-                        .is_some_and(|(at, _)| issued_at <= *at)
+                    .is_some_and(|sid| set.sessions.contains_key(&(tenant, sid.clone())))
+                    || set.users.get(&key).is_some_and(|(at, _)| issued_at <= *at)
             }
-            PrincipalKind::ApiKey => set.api_keys.contains_key(&principal.id),
+            PrincipalKind::ApiKey => set.api_keys.contains_key(&key),
             PrincipalKind::Service => set
                 .clients
-                .get(&principal.id)
+                .get(&key)
                 .is_some_and(|(at, _)| issued_at <= *at),
         };
         if revoked {
@@ -124,7 +126,11 @@ impl RevocationState {
                     .as_ref()
                     .and_then(|t| u64::try_from(t.seconds).ok())
                     .map_or(u64::MAX, |t| t.saturating_add(LEEWAY_SECS));
-                let id = revocation.id.clone();
+                let Ok(tenant) = Uuid::try_parse(&revocation.tenant_id) else {
+                    tracing::warn!("a revocation without a valid tenant ignored");
+                    continue;
+                };
+                let id = (tenant, revocation.id.clone());
                 match pb::RevocationKind::try_from(revocation.kind) {
                     Ok(pb::RevocationKind::Session) => {
                         set.sessions.insert(id, forget_after);
@@ -210,17 +216,36 @@ pub(crate) async fn follow(
     }
 }
 
+/// Calls that may wait for an early JWKS fetch at once; the rest are refused at once, so
+/// tokens with made-up `kid`s cannot hold a server's concurrency slots.
+const MAX_JWKS_WAITERS: usize = 32;
+
 /// Coalesces requests for an early JWKS fetch.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(crate) struct JwksSource {
     wake: tokio::sync::Notify,
     /// Bumped by every successful fetch.
     fetched: AtomicU64,
+    waiters: tokio::sync::Semaphore,
+}
+
+impl Default for JwksSource {
+    fn default() -> Self {
+        Self {
+            wake: tokio::sync::Notify::new(),
+            fetched: AtomicU64::new(0),
+            waiters: tokio::sync::Semaphore::new(MAX_JWKS_WAITERS),
+        }
+    }
 }
 
 impl JwksSource {
-    /// Asks for a fetch and waits up to `limit` for one to complete.
+    /// Asks for a fetch and waits up to `limit` for one to complete; `false` at once when
+    /// too many calls are waiting already.
     pub(crate) async fn refresh(&self, limit: Duration) -> bool {
+        let Ok(_permit) = self.waiters.try_acquire() else {
+            return false;
+        };
         let before = self.fetched.load(Ordering::Acquire);
         self.wake.notify_one();
         let deadline = tokio::time::Instant::now() + limit;
@@ -264,11 +289,18 @@ pub(crate) async fn follow_jwks(
                         })
                         .collect(),
                 };
-                match TokenVerifier::from_inner(inner).replace_published_keys(&jwks) {
-                    Ok(()) => true,
-                    Err(err) => {
-                        tracing::warn!(error = %err, "auth published an unusable JWKS; keeping the last one");
-                        false
+                if jwks.keys.is_empty() {
+                    // Never trade known keys for none: an empty set is a replica without
+                    // keys, not a decision to trust nothing.
+                    tracing::warn!("auth published an empty JWKS; keeping the last one");
+                    false
+                } else {
+                    match TokenVerifier::from_inner(inner).replace_published_keys(&jwks) {
+                        Ok(()) => true,
+                        Err(err) => {
+                            tracing::warn!(error = %err, "auth published an unusable JWKS; keeping the last one");
+                            false
+                        }
                     }
                 }
             }
@@ -319,7 +351,6 @@ impl TokenVerifier {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use uuid::Uuid;
 
     fn user(id: &str, sid: &str) -> Principal {
         Principal {
@@ -382,6 +413,10 @@ mod tests {
         key.kind = PrincipalKind::ApiKey;
         key.session_id = None;
         assert_eq!(state.check(&key, now), Err(Refusal::Revoked));
+        // The same ids in another tenant are not revoked.
+        let mut elsewhere = user("u2", "s1");
+        elsewhere.tenant_id = Uuid::from_u128(7);
+        assert_eq!(state.check(&elsewhere, now), Ok(()));
         // A reset forgets everything, and vouches for nothing until the snapshot is whole.
         state.apply(&pb::WatchRevocationsResponse {
             reset: true,

@@ -160,7 +160,19 @@ impl SigningKey {
 
     /// Mints an access token restricted to `scopes` (none: unrestricted).
     pub fn mint_scoped(&self, grant: &TokenGrant, scopes: &[&str]) -> Result<String, SigningError> {
-        let now = now_secs();
+        self.mint_issued_at(grant, scopes, now_secs())
+    }
+
+    /// Mints a token whose `iat` (and `nbf`) is `issued_at`, seconds since the epoch: the
+    /// moment the facts it rests on were read (a user's status), so a revocation made
+    /// after that moment refuses it even when the token is signed later.
+    pub fn mint_issued_at(
+        &self,
+        grant: &TokenGrant,
+        scopes: &[&str],
+        issued_at: u64,
+    ) -> Result<String, SigningError> {
+        let now = issued_at;
         let claims = Claims {
             sub: grant.subject.clone(),
             tenant_id: grant.tenant_id,

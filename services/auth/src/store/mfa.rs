@@ -109,13 +109,15 @@ impl Store {
         Ok(inserted == 1)
     }
 
-    /// Activates a pending, unexpired enrolment with the step of its first code, storing
+    /// Activates a pending, unexpired enrolment (the one holding `secret_ciphertext`) with
+    /// the step of its first code, storing
     /// the recovery codes' hashes (replacing any earlier ones). Returns `false` when there
     /// was nothing to confirm.
     pub async fn confirm_mfa(
         &self,
         tenant: Uuid,
         user: Uuid,
+        secret_ciphertext: &str,
         step: u64,
         code_hashes: &[String],
         now: OffsetDateTime,
@@ -132,6 +134,8 @@ impl Store {
             .filter(mfa::Column::TenantId.eq(tenant))
             .filter(mfa::Column::UserId.eq(user))
             .filter(mfa::Column::State.eq(MfaState::Pending.as_str()))
+            // The very enrolment the code was checked against, not one made meanwhile.
+            .filter(mfa::Column::SecretCiphertext.eq(secret_ciphertext))
             .filter(mfa::Column::PendingExpiresAt.gt(now))
             .exec(&txn)
             .await?;

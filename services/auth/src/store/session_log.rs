@@ -122,6 +122,16 @@ async fn next_seq(txn: &DatabaseTransaction) -> Result<i64, DbErr> {
     .try_get_by_index::<i64>(0)
 }
 
+/// Takes the revocation counter's row lock inside `txn` (held until commit).
+async fn lock_log(txn: &DatabaseTransaction) -> Result<(), DbErr> {
+    txn.execute_raw(Statement::from_string(
+        txn.get_database_backend(),
+        "UPDATE auth_revocation_seq SET value = value WHERE id = 1",
+    ))
+    .await?;
+    Ok(())
+}
+
 impl Store {
     /// Appends one revocation inside `txn`.
     pub(super) async fn append_revocation_in(
@@ -155,6 +165,9 @@ impl Store {
         scope: SessionScope,
         now: OffsetDateTime,
     ) -> Result<u32, DbErr> {
+        // The log's counter first: every transaction that ends sessions takes the same
+        // lock before any session row, so two of them cannot deadlock on each other.
+        lock_log(txn).await?;
         let mut live = sessions::Entity::find()
             .filter(sessions::Column::TenantId.eq(tenant))
             .filter(sessions::Column::UserId.eq(user))
