@@ -163,16 +163,9 @@ async fn an_api_key_works_everywhere_until_revoked_and_the_database_holds_only_i
     assert_eq!(key.creator_id, acme.user.to_string());
 
     // Only the hash is stored: the secret (or its random part) appears nowhere.
-    let db = penny_platform::db::connect(
-        &h.fleet
-            .auth()
-            .database
-            .migration_url
-            .clone()
-            .unwrap_or_else(|| h.fleet.auth().database.url.clone()),
-    )
-    .await
-    .unwrap();
+    let db = penny_platform::db::connect(&h.fleet.auth().database.owner_url())
+        .await
+        .unwrap();
     let backend = db.get_database_backend();
     let rows = db
         .query_all_raw(Statement::from_string(

@@ -138,13 +138,7 @@ async fn totp_codes_work_once_recovery_codes_once_and_the_secret_is_never_stored
     let (secret, totp, recovery, base) = enrol(&h, &token).await;
 
     // The secret is in the database only as KeyService ciphertext.
-    let url = h
-        .fleet
-        .auth()
-        .database
-        .migration_url
-        .clone()
-        .unwrap_or_else(|| h.fleet.auth().database.url.clone());
+    let url = h.fleet.auth().database.owner_url();
     let db = penny_platform::db::connect(&url).await.unwrap();
     let backend = db.get_database_backend();
     let rows = db

@@ -104,13 +104,7 @@ async fn a_provisioned_client_gets_a_service_token_every_service_accepts() {
         .unwrap();
 
     // Only the hash is stored.
-    let url = h
-        .fleet
-        .auth()
-        .database
-        .migration_url
-        .clone()
-        .unwrap_or_else(|| h.fleet.auth().database.url.clone());
+    let url = h.fleet.auth().database.owner_url();
     let db = penny_platform::db::connect(&url).await.unwrap();
     let rows = db
         .query_all_raw(Statement::from_string(

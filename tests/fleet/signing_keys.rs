@@ -28,13 +28,7 @@ async fn signing_keys_are_sealed_rotated_and_old_tokens_stay_valid_everywhere() 
     let first_kid = kid(&first.access_token);
 
     // The private half is stored only as keys-service ciphertext.
-    let url = h
-        .fleet
-        .auth()
-        .database
-        .migration_url
-        .clone()
-        .unwrap_or_else(|| h.fleet.auth().database.url.clone());
+    let url = h.fleet.auth().database.owner_url();
     let db = penny_platform::db::connect(&url).await.unwrap();
     let rows = db
         .query_all_raw(Statement::from_string(

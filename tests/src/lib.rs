@@ -104,6 +104,16 @@ pub struct TestDatabase {
     pub migration_url: Option<String>,
 }
 
+impl TestDatabase {
+    /// The URL that sees every row: the owner's on PostgreSQL (row level security does not
+    /// bind it), the file on SQLite. For tests that inspect what a service stored.
+    pub fn owner_url(&self) -> String {
+        self.migration_url
+            .clone()
+            .unwrap_or_else(|| self.url.clone())
+    }
+}
+
 /// A database for one service of one test: a SQLite file in `dir`, or a fresh PostgreSQL
 /// database when [`TEST_DATABASE_ENV`] is set, served through [`TEST_APP_ROLE`] and migrated
 /// through the admin URL, as production does.
@@ -664,10 +674,7 @@ async fn start_keys_on(
     .await;
     KeysServer {
         server,
-        database_url: database
-            .migration_url
-            .clone()
-            .unwrap_or_else(|| database.url.clone()),
+        database_url: database.owner_url(),
         database,
         master_key_hex,
     }
