@@ -8,6 +8,7 @@ use penny_platform::access::ENROLL_SCOPE;
 use penny_platform::page::{decode_page_token, encode_page_token, page_token_error};
 use penny_platform::stack::{caller, caller_credential, draining};
 use penny_platform::validate::{Violations, page_size};
+use penny_platform::wire::timestamp;
 use penny_platform::{AccessPolicy, ApiError, Reason, Requirement, ServeConfig, ServiceBundle};
 use penny_proto::auth::v1 as pb;
 use penny_proto::auth::v1::auth_service_server::{AuthService, AuthServiceServer};
@@ -119,13 +120,6 @@ pub(crate) fn bundle(auth: Auth, serve_config: &ServeConfig) -> ServiceBundle {
 
 struct AuthGrpc {
     auth: Auth,
-}
-
-fn timestamp(at: OffsetDateTime) -> prost_types::Timestamp {
-    prost_types::Timestamp {
-        seconds: at.unix_timestamp(),
-        nanos: i32::try_from(at.nanosecond()).unwrap_or(0),
-    }
 }
 
 fn password_in(v: &mut Violations, field: &str, value: &str, required: bool) {

@@ -7,11 +7,11 @@ use penny_platform::page::{decode_page_token, encode_page_token, page_token_erro
 use penny_platform::principal::{Principal, PrincipalKind as PlatformKind};
 use penny_platform::stack::{caller, draining};
 use penny_platform::validate::{Violations, page_size};
+use penny_platform::wire::timestamp;
 use penny_platform::{AccessPolicy, ApiError, Reason, Requirement, ServeConfig, ServiceBundle};
 use penny_proto::authz::v1 as pb;
 use penny_proto::authz::v1::authz_service_server::{AuthzService, AuthzServiceServer};
 use penny_proto::common::v1::PrincipalKind;
-use time::OffsetDateTime;
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 use uuid::Uuid;
@@ -99,13 +99,6 @@ fn actor(principal: &Principal) -> Actor {
         },
         is_service: principal.is_service(),
         is_platform_admin: principal.is_platform_admin(),
-    }
-}
-
-fn timestamp(at: OffsetDateTime) -> prost_types::Timestamp {
-    prost_types::Timestamp {
-        seconds: at.unix_timestamp(),
-        nanos: i32::try_from(at.nanosecond()).unwrap_or(0),
     }
 }
 

@@ -2,10 +2,10 @@
 
 use penny_platform::page::{decode_page_token, encode_page_token, page_token_error};
 use penny_platform::validate::{Violations, page_size};
+use penny_platform::wire::timestamp;
 use penny_platform::{AccessPolicy, ApiError, Requirement, ServeConfig, ServiceBundle};
 use penny_proto::keys::v1 as pb;
 use penny_proto::keys::v1::key_service_server::{KeyService, KeyServiceServer};
-use time::OffsetDateTime;
 use tonic::{Request, Response, Status};
 use uuid::Uuid;
 use zeroize::Zeroizing;
@@ -64,13 +64,6 @@ pub(crate) fn bundle(keys: Keys, serve_config: &ServeConfig) -> ServiceBundle {
 
 struct KeyGrpc {
     keys: Keys,
-}
-
-fn timestamp(at: OffsetDateTime) -> prost_types::Timestamp {
-    prost_types::Timestamp {
-        seconds: at.unix_timestamp(),
-        nanos: i32::try_from(at.nanosecond()).unwrap_or(0),
-    }
 }
 
 fn key_to_pb(info: KeyInfo) -> pb::Key {

@@ -6,10 +6,10 @@ use std::time::Duration;
 use penny_platform::page::{decode_page_token, encode_page_token, page_token_error};
 use penny_platform::stack::{caller, caller_credential, tenant_scope};
 use penny_platform::validate::{Violations, page_size};
+use penny_platform::wire::timestamp;
 use penny_platform::{AccessPolicy, Requirement, ServeConfig, ServiceBundle};
 use penny_proto::tenants::v1 as pb;
 use penny_proto::tenants::v1::tenant_service_server::{TenantService, TenantServiceServer};
-use time::OffsetDateTime;
 use tonic::{Request, Response, Status};
 use uuid::Uuid;
 
@@ -72,13 +72,6 @@ pub(crate) fn bundle(tenants: Tenants, serve_config: &ServeConfig) -> ServiceBun
 
 struct TenantGrpc {
     tenants: Tenants,
-}
-
-fn timestamp(at: OffsetDateTime) -> prost_types::Timestamp {
-    prost_types::Timestamp {
-        seconds: at.unix_timestamp(),
-        nanos: i32::try_from(at.nanosecond()).unwrap_or(0),
-    }
 }
 
 fn duration_out(value: Duration) -> prost_types::Duration {

@@ -23,6 +23,7 @@ pub mod signing;
 pub mod stack;
 pub mod telemetry;
 pub mod validate;
+pub mod wire;
 
 pub use access::{AccessPolicy, Requirement};
 pub use authorizer::Authorizer;
