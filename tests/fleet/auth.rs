@@ -432,7 +432,7 @@ pub(crate) mod service {
         // verifier that follows auth's JWKS (as every service's does) reads them.
         let verifier = h.fleet.config.verifier.following_revocations(
             h.fleet.auth().server.channel().await,
-            h.fleet.service_token().into(),
+            penny_platform::ServiceCredential::fixed(h.fleet.service_token()),
         );
         penny_tests::assert_eventually!(
             std::time::Duration::from_secs(5),

@@ -526,11 +526,10 @@ async fn a_verifier_that_cannot_hear_from_auth_refuses_users_but_not_services() 
     let channel = tonic::transport::Endpoint::from_shared(format!("http://{dead}"))
         .unwrap()
         .connect_lazy();
-    let deaf = h
-        .fleet
-        .config
-        .verifier
-        .following_revocations(channel, service.clone().into());
+    let deaf = h.fleet.config.verifier.following_revocations(
+        channel,
+        penny_platform::ServiceCredential::fixed(service.clone()),
+    );
     assert!(!deaf.wait_for_revocations(Duration::from_millis(500)).await);
     assert_eq!(
         deaf.verify(&user).unwrap_err(),
@@ -550,7 +549,7 @@ async fn a_verifier_that_cannot_hear_from_auth_refuses_users_but_not_services() 
         .fleet
         .config
         .verifier
-        .following_revocations(channel, service.into());
+        .following_revocations(channel, penny_platform::ServiceCredential::fixed(service));
     assert!(hearing.wait_for_revocations(Duration::from_secs(5)).await);
     assert!(hearing.verify(&user).is_ok());
 }

@@ -260,6 +260,7 @@ pub struct TestFleetBuilder {
     concurrency_limit: Option<usize>,
     tls: Option<penny_platform::server::TlsMaterial>,
     signing_key_rotation: Option<Duration>,
+    service_token_lifetime: Option<Duration>,
     service_clients: Vec<penny_auth::service_tokens::ClientSpec>,
 }
 
@@ -309,6 +310,12 @@ impl TestFleetBuilder {
     /// Provision these service clients in auth.
     pub fn service_clients(mut self, clients: Vec<penny_auth::service_tokens::ClientSpec>) -> Self {
         self.service_clients = clients;
+        self
+    }
+
+    /// Let auth's service tokens live this long (tests of renewal).
+    pub fn service_token_lifetime(mut self, lifetime: Duration) -> Self {
+        self.service_token_lifetime = Some(lifetime);
         self
     }
 
@@ -393,7 +400,10 @@ impl TestFleetBuilder {
             } else {
                 endpoints[0].connect_lazy()
             };
-            config.authorizer = Some(penny_platform::Authorizer::new(channel, service_token));
+            config.authorizer = Some(penny_platform::Authorizer::new(
+                channel,
+                penny_platform::ServiceCredential::fixed(service_token),
+            ));
         }
         let keys = if self.keys {
             Some(start_keys(&config, data_dir.path()).await)
@@ -435,22 +445,23 @@ impl TestFleetBuilder {
         let auth = match (&tenants, auth_listener) {
             (Some(tenants), Some(listener)) => {
                 let database = fresh_database(data_dir.path(), "auth").await;
-                Some(
-                    start_auth_on(
-                        &config,
-                        database,
-                        format!("http://{}", tenants.server.addr),
-                        format!(
-                            "http://{}",
-                            keys.as_ref().expect("keys run with auth").server.addr
-                        ),
-                        self.signing_key_rotation
-                            .unwrap_or(penny_auth::keyring::DEFAULT_ROTATION),
-                        self.service_clients.clone(),
-                        listener,
-                    )
-                    .await,
-                )
+                let auth_config = penny_auth::AuthConfig {
+                    database_url: database.url.clone(),
+                    migration_database_url: database.migration_url.clone(),
+                    tenants_url: format!("http://{}", tenants.server.addr),
+                    keys_url: format!(
+                        "http://{}",
+                        keys.as_ref().expect("keys run with auth").server.addr
+                    ),
+                    signing_key_rotation: self
+                        .signing_key_rotation
+                        .unwrap_or(penny_auth::keyring::DEFAULT_ROTATION),
+                    service_clients: Some(self.service_clients.clone()),
+                    service_token_lifetime: self
+                        .service_token_lifetime
+                        .unwrap_or(penny_auth::service_tokens::SERVICE_TOKEN_LIFETIME),
+                };
+                Some(start_auth_on(&config, database, auth_config, listener).await)
             }
             _ => None,
         };
@@ -598,6 +609,27 @@ impl TestFleet {
         keys_url: String,
     ) -> TenantsServer {
         start_tenants(&self.config, database, keys_url).await
+    }
+
+    /// Another tenants server on a fresh database that calls keys, authz and auth with
+    /// `credential` (a service client's, say) instead of the fleet's fixed token. Its
+    /// permission checks, revocation follower and API-key lookups use it too.
+    pub async fn start_tenants_with_credential(
+        &self,
+        credential: penny_platform::ServiceCredential,
+    ) -> TenantsServer {
+        let mut config = self.config.clone();
+        let authz = Endpoint::from_shared(format!("http://{}", self.authz().server.addr))
+            .expect("endpoint")
+            .connect_lazy();
+        config.authorizer = Some(penny_platform::Authorizer::new(authz, credential));
+        let database = fresh_database(self.data_dir.path(), "tenants-credential").await;
+        start_tenants(
+            &config,
+            database,
+            format!("http://{}", self.keys().server.addr),
+        )
+        .await
     }
 
     /// The echo server; panics when it was not started.
@@ -763,28 +795,16 @@ pub struct AuthServer {
     pub database: TestDatabase,
 }
 
+/// Starts auth on `listener` with `auth_config` (whose database URLs are `database`'s).
 async fn start_auth_on(
     config: &ServeConfig,
     database: TestDatabase,
-    tenants_url: String,
-    keys_url: String,
-    signing_key_rotation: Duration,
-    service_clients: Vec<penny_auth::service_tokens::ClientSpec>,
+    auth_config: penny_auth::AuthConfig,
     listener: TcpListener,
 ) -> AuthServer {
-    let auth = penny_auth::build(
-        penny_auth::AuthConfig {
-            database_url: database.url.clone(),
-            migration_database_url: database.migration_url.clone(),
-            tenants_url,
-            keys_url,
-            signing_key_rotation,
-            service_clients: Some(service_clients),
-        },
-        config,
-    )
-    .await
-    .expect("build auth service");
+    let auth = penny_auth::build(auth_config, config)
+        .await
+        .expect("build auth service");
     let bundle = penny_auth::bundle(auth, config);
     let config = config.clone();
     let server = RunningServer::start_on(listener, move |listener, stopped| {

@@ -171,6 +171,7 @@ impl Auth {
                     role: role.clone(),
                     workspace_id: String::new(),
                 })
+                .await
             else {
                 continue;
             };

@@ -45,6 +45,11 @@ pub struct Args {
     #[arg(long = "auth-signing-key-rotation-secs", env = "PENNY_AUTH_SIGNING_KEY_ROTATION_SECS",
           default_value_t = 30 * 24 * 3600, value_parser = clap::value_parser!(u64).range(60..))]
     pub signing_key_rotation_secs: u64,
+    /// How long a token from `IssueServiceToken` lives, in seconds (default 1 hour; 60 to
+    /// 86400). Servers holding a service client renew theirs after three quarters of it.
+    #[arg(long = "auth-service-token-lifetime-secs", env = "PENNY_AUTH_SERVICE_TOKEN_LIFETIME_SECS",
+          default_value_t = 3600, value_parser = clap::value_parser!(u64).range(60..=86_400))]
+    pub service_token_lifetime_secs: u64,
 }
 
 /// Everything the auth service needs besides the standard server settings (which must
@@ -63,6 +68,8 @@ pub struct AuthConfig {
     pub signing_key_rotation: std::time::Duration,
     /// The service clients to provision; `None` leaves the stored ones as they are.
     pub service_clients: Option<Vec<crate::service_tokens::ClientSpec>>,
+    /// How long an issued service token lives.
+    pub service_token_lifetime: std::time::Duration,
 }
 
 impl Args {
@@ -80,6 +87,9 @@ impl Args {
             tenants_url: self.tenants_url,
             keys_url: self.keys_url,
             signing_key_rotation: std::time::Duration::from_secs(self.signing_key_rotation_secs),
+            service_token_lifetime: std::time::Duration::from_secs(
+                self.service_token_lifetime_secs,
+            ),
         })
     }
 }

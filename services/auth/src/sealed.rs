@@ -33,14 +33,18 @@ impl Auth {
             })
         };
         let mut keys = self.keys.clone();
-        let reply = match keys.encrypt(request()?).await {
+        let reply = match keys.encrypt(request().await?).await {
             Err(status) if status.code() == Code::NotFound => {
-                keys.create_key(self.authorizer.service_request(keys_pb::CreateKeyRequest {
-                    tenant_id: tenant.to_string(),
-                })?)
+                keys.create_key(
+                    self.authorizer
+                        .service_request(keys_pb::CreateKeyRequest {
+                            tenant_id: tenant.to_string(),
+                        })
+                        .await?,
+                )
                 .await
                 .map_err(|s| dependency("keys", &s))?;
-                keys.encrypt(request()?).await
+                keys.encrypt(request().await?).await
             }
             other => other,
         }
@@ -65,16 +69,20 @@ impl Auth {
         let reply = self
             .keys
             .clone()
-            .decrypt(self.authorizer.service_request(keys_pb::DecryptRequest {
-                tenant_id: tenant.to_string(),
-                items: vec![keys_pb::DecryptItem {
-                    ciphertext: ciphertext.to_owned(),
-                    context: Some(keys_pb::EncryptionContext {
-                        purpose: purpose.into(),
-                        object_id: object.into(),
-                    }),
-                }],
-            })?)
+            .decrypt(
+                self.authorizer
+                    .service_request(keys_pb::DecryptRequest {
+                        tenant_id: tenant.to_string(),
+                        items: vec![keys_pb::DecryptItem {
+                            ciphertext: ciphertext.to_owned(),
+                            context: Some(keys_pb::EncryptionContext {
+                                purpose: purpose.into(),
+                                object_id: object.into(),
+                            }),
+                        }],
+                    })
+                    .await?,
+            )
             .await
             .map_err(|s| dependency("keys", &s))?
             .into_inner();

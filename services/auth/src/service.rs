@@ -104,6 +104,8 @@ pub struct Auth {
     pub(crate) keyring: crate::keyring::KeyRing,
     /// How often the signing key is replaced.
     pub(crate) rotation: Duration,
+    /// How long an issued service token lives.
+    pub(crate) service_token_lifetime: Duration,
     pub(crate) last_used: crate::api_keys::LastUsed,
     pub(crate) blocks: crate::ip_blocks::BlockCache,
     /// Tenants as tenants last answered, for at most [`TENANT_CACHE_TTL`].
@@ -224,10 +226,6 @@ pub(crate) fn dependency(service: &'static str, status: &tonic::Status) -> AuthE
     }
 }
 
-fn internal(err: ApiError) -> AuthError {
-    AuthError::Internal(err.message().to_owned())
-}
-
 fn not_a_session() -> AuthError {
     ApiError::failed_precondition(
         Reason::FailedPrecondition,
@@ -254,11 +252,20 @@ impl Auth {
             authorizer,
             keyring: crate::keyring::KeyRing::default(),
             rotation,
+            service_token_lifetime: crate::service_tokens::SERVICE_TOKEN_LIFETIME,
             last_used: crate::api_keys::LastUsed::default(),
             blocks: crate::ip_blocks::BlockCache::default(),
             tenant_cache: TenantCache::default(),
             lifetime: Arc::new(()),
         }
+    }
+
+    /// Issues service tokens that live `lifetime` instead of
+    /// [`crate::service_tokens::SERVICE_TOKEN_LIFETIME`].
+    #[must_use]
+    pub fn with_service_token_lifetime(mut self, lifetime: Duration) -> Self {
+        self.service_token_lifetime = lifetime;
+        self
     }
 
     /// A clone for a background task, with a handle that tells the task when the service
@@ -320,7 +327,7 @@ impl Auth {
             .service_request(tenants_pb::GetTenantRequest {
                 tenant_id: tenant.to_string(),
             })
-            .map_err(internal)?;
+            .await?;
         let found = match self.tenants.clone().get_tenant(request).await {
             Ok(response) => response.into_inner().tenant,
             Err(status) if status.code() == Code::NotFound => None,
@@ -344,7 +351,7 @@ impl Auth {
                 page_size: 1,
                 ..Default::default()
             })
-            .map_err(internal)?;
+            .await?;
         match self.tenants.clone().list_users(request).await {
             Ok(response) => Ok(response.into_inner().users.into_iter().next()),
             Err(status) if status.code() == Code::NotFound => Ok(None),
@@ -360,7 +367,7 @@ impl Auth {
                 tenant_id: tenant.to_string(),
                 user_id: user.to_string(),
             })
-            .map_err(internal)?;
+            .await?;
         match self.tenants.clone().get_user(request).await {
             Ok(response) => Ok(response.into_inner().user),
             Err(status) if status.code() == Code::NotFound => Ok(None),
@@ -383,7 +390,7 @@ impl Auth {
                 page_size: 100,
                 ..Default::default()
             })
-            .map_err(internal)?;
+            .await?;
         let bindings = self
             .authorizer
             .authz_client()

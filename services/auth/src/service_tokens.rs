@@ -195,7 +195,7 @@ impl Auth {
                     roles: Vec::new(),
                     kind: PrincipalKind::Service,
                     session_id: None,
-                    lifetime: SERVICE_TOKEN_LIFETIME,
+                    lifetime: self.service_token_lifetime,
                 },
                 &scope_refs,
             )
@@ -203,7 +203,7 @@ impl Auth {
         tracing::info!(client = %client.client_id, name = %client.name, "service token issued");
         Ok(ServiceToken {
             access_token,
-            expires_at: now + SERVICE_TOKEN_LIFETIME,
+            expires_at: now + self.service_token_lifetime,
             scopes,
         })
     }

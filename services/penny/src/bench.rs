@@ -340,7 +340,7 @@ async fn start_auth_fleet(
     })?;
     config.authorizer = Some(penny_platform::Authorizer::new(
         Endpoint::from_shared(format!("http://{}", addrs[1]))?.connect_lazy(),
-        service_token,
+        penny_platform::ServiceCredential::fixed(service_token),
     ));
     let [
         keys_listener,
@@ -392,6 +392,7 @@ async fn start_auth_fleet(
             keys_url: format!("http://{}", addrs[0]),
             signing_key_rotation: penny_auth::keyring::DEFAULT_ROTATION,
             service_clients: None,
+            service_token_lifetime: penny_auth::service_tokens::SERVICE_TOKEN_LIFETIME,
         },
         &config,
     )

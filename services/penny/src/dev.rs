@@ -55,25 +55,38 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     })?;
 
     let mut serve_config = ServeConfig::new_for_dev(TokenVerifier::new(&signing.jwks())?);
+    // Every service follows auth's revocation stream: a revoked session or suspended user
+    // is refused everywhere within moments.
+    let auth_url = format!("http://{}:{AUTH_PORT}", args.host);
+    let auth_channel = tonic::transport::Endpoint::from_shared(auth_url)?.connect_lazy();
+    serve_config.auth = Some(auth_channel.clone());
     // Permission requirements are decided by the in-process authz service, which the
-    // services call with a service token of their own.
-    let service_token = signing.mint(&TokenGrant {
-        subject: "svc-penny-dev".to_owned(),
+    // services call with a credential of their own. Keys, authz and tenants hold a
+    // service client and trade it with auth for tokens they renew. Auth itself cannot ask
+    // itself before it has unsealed its signing keys through keys, so it holds a token
+    // minted here with the data directory's key (which every service trusts), renewed at
+    // every start.
+    let authz_url = format!("http://{}:{AUTHZ_PORT}", args.host);
+    let authz_channel = tonic::transport::Endpoint::from_shared(authz_url)?.connect_lazy();
+    let (fleet_secret, fleet_secret_hash) = penny_auth::service_tokens::new_client_secret();
+    let fleet_client_id = uuid::Uuid::new_v4();
+    serve_config.authorizer = Some(penny_platform::Authorizer::new(
+        authz_channel.clone(),
+        penny_platform::ServiceCredential::issued(auth_channel, fleet_client_id, fleet_secret),
+    ));
+    let mut auth_serve_config = serve_config.clone();
+    let auth_token = signing.mint(&TokenGrant {
+        subject: "svc-penny-dev-auth".to_owned(),
         tenant_id: PLATFORM_TENANT_ID,
         roles: Vec::new(),
         kind: PrincipalKind::Service,
         session_id: None,
         lifetime: DEV_TOKEN_LIFETIME,
     })?;
-    let authz_url = format!("http://{}:{AUTHZ_PORT}", args.host);
-    serve_config.authorizer = Some(penny_platform::Authorizer::new(
-        tonic::transport::Endpoint::from_shared(authz_url)?.connect_lazy(),
-        service_token,
+    auth_serve_config.authorizer = Some(penny_platform::Authorizer::new(
+        authz_channel,
+        penny_platform::ServiceCredential::fixed(auth_token),
     ));
-    // Every service follows auth's revocation stream: a revoked session or suspended user
-    // is refused everywhere within moments.
-    let auth_url = format!("http://{}:{AUTH_PORT}", args.host);
-    serve_config.auth = Some(tonic::transport::Endpoint::from_shared(auth_url)?.connect_lazy());
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let stop = move || {
         let mut stop_rx = stop_rx.clone();
@@ -149,15 +162,24 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         tenants_url: format!("http://{}:{TENANTS_PORT}", args.host),
         keys_url: format!("http://{}:{KEYS_PORT}", args.host),
         signing_key_rotation: penny_auth::keyring::DEFAULT_ROTATION,
-        // One service client for the developer, new at every start: the previous one is
-        // revoked (and its tokens refused). IssueServiceToken with PENNY_CLIENT_ID and
-        // PENNY_CLIENT_SECRET from dev.env.
-        service_clients: Some(vec![penny_auth::service_tokens::ClientSpec {
-            client_id: dev_client_id,
-            name: "penny-dev".to_owned(),
-            secret_sha256: client_secret_hash,
-            scopes: Vec::new(),
-        }]),
+        // Two service clients, new at every start (the previous ones are revoked and
+        // their tokens refused): the fleet's own, and the developer's (IssueServiceToken
+        // with PENNY_CLIENT_ID and PENNY_CLIENT_SECRET from dev.env).
+        service_clients: Some(vec![
+            penny_auth::service_tokens::ClientSpec {
+                client_id: fleet_client_id,
+                name: "penny-dev-fleet".to_owned(),
+                secret_sha256: fleet_secret_hash,
+                scopes: Vec::new(),
+            },
+            penny_auth::service_tokens::ClientSpec {
+                client_id: dev_client_id,
+                name: "penny-dev".to_owned(),
+                secret_sha256: client_secret_hash,
+                scopes: Vec::new(),
+            },
+        ]),
+        service_token_lifetime: penny_auth::service_tokens::SERVICE_TOKEN_LIFETIME,
     };
     let listener = bind(&args.host, AUTH_PORT, "auth").await?;
     running.push(Running {
@@ -166,7 +188,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     });
     tasks.spawn(penny_auth::serve(
         auth_config,
-        serve_config.clone(),
+        auth_serve_config,
         listener,
         stop(),
     ));

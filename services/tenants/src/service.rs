@@ -8,9 +8,9 @@
 //! revoked, the key destroyed (crypto-shredding), users tombstoned, DELETED; calling again
 //! resumes it.
 
+use penny_platform::Authorizer;
 use penny_platform::principal::Principal;
 use penny_platform::stack::CallerCredential;
-use penny_platform::{ApiError, Authorizer};
 use penny_proto::auth::v1 as auth_pb;
 use penny_proto::auth::v1::auth_service_client::AuthServiceClient;
 use penny_proto::authz::v1 as authz_pb;
@@ -144,10 +144,6 @@ fn dependency(service: &'static str, resume: &'static str, status: &Status) -> T
     }
 }
 
-fn internal(err: ApiError) -> TenantsError {
-    TenantsError::Internal(err.message().to_owned())
-}
-
 impl Tenants {
     /// The service over a migrated store, calling keys at `keys` and authz through the
     /// platform's authorizer (which holds this service's own token).
@@ -177,13 +173,16 @@ impl Tenants {
             return Ok(());
         };
         auth.clone()
-            .revoke_session(self.as_service(auth_pb::RevokeSessionRequest {
-                tenant_id: tenant.to_string(),
-                target: Some(auth_pb::revoke_session_request::Target::UserId(
-                    user.to_string(),
-                )),
-                reason: reason.to_owned(),
-            })?)
+            .revoke_session(
+                self.as_service(auth_pb::RevokeSessionRequest {
+                    tenant_id: tenant.to_string(),
+                    target: Some(auth_pb::revoke_session_request::Target::UserId(
+                        user.to_string(),
+                    )),
+                    reason: reason.to_owned(),
+                })
+                .await?,
+            )
             .await
             .map_err(|status| dependency("auth", resume, &status))?;
         Ok(())
@@ -198,8 +197,13 @@ impl Tenants {
         self.authorizer.authz_client()
     }
 
-    fn as_service<T>(&self, message: T) -> Result<tonic::Request<T>, TenantsError> {
-        self.authorizer.service_request(message).map_err(internal)
+    /// `message` as a call on this service's own behalf; without a usable credential of
+    /// its own, the caller gets UNAVAILABLE (retry later) as it is.
+    async fn as_service<T>(&self, message: T) -> Result<tonic::Request<T>, TenantsError> {
+        self.authorizer
+            .service_request(message)
+            .await
+            .map_err(|e| TenantsError::Refused(Box::new(e.into())))
     }
 
     /// A tenant that must exist.
@@ -314,18 +318,24 @@ impl Tenants {
             .ok_or_else(|| TenantsError::Internal("a created tenant has no owner".into()))?;
         self.keys
             .clone()
-            .create_key(self.as_service(keys_pb::CreateKeyRequest {
-                tenant_id: tenant.id.to_string(),
-            })?)
+            .create_key(
+                self.as_service(keys_pb::CreateKeyRequest {
+                    tenant_id: tenant.id.to_string(),
+                })
+                .await?,
+            )
             .await
             .map_err(|status| dependency("keys", RESUME, &status))?;
         self.authz()
-            .grant_role(self.as_service(authz_pb::GrantRoleRequest {
-                tenant_id: tenant.id.to_string(),
-                subject: Some(user_subject(tenant.id, owner)),
-                role: OWNER_ROLE.to_owned(),
-                workspace_id: String::new(),
-            })?)
+            .grant_role(
+                self.as_service(authz_pb::GrantRoleRequest {
+                    tenant_id: tenant.id.to_string(),
+                    subject: Some(user_subject(tenant.id, owner)),
+                    role: OWNER_ROLE.to_owned(),
+                    workspace_id: String::new(),
+                })
+                .await?,
+            )
             .await
             .map_err(|status| dependency("authz", RESUME, &status))?;
         self.store
@@ -437,11 +447,14 @@ impl Tenants {
         let mut emptied = false;
         for _ in 0..MAX_REVOKE_PAGES {
             let page = authz
-                .list_role_bindings(self.as_service(authz_pb::ListRoleBindingsRequest {
-                    tenant_id: tenant_id.clone(),
-                    page_size: REVOKE_PAGE,
-                    ..Default::default()
-                })?)
+                .list_role_bindings(
+                    self.as_service(authz_pb::ListRoleBindingsRequest {
+                        tenant_id: tenant_id.clone(),
+                        page_size: REVOKE_PAGE,
+                        ..Default::default()
+                    })
+                    .await?,
+                )
                 .await
                 .map_err(|status| dependency("authz", RESUME, &status))?
                 .into_inner();
@@ -451,12 +464,15 @@ impl Tenants {
             }
             for binding in page.role_bindings {
                 let revoked = authz
-                    .revoke_role(self.as_service(authz_pb::RevokeRoleRequest {
-                        tenant_id: tenant_id.clone(),
-                        subject: binding.subject,
-                        role: binding.role,
-                        workspace_id: binding.workspace_id,
-                    })?)
+                    .revoke_role(
+                        self.as_service(authz_pb::RevokeRoleRequest {
+                            tenant_id: tenant_id.clone(),
+                            subject: binding.subject,
+                            role: binding.role,
+                            workspace_id: binding.workspace_id,
+                        })
+                        .await?,
+                    )
                     .await;
                 match revoked {
                     Ok(_) => {}

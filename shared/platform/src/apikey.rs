@@ -17,8 +17,9 @@ use tonic::Code;
 use tonic::transport::Channel;
 use uuid::Uuid;
 
+use crate::credential::ServiceCredential;
 use crate::error::{ApiError, Reason};
-use crate::principal::{Principal, PrincipalKind, bearer_request, now_secs};
+use crate::principal::{Principal, PrincipalKind, now_secs};
 
 /// The header that carries an API key.
 pub const API_KEY_HEADER: &str = "x-api-key";
@@ -42,7 +43,7 @@ struct Cached {
 #[derive(Clone)]
 pub struct ApiKeyResolver {
     client: AuthServiceClient<Channel>,
-    token: Arc<str>,
+    credential: ServiceCredential,
     cache: Arc<RwLock<HashMap<[u8; 32], Cached>>>,
 }
 
@@ -57,11 +58,11 @@ fn refused() -> ApiError {
 }
 
 impl ApiKeyResolver {
-    /// Resolves through the auth service at `auth`, calling it with `service_token`.
-    pub fn new(auth: Channel, service_token: Arc<str>) -> Self {
+    /// Resolves through the auth service at `auth`, calling it with `credential`.
+    pub fn new(auth: Channel, credential: ServiceCredential) -> Self {
         Self {
             client: AuthServiceClient::new(auth),
-            token: service_token,
+            credential,
             cache: Arc::new(RwLock::new(HashMap::new())),
         }
     }
@@ -83,12 +84,12 @@ impl ApiKeyResolver {
             }
             return Ok(hit.principal.clone());
         }
-        let request = bearer_request(
-            pb::ValidateApiKeyRequest {
+        let request = self
+            .credential
+            .request(pb::ValidateApiKeyRequest {
                 secret: secret.to_owned(),
-            },
-            &self.token,
-        )?;
+            })
+            .await?;
         let reply = match self.client.clone().validate_api_key(request).await {
             Ok(reply) => reply.into_inner(),
             Err(status) if status.code() == Code::Unauthenticated => return Err(refused()),

@@ -18,8 +18,9 @@ use penny_proto::common::v1::PrincipalKind as PbKind;
 use tonic::transport::Channel;
 use uuid::Uuid;
 
+use crate::credential::ServiceCredential;
 use crate::error::{ApiError, Reason};
-use crate::principal::{Principal, PrincipalKind, bearer_request};
+use crate::principal::{Principal, PrincipalKind};
 
 /// Most decisions cached at once; past it the cache starts over.
 const MAX_CACHED_DECISIONS: usize = 100_000;
@@ -65,7 +66,7 @@ impl Shared {
 #[derive(Clone)]
 pub struct Authorizer {
     client: AuthzServiceClient<Channel>,
-    token: Arc<str>,
+    credential: ServiceCredential,
     shared: Arc<Shared>,
     _feed: Arc<FeedGuard>,
 }
@@ -95,9 +96,9 @@ fn pb_kind(kind: PrincipalKind) -> PbKind {
 }
 
 impl Authorizer {
-    /// Checks through the authz service at `channel`, calling it with `service_token`.
+    /// Checks through the authz service at `channel`, calling it with `credential`.
     /// Starts following the change feed; it stops when the last clone is dropped.
-    pub fn new(channel: Channel, service_token: impl Into<Arc<str>>) -> Self {
+    pub fn new(channel: Channel, credential: ServiceCredential) -> Self {
         let shared = Arc::new(Shared {
             decisions: RwLock::new(Decisions::default()),
             generation: AtomicU64::new(0),
@@ -106,11 +107,10 @@ impl Authorizer {
             stopped: AtomicBool::new(false),
         });
         let client = AuthzServiceClient::new(channel);
-        let token: Arc<str> = service_token.into();
-        tokio::spawn(follow(client.clone(), token.clone(), shared.clone()));
+        tokio::spawn(follow(client.clone(), credential.clone(), shared.clone()));
         Self {
             client,
-            token,
+            credential,
             shared: shared.clone(),
             _feed: Arc::new(FeedGuard(shared)),
         }
@@ -124,13 +124,14 @@ impl Authorizer {
 
     /// `message` as a request carrying this service's own token, for calls a service makes
     /// on its own behalf rather than its caller's.
-    pub fn service_request<T>(&self, message: T) -> Result<tonic::Request<T>, ApiError> {
-        bearer_request(message, &self.token)
+    /// UNAVAILABLE when the service has no usable credential.
+    pub async fn service_request<T>(&self, message: T) -> Result<tonic::Request<T>, ApiError> {
+        self.credential.request(message).await
     }
 
-    /// This service's own token, for the platform's other streams to auth.
-    pub(crate) fn token(&self) -> Arc<str> {
-        self.token.clone()
+    /// This service's own credential, for the platform's other streams to auth.
+    pub(crate) fn credential(&self) -> ServiceCredential {
+        self.credential.clone()
     }
 
     /// Whether `principal` holds `permission` in its own tenant.
@@ -165,7 +166,7 @@ impl Authorizer {
         let reply = self
             .client
             .clone()
-            .check(bearer_request(request, &self.token)?)
+            .check(self.credential.request(request).await?)
             .await
             .map_err(|status| {
                 tracing::warn!(code = ?status.code(), "authz unreachable; refusing");
@@ -198,11 +199,18 @@ impl Authorizer {
 }
 
 /// Follows the authz change feed for as long as the authorizer lives.
-async fn follow(mut client: AuthzServiceClient<Channel>, token: Arc<str>, shared: Arc<Shared>) {
+async fn follow(
+    mut client: AuthzServiceClient<Channel>,
+    credential: ServiceCredential,
+    shared: Arc<Shared>,
+) {
     while !shared.stopped.load(Ordering::Acquire) {
-        let stream = match bearer_request(pb::WatchChangesRequest { after_revision: 0 }, &token) {
+        let stream = match credential
+            .request(pb::WatchChangesRequest { after_revision: 0 })
+            .await
+        {
             Ok(request) => client.watch_changes(request).await,
-            Err(_) => return,
+            Err(_) => Err(tonic::Status::unavailable("no service credential")),
         };
         match stream {
             Ok(stream) => {

@@ -9,6 +9,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 
 use crate::authorizer::Authorizer;
+use crate::credential::ServiceCredential;
 use crate::principal::{Jwks, TokenVerifier};
 use crate::server::{ServeConfig, TlsMaterial};
 use crate::telemetry::LogFormat;
@@ -50,12 +51,22 @@ pub struct ServerArgs {
     #[arg(long, env = "PENNY_LOG_FORMAT", value_enum, default_value_t)]
     pub log_format: LogFormat,
     /// The authz service (`http://host:port`) that decides permission requirements. Without
-    /// it every permission requirement is refused.
-    #[arg(long, env = "PENNY_AUTHZ_URL", requires = "service_token_file")]
+    /// it every permission requirement is refused. Needs this server's own credential: a
+    /// service token file, or a service client.
+    #[arg(long, env = "PENNY_AUTHZ_URL")]
     pub authz_url: Option<String>,
-    /// File holding this service's bearer token, used to call other services (authz).
-    #[arg(long, env = "PENNY_SERVICE_TOKEN_FILE")]
+    /// File holding this service's bearer token, used as it is to call other services. The
+    /// auth service needs one (signed by a key in the JWKS file); the others can use a
+    /// service client instead.
+    #[arg(long, env = "PENNY_SERVICE_TOKEN_FILE", conflicts_with = "client_id")]
     pub service_token_file: Option<PathBuf>,
+    /// This service's client id at auth: its tokens come from `IssueServiceToken` and are
+    /// renewed before they expire. Needs PENNY_CLIENT_SECRET_FILE and PENNY_AUTH_URL.
+    #[arg(long, env = "PENNY_CLIENT_ID", requires_all = ["client_secret_file", "auth_url"])]
+    pub client_id: Option<uuid::Uuid>,
+    /// File holding the service client's secret.
+    #[arg(long, env = "PENNY_CLIENT_SECRET_FILE", requires = "client_id")]
+    pub client_secret_file: Option<PathBuf>,
     /// The auth service (`http://host:port`). With it, revoked sessions, users and API
     /// keys are refused as soon as auth announces them, and user credentials are refused
     /// while that cannot be confirmed. Needs PENNY_AUTHZ_URL and the service token.
@@ -82,18 +93,6 @@ impl ServerArgs {
             }),
             _ => None,
         };
-        let authorizer = match (&self.authz_url, &self.service_token_file) {
-            (Some(url), Some(token_file)) => {
-                let token =
-                    String::from_utf8(read_setting("PENNY_SERVICE_TOKEN_FILE", token_file)?)
-                        .context("PENNY_SERVICE_TOKEN_FILE: not UTF-8")?;
-                let channel = tonic::transport::Endpoint::from_shared(url.clone())
-                    .with_context(|| format!("PENNY_AUTHZ_URL: not a URL: {url}"))?
-                    .connect_lazy();
-                Some(Authorizer::new(channel, token.trim().to_owned()))
-            }
-            _ => None,
-        };
         let auth = self
             .auth_url
             .as_ref()
@@ -103,6 +102,19 @@ impl ServerArgs {
                     .map(|endpoint| endpoint.connect_lazy())
             })
             .transpose()?;
+        let credential = self.credential(auth.as_ref())?;
+        let authorizer = match (&self.authz_url, credential) {
+            (Some(url), Some(credential)) => {
+                let channel = tonic::transport::Endpoint::from_shared(url.clone())
+                    .with_context(|| format!("PENNY_AUTHZ_URL: not a URL: {url}"))?
+                    .connect_lazy();
+                Some(Authorizer::new(channel, credential))
+            }
+            (Some(_), None) => anyhow::bail!(
+                "PENNY_AUTHZ_URL needs this server's own credential: PENNY_SERVICE_TOKEN_FILE, or PENNY_CLIENT_ID with PENNY_CLIENT_SECRET_FILE"
+            ),
+            (None, _) => None,
+        };
         Ok(ServeConfig {
             auth,
             authorizer,
@@ -115,6 +127,41 @@ impl ServerArgs {
             verifier,
             readiness_interval: Duration::from_secs(5),
         })
+    }
+}
+
+impl ServerArgs {
+    /// This server's own credential, when one is configured.
+    fn credential(
+        &self,
+        auth: Option<&tonic::transport::Channel>,
+    ) -> anyhow::Result<Option<ServiceCredential>> {
+        if let Some(token_file) = &self.service_token_file {
+            let token = String::from_utf8(read_setting("PENNY_SERVICE_TOKEN_FILE", token_file)?)
+                .context("PENNY_SERVICE_TOKEN_FILE: not UTF-8")?;
+            let token = token.trim();
+            anyhow::ensure!(
+                !token.is_empty() && token.bytes().all(|b| b.is_ascii_graphic()),
+                "PENNY_SERVICE_TOKEN_FILE: not a token"
+            );
+            return Ok(Some(ServiceCredential::fixed(token)));
+        }
+        match (self.client_id, &self.client_secret_file, auth) {
+            (Some(client_id), Some(secret_file), Some(auth)) => {
+                let secret = zeroize::Zeroizing::new(
+                    String::from_utf8(read_setting("PENNY_CLIENT_SECRET_FILE", secret_file)?)
+                        .context("PENNY_CLIENT_SECRET_FILE: not UTF-8")?,
+                );
+                let secret = zeroize::Zeroizing::new(secret.trim().to_owned());
+                anyhow::ensure!(!secret.is_empty(), "PENNY_CLIENT_SECRET_FILE: empty");
+                Ok(Some(ServiceCredential::issued(
+                    auth.clone(),
+                    client_id,
+                    secret,
+                )))
+            }
+            _ => Ok(None),
+        }
     }
 }
 

@@ -13,6 +13,7 @@ pub mod access;
 pub mod apikey;
 pub mod authorizer;
 pub mod config;
+pub mod credential;
 pub mod db;
 pub mod error;
 pub mod page;
@@ -27,6 +28,7 @@ pub mod wire;
 
 pub use access::{AccessPolicy, Requirement};
 pub use authorizer::Authorizer;
+pub use credential::ServiceCredential;
 pub use error::{ApiError, Reason};
 pub use principal::{Principal, PrincipalKind};
 pub use server::{ServeConfig, ServiceBundle, serve, shutdown_signal};

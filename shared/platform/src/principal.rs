@@ -280,14 +280,14 @@ impl TokenVerifier {
     }
 
     /// A verifier with the same keys (and its own cache) that follows the auth service at
-    /// `auth`: its revocation stream (called with `service_token`) and its JWKS (the keys
+    /// `auth`: its revocation stream (called with `credential`) and its JWKS (the keys
     /// auth signs with, trusted beside this verifier's own). The followers stop when the
     /// returned verifier and all its clones are dropped. See [`crate::revocation`] for
     /// what is refused while the stream is not fresh.
     pub fn following_revocations(
         &self,
         auth: tonic::transport::Channel,
-        service_token: Arc<str>,
+        credential: crate::credential::ServiceCredential,
     ) -> Self {
         let keys = self
             .inner
@@ -306,7 +306,7 @@ impl TokenVerifier {
         tokio::spawn(crate::revocation::follow(
             Arc::downgrade(&state),
             auth.clone(),
-            service_token,
+            credential,
         ));
         let verifier = Self {
             inner: Arc::new(VerifierInner {

@@ -174,7 +174,7 @@ impl RevocationState {
 pub(crate) async fn follow(
     state: Weak<RevocationState>,
     channel: Channel,
-    service_token: std::sync::Arc<str>,
+    credential: crate::credential::ServiceCredential,
 ) {
     let mut client = AuthServiceClient::new(channel);
     let mut resume_token = String::new();
@@ -182,16 +182,16 @@ pub(crate) async fn follow(
         if state.strong_count() == 0 {
             return;
         }
-        let request = match crate::principal::bearer_request(
-            pb::WatchRevocationsRequest {
+        let stream = match credential
+            .request(pb::WatchRevocationsRequest {
                 resume_token: resume_token.clone(),
-            },
-            &service_token,
-        ) {
-            Ok(request) => request,
-            Err(_) => return,
+            })
+            .await
+        {
+            Ok(request) => client.watch_revocations(request).await,
+            Err(_) => Err(tonic::Status::unavailable("no service credential")),
         };
-        match client.watch_revocations(request).await {
+        match stream {
             Ok(stream) => {
                 let mut stream = stream.into_inner();
                 // Until it ends, fails, or stays silent past three heartbeats: then

@@ -222,7 +222,7 @@ pub async fn serve(
     let verifier = match (&config.auth, &config.authorizer) {
         (Some(auth), Some(authorizer)) => config
             .verifier
-            .following_revocations(auth.clone(), authorizer.token()),
+            .following_revocations(auth.clone(), authorizer.credential()),
         _ => {
             tracing::warn!(
                 service = name,
@@ -246,7 +246,7 @@ pub async fn serve(
             // API keys are resolved through auth, when the server knows where it is.
             match (&config.auth, &config.authorizer) {
                 (Some(auth), Some(authorizer)) => layer.with_api_keys(
-                    crate::apikey::ApiKeyResolver::new(auth.clone(), authorizer.token()),
+                    crate::apikey::ApiKeyResolver::new(auth.clone(), authorizer.credential()),
                 ),
                 _ => layer,
             }
