@@ -88,3 +88,92 @@ async fn signing_keys_are_sealed_rotated_and_old_tokens_stay_valid_everywhere() 
         .collect();
     assert!(retired.contains(&first_kid), "{retired:?}");
 }
+
+/// One HTTP/1.1 request over a fresh connection: (status, lower-cased headers, body).
+async fn http_request(
+    addr: std::net::SocketAddr,
+    method: &str,
+    path: &str,
+) -> (u16, std::collections::HashMap<String, String>, String) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream
+        .write_all(
+            format!(
+                "{method} {path} HTTP/1.1\r\nHost: penny.test\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+            )
+            .as_bytes(),
+        )
+        .await
+        .unwrap();
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw).await.unwrap();
+    let text = String::from_utf8(raw).unwrap();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap();
+    let mut lines = head.lines();
+    let status: u16 = lines
+        .next()
+        .unwrap()
+        .split(' ')
+        .nth(1)
+        .unwrap()
+        .parse()
+        .unwrap();
+    let headers = lines
+        .filter_map(|line| line.split_once(':'))
+        .map(|(name, value)| (name.to_ascii_lowercase(), value.trim().to_owned()))
+        .collect();
+    (status, headers, body.to_owned())
+}
+
+#[tokio::test]
+async fn the_jwks_is_served_over_http_with_security_headers_and_verifies_auths_tokens() {
+    let mut h = Harness::start().await;
+    let acme = h.tenant("acme", false).await;
+    h.set_password(&acme, PASSWORD).await;
+    let tokens = h.login(acme.tenant, &acme.email, PASSWORD).await.unwrap();
+    let addr = h.fleet.auth().http_addr;
+
+    let (status, headers, body) = http_request(addr, "GET", "/.well-known/jwks.json").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(headers["content-type"], "application/json");
+    assert_eq!(headers["cache-control"], "public, max-age=300");
+    for (name, value) in penny_platform::http::SECURITY_HEADERS {
+        assert_eq!(headers.get(name).map(String::as_str), Some(value), "{name}");
+    }
+    // The same keys as GetJwks, and enough for a verifier that knows nothing else to
+    // accept the token auth just signed.
+    let jwks: penny_platform::principal::Jwks = serde_json::from_str(&body).unwrap();
+    let grpc =
+        pb::auth_service_client::AuthServiceClient::new(h.fleet.auth().server.channel().await)
+            .get_jwks(pb::GetJwksRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+    let mut over_http: Vec<&str> = jwks.keys.iter().map(|k| k.kid.as_str()).collect();
+    let mut over_grpc: Vec<&str> = grpc.keys.iter().map(|k| k.kid.as_str()).collect();
+    over_http.sort_unstable();
+    over_grpc.sort_unstable();
+    assert!(!over_http.is_empty());
+    assert_eq!(over_http, over_grpc);
+    let verifier = penny_platform::principal::TokenVerifier::new(&jwks).unwrap();
+    let principal = verifier.verify(&tokens.access_token).unwrap();
+    assert_eq!(principal.id, acme.user.to_string());
+
+    // Anything else is refused, with the same headers and nothing cacheable.
+    for (method, path, expected) in [
+        ("POST", "/.well-known/jwks.json", 405),
+        ("DELETE", "/.well-known/jwks.json", 405),
+        ("GET", "/.well-known/jwks.json/../../etc/passwd", 404),
+        ("GET", "/.well-known/openid-configuration", 404),
+        ("GET", "/", 404),
+    ] {
+        let (status, headers, _) = http_request(addr, method, path).await;
+        assert_eq!(status, expected, "{method} {path}");
+        assert_eq!(
+            headers["x-content-type-options"], "nosniff",
+            "{method} {path}"
+        );
+        assert_eq!(headers["cache-control"], "no-store", "{method} {path}");
+    }
+}

@@ -793,6 +793,10 @@ pub struct AuthServer {
     pub server: RunningServer,
     /// Its database.
     pub database: TestDatabase,
+    /// Where its HTTP listener (the JWKS) is.
+    pub http_addr: std::net::SocketAddr,
+    /// Stops the HTTP listener when the server is dropped.
+    _http_stop: tokio::sync::oneshot::Sender<()>,
 }
 
 /// Starts auth on `listener` with `auth_config` (whose database URLs are `database`'s).
@@ -805,6 +809,17 @@ async fn start_auth_on(
     let auth = penny_auth::build(auth_config, config)
         .await
         .expect("build auth service");
+    let http_listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let http_addr = http_listener.local_addr().expect("local addr");
+    let (http_stop, http_stopped) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(penny_platform::http::serve_http(
+        "auth",
+        penny_auth::http::router(auth.clone()),
+        http_listener,
+        async move {
+            let _ = http_stopped.await;
+        },
+    ));
     let bundle = penny_auth::bundle(auth, config);
     let config = config.clone();
     let server = RunningServer::start_on(listener, move |listener, stopped| {
@@ -812,7 +827,12 @@ async fn start_auth_on(
             let _ = stopped.await;
         })
     });
-    AuthServer { server, database }
+    AuthServer {
+        server,
+        database,
+        http_addr,
+        _http_stop: http_stop,
+    }
 }
 
 /// The `ErrorInfo.reason` of a failed call (`""` when it has none).

@@ -12,6 +12,14 @@ pub struct Args {
         default_value = "0.0.0.0:50051"
     )]
     pub listen: SocketAddr,
+    /// Address of the plain-HTTP listener that serves the JWKS at
+    /// `/.well-known/jwks.json`, for verifiers that do not speak gRPC.
+    #[arg(
+        long = "auth-http-listen",
+        env = "PENNY_AUTH_HTTP_LISTEN",
+        default_value = "0.0.0.0:8080"
+    )]
+    pub http_listen: SocketAddr,
     /// Database URL (`sqlite://…?mode=rwc` or `postgres://…`). On PostgreSQL its role must
     /// own nothing and have neither SUPERUSER nor BYPASSRLS.
     #[arg(long = "auth-database-url", env = "PENNY_AUTH_DATABASE_URL")]

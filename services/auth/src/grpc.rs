@@ -30,7 +30,7 @@ use crate::sessions::RevokeTarget;
 use crate::store::{ApiKeyRecord, IpBlock, Revocation, RevocationKind, SessionRecord};
 
 /// How long verifiers may cache the JWKS.
-const JWKS_MAX_AGE: Duration = Duration::from_secs(300);
+pub(crate) const JWKS_MAX_AGE: Duration = Duration::from_secs(300);
 /// Longest set-password token accepted.
 const MAX_TOKEN_LEN: usize = 512;
 /// Longest user agent.

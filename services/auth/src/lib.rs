@@ -15,6 +15,7 @@ pub mod config;
 pub mod domain;
 pub mod error;
 mod grpc;
+pub mod http;
 pub mod ip_blocks;
 pub mod keyring;
 pub mod mfa;
@@ -116,14 +117,35 @@ pub fn bundle(auth: Auth, serve_config: &ServeConfig) -> ServiceBundle {
     grpc::bundle(auth, serve_config)
 }
 
-/// Builds and serves the auth service until `shutdown` resolves.
+/// Builds and serves the auth service until `shutdown` resolves: gRPC on `listener`, and
+/// the JWKS over HTTP on `http_listener` when there is one.
 pub async fn serve(
     config: AuthConfig,
     serve_config: ServeConfig,
     listener: TcpListener,
+    http_listener: Option<TcpListener>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let auth = build(config, &serve_config).await?;
+    let router = http::router(auth.clone());
     let bundle = bundle(auth, &serve_config);
-    penny_platform::serve(serve_config, bundle, listener, shutdown).await
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        shutdown.await;
+        let _ = stop_tx.send(true);
+    });
+    let stopped = move || {
+        let mut stop_rx = stop_rx.clone();
+        async move {
+            let _ = stop_rx.wait_for(|stopped| *stopped).await;
+        }
+    };
+    let grpc = penny_platform::serve(serve_config, bundle, listener, stopped());
+    match http_listener {
+        Some(http_listener) => {
+            let http = penny_platform::http::serve_http("auth", router, http_listener, stopped());
+            tokio::try_join!(grpc, http).map(|_| ())
+        }
+        None => grpc.await,
+    }
 }

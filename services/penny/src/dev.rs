@@ -186,10 +186,16 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         env_name: "PENNY_AUTH_ADDR",
         addr: listener.local_addr()?,
     });
+    let http_listener = bind(&args.host, AUTH_HTTP_PORT, "auth (HTTP)").await?;
+    running.push(Running {
+        env_name: "PENNY_AUTH_HTTP_ADDR",
+        addr: http_listener.local_addr()?,
+    });
     tasks.spawn(penny_auth::serve(
         auth_config,
         auth_serve_config,
         listener,
+        Some(http_listener),
         stop(),
     ));
 
@@ -221,6 +227,8 @@ async fn wait(mut tasks: tokio::task::JoinSet<anyhow::Result<()>>) -> anyhow::Re
 
 /// The fixed dev port of the auth service.
 const AUTH_PORT: u16 = 50051;
+/// The fixed dev port of auth's HTTP listener (the JWKS at `/.well-known/jwks.json`).
+const AUTH_HTTP_PORT: u16 = 50061;
 /// The fixed dev port of the keys service.
 const KEYS_PORT: u16 = 50052;
 /// The fixed dev port of the authz service.
@@ -261,6 +269,7 @@ fn print_walkthrough(env_path: &Path, running: &[Running]) {
         "\nTry it (another terminal):\n  \
          set -a; source {env}; set +a\n  \
          grpcurl -plaintext $PENNY_KEYS_ADDR list\n  \
+         curl -s http://$PENNY_AUTH_HTTP_ADDR/.well-known/jwks.json\n  \
          grpcurl -plaintext $PENNY_KEYS_ADDR grpc.health.v1.Health/Check\n  \
          grpcurl -plaintext -H \"authorization: Bearer $PENNY_TOKEN\" -d '{{\"tenant_id\":\"{tenant}\"}}' \\\n    \
          $PENNY_KEYS_ADDR penny.keys.v1.KeyService/CreateKey\n  \

@@ -47,10 +47,15 @@ pub async fn run(command: ServeCommand) -> anyhow::Result<()> {
             let listener = tokio::net::TcpListener::bind(listen)
                 .await
                 .map_err(|e| anyhow::anyhow!("PENNY_AUTH_LISTEN {listen}: {e}"))?;
+            let http_listen = auth.http_listen;
+            let http_listener = tokio::net::TcpListener::bind(http_listen)
+                .await
+                .map_err(|e| anyhow::anyhow!("PENNY_AUTH_HTTP_LISTEN {http_listen}: {e}"))?;
             penny_auth::serve(
                 auth.into_config()?,
                 serve_config,
                 listener,
+                Some(http_listener),
                 penny_platform::shutdown_signal(),
             )
             .await

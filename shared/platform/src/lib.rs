@@ -16,6 +16,7 @@ pub mod config;
 pub mod credential;
 pub mod db;
 pub mod error;
+pub mod http;
 pub mod page;
 pub mod principal;
 pub mod revocation;

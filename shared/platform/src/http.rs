@@ -1,0 +1,137 @@
+//! Plain HTTP/1.1 beside gRPC, for clients that cannot speak gRPC: auth's JWKS at
+//! `/.well-known/jwks.json` (and, later, files' signed downloads).
+//!
+//! One accept loop for every such listener: a slow client cannot hold a connection by
+//! dribbling its headers (they must arrive within [`HEADER_READ_TIMEOUT`]), at most
+//! [`MAX_CONNECTIONS`] are open at once (the rest are closed at accept), shutdown finishes
+//! the request in hand and closes, and every response carries [`SECURITY_HEADERS`] and,
+//! unless the handler chose otherwise, `Cache-Control: no-store`.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use axum::Router;
+use http::header::{self, HeaderName, HeaderValue};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
+use tokio::net::TcpListener;
+
+/// A request's headers must arrive within this long.
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// Connections open at once per listener; more are closed as they are accepted.
+pub const MAX_CONNECTIONS: usize = 1024;
+/// How long shutdown waits for connections to finish.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The headers every response carries (the guide's list).
+pub const SECURITY_HEADERS: [(&str, &str); 6] = [
+    (
+        "strict-transport-security",
+        "max-age=31536000; includeSubDomains",
+    ),
+    ("x-frame-options", "DENY"),
+    ("x-content-type-options", "nosniff"),
+    (
+        "content-security-policy",
+        "default-src 'none'; frame-ancestors 'none'",
+    ),
+    ("referrer-policy", "no-referrer"),
+    (
+        "permissions-policy",
+        "camera=(), microphone=(), geolocation=(), payment=()",
+    ),
+];
+
+async fn add_security_headers(mut response: axum::response::Response) -> axum::response::Response {
+    let headers = response.headers_mut();
+    for (name, value) in SECURITY_HEADERS {
+        headers.insert(
+            HeaderName::from_static(name),
+            HeaderValue::from_static(value),
+        );
+    }
+    if !headers.contains_key(header::CACHE_CONTROL) {
+        headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    }
+    response
+}
+
+/// Serves `router` on `listener` until `shutdown` resolves, then lets requests in hand
+/// finish (for at most a few seconds).
+pub async fn serve_http(
+    name: &'static str,
+    router: Router,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let router = router.layer(axum::middleware::map_response(add_security_headers));
+    let service = TowerToHyperService::new(router);
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let mut connections = tokio::task::JoinSet::new();
+    let local_addr = listener.local_addr().context("HTTP listener address")?;
+    tracing::info!(service = name, addr = ?local_addr, "serving HTTP");
+    tokio::pin!(shutdown);
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            () = &mut shutdown => break,
+        };
+        // Reap finished connections so the set does not grow.
+        while connections.try_join_next().is_some() {}
+        let (stream, _peer) = match accepted {
+            Ok(accepted) => accepted,
+            Err(err) => {
+                // Out of file descriptors, say: back off instead of spinning.
+                tracing::warn!(service = name, error = %err, "HTTP accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            tracing::warn!(
+                service = name,
+                "HTTP connection limit reached; closing a new one"
+            );
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let service = service.clone();
+        let mut stop = stop_rx.clone();
+        connections.spawn(async move {
+            let _slot = slot;
+            let connection = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_READ_TIMEOUT)
+                .max_buf_size(16 * 1024)
+                .serve_connection(TokioIo::new(stream), service);
+            tokio::pin!(connection);
+            let result = tokio::select! {
+                result = connection.as_mut() => result,
+                () = async { let _ = stop.wait_for(|stopped| *stopped).await; } => {
+                    connection.as_mut().graceful_shutdown();
+                    connection.await
+                }
+            };
+            if let Err(err) = result {
+                tracing::debug!(error = %err, "HTTP connection ended with an error");
+            }
+        });
+    }
+    let _ = stop_tx.send(true);
+    let drained = tokio::time::timeout(DRAIN_TIMEOUT, async {
+        while connections.join_next().await.is_some() {}
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!(
+            service = name,
+            "HTTP drain deadline passed; closing connections"
+        );
+        connections.abort_all();
+    }
+    tracing::info!(service = name, "HTTP stopped");
+    Ok(())
+}
