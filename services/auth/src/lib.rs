@@ -46,6 +46,10 @@ pub const SERVICE_NAME: &str = "penny.auth.v1.AuthService";
 /// The serve configuration must carry an authorizer: auth calls authz and tenants with the
 /// service token it holds.
 pub async fn build(config: AuthConfig, serve_config: &ServeConfig) -> anyhow::Result<Auth> {
+    anyhow::ensure!(
+        config.service_token_lifetime <= service_tokens::MAX_SERVICE_TOKEN_LIFETIME,
+        "PENNY_AUTH_SERVICE_TOKEN_LIFETIME_SECS: at most 86400"
+    );
     let authorizer = serve_config.authorizer.clone().context(
         "auth needs the authz service: set PENNY_AUTHZ_URL and PENNY_SERVICE_TOKEN_FILE",
     )?;

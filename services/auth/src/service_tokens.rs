@@ -24,6 +24,10 @@ use crate::store::ServiceClient;
 
 /// How long a service token lives; clients fetch a new one before it ends.
 pub const SERVICE_TOKEN_LIFETIME: Duration = Duration::from_secs(3600);
+/// The longest a service token may be configured to live
+/// (`PENNY_AUTH_SERVICE_TOKEN_LIFETIME_SECS`); revocations of service clients are kept
+/// longer than this.
+pub const MAX_SERVICE_TOKEN_LIFETIME: Duration = Duration::from_secs(24 * 3600);
 
 /// One configured client.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize, serde::Serialize)]

@@ -36,8 +36,11 @@ fn client_from(m: service_clients::Model) -> ServiceClient {
     }
 }
 
-/// How long a service-client revocation is kept: longer than any service token lives.
-const CLIENT_REVOCATION_TTL: time::Duration = time::Duration::hours(2);
+/// How long a service-client revocation is kept: an hour longer than the longest lifetime
+/// a service token can be configured with, so no token outlives its revocation.
+const CLIENT_REVOCATION_TTL: time::Duration = time::Duration::seconds(
+    crate::service_tokens::MAX_SERVICE_TOKEN_LIFETIME.as_secs() as i64 + 3600,
+);
 
 impl Store {
     /// Makes the stored clients exactly `clients`: new ones inserted, known ones updated
