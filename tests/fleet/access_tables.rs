@@ -128,7 +128,7 @@ fn check_table(service: &str, policy: &AccessPolicy) -> Vec<(Method, Requirement
 
 #[tokio::test]
 async fn every_rpc_has_a_rule_and_a_viewer_gets_no_more_than_it_allows() {
-    let fleet = TestFleet::builder().with_auth().start().await;
+    let fleet = TestFleet::builder().with_auth().with_audit().start().await;
     let tenant = Uuid::new_v4();
     let viewer = fleet.token(&TokenGrant {
         subject: "vera".into(),
@@ -176,6 +176,11 @@ async fn every_rpc_has_a_rule_and_a_viewer_gets_no_more_than_it_allows() {
             penny_auth::access_policy(),
             fleet.auth().server.channel().await,
         ),
+        (
+            penny_audit::SERVICE_NAME,
+            penny_audit::access_policy(),
+            fleet.audit().server.channel().await,
+        ),
     ];
     let mut called = 0;
     for (service, policy, channel) in services {
@@ -185,6 +190,7 @@ async fn every_rpc_has_a_rule_and_a_viewer_gets_no_more_than_it_allows() {
             match requirement {
                 Requirement::Public => {}
                 Requirement::ServiceOrAdmin
+                | Requirement::Service
                 | Requirement::PlatformAdmin
                 | Requirement::Permission(_) => {
                     let status = result.expect_err(&method.path);
@@ -225,7 +231,7 @@ async fn every_rpc_has_a_rule_and_a_viewer_gets_no_more_than_it_allows() {
             }
         }
     }
-    assert_eq!(called, 10 + 12 + 13 + 21);
+    assert_eq!(called, 10 + 12 + 13 + 21 + 5);
 }
 
 #[tokio::test]
@@ -238,6 +244,7 @@ async fn access_tables_name_exactly_the_rpcs_that_exist() {
         (penny_authz::SERVICE_NAME, penny_authz::access_policy()),
         (penny_tenants::SERVICE_NAME, penny_tenants::access_policy()),
         (penny_auth::SERVICE_NAME, penny_auth::access_policy()),
+        (penny_audit::SERVICE_NAME, penny_audit::access_policy()),
     ] {
         let table = check_table(service, &policy);
         let listed: Vec<&str> = policy

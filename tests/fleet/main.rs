@@ -4,6 +4,7 @@
 
 mod access_tables;
 mod api_keys;
+mod audit;
 mod auth;
 mod authz;
 mod db;

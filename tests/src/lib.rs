@@ -257,6 +257,7 @@ pub struct TestFleetBuilder {
     authz_replicas: usize,
     tenants: bool,
     auth: bool,
+    audit: bool,
     concurrency_limit: Option<usize>,
     tls: Option<penny_platform::server::TlsMaterial>,
     signing_key_rotation: Option<Duration>,
@@ -305,6 +306,13 @@ impl TestFleetBuilder {
     pub fn with_auth(mut self) -> Self {
         self.auth = true;
         self.with_tenants()
+    }
+
+    /// Start the audit service (with authz, which decides who may read the trail).
+    pub fn with_audit(mut self) -> Self {
+        self.audit = true;
+        self.authz = true;
+        self
     }
 
     /// Provision these service clients in auth.
@@ -465,6 +473,12 @@ impl TestFleetBuilder {
             }
             _ => None,
         };
+        let audit = if self.audit {
+            let database = fresh_database(data_dir.path(), "audit").await;
+            Some(start_audit(&config, database).await)
+        } else {
+            None
+        };
         let echo = if self.echo {
             let config = config.clone();
             Some(
@@ -487,6 +501,7 @@ impl TestFleetBuilder {
             authz_replica,
             tenants,
             auth,
+            audit,
             data_dir,
         }
     }
@@ -511,6 +526,8 @@ pub struct TestFleet {
     pub tenants: Option<TenantsServer>,
     /// The auth server, when started.
     pub auth: Option<AuthServer>,
+    /// The audit server, when started.
+    pub audit: Option<AuditServer>,
     /// The fleet's data directory (databases, keys).
     pub data_dir: TempDir,
 }
@@ -632,6 +649,11 @@ impl TestFleet {
         .await
     }
 
+    /// The audit server; panics when it was not started.
+    pub fn audit(&self) -> &AuditServer {
+        self.audit.as_ref().expect("fleet started without audit")
+    }
+
     /// The echo server; panics when it was not started.
     pub fn echo(&self) -> &RunningServer {
         self.echo.as_ref().expect("fleet started without echo")
@@ -749,6 +771,33 @@ async fn start_authz_on(
         })
     });
     AuthzServer { server, database }
+}
+
+/// The audit service of a test fleet.
+#[derive(Debug)]
+pub struct AuditServer {
+    /// The server.
+    pub server: RunningServer,
+    /// Its database.
+    pub database: TestDatabase,
+}
+
+async fn start_audit(config: &ServeConfig, database: TestDatabase) -> AuditServer {
+    let audit = penny_audit::build(penny_audit::AuditConfig {
+        database_url: database.url.clone(),
+        migration_database_url: database.migration_url.clone(),
+    })
+    .await
+    .expect("build audit service");
+    let bundle = penny_audit::bundle(audit, config);
+    let config = config.clone();
+    let server = RunningServer::start(move |listener, stopped| {
+        penny_platform::serve(config, bundle, listener, async move {
+            let _ = stopped.await;
+        })
+    })
+    .await;
+    AuditServer { server, database }
 }
 
 /// The tenants service of a test fleet.

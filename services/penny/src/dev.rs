@@ -134,6 +134,23 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         stop(),
     ));
 
+    // audit: the trail, in its own SQLite file.
+    let audit_config = penny_audit::AuditConfig {
+        database_url: penny_platform::db::sqlite_url(&args.data_dir, "audit"),
+        migration_database_url: None,
+    };
+    let listener = bind(&args.host, AUDIT_PORT, "audit").await?;
+    running.push(Running {
+        env_name: "PENNY_AUDIT_ADDR",
+        addr: listener.local_addr()?,
+    });
+    tasks.spawn(penny_audit::serve(
+        audit_config,
+        serve_config.clone(),
+        listener,
+        stop(),
+    ));
+
     // tenants: creates each tenant's key in keys and its owner's binding in authz.
     let tenants_config = penny_tenants::TenantsConfig {
         database_url: penny_platform::db::sqlite_url(&args.data_dir, "tenants"),
@@ -233,6 +250,8 @@ const AUTH_HTTP_PORT: u16 = 50061;
 const KEYS_PORT: u16 = 50052;
 /// The fixed dev port of the authz service.
 const AUTHZ_PORT: u16 = 50053;
+/// The fixed dev port of the audit service.
+const AUDIT_PORT: u16 = 50054;
 /// The fixed dev port of the tenants service.
 const TENANTS_PORT: u16 = 50056;
 

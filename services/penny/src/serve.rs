@@ -28,6 +28,13 @@ pub enum ServeCommand {
         #[command(flatten)]
         authz: penny_authz::Args,
     },
+    /// The audit trail (`penny.audit.v1.AuditService`).
+    Audit {
+        #[command(flatten)]
+        server: ServerArgs,
+        #[command(flatten)]
+        audit: penny_audit::Args,
+    },
     /// Tenants, users and workspaces (`penny.tenants.v1.TenantService`). Needs the keys
     /// service and, through the standard settings, the authz service.
     Tenants {
@@ -85,6 +92,21 @@ pub async fn run(command: ServeCommand) -> anyhow::Result<()> {
                 .map_err(|e| anyhow::anyhow!("PENNY_AUTHZ_LISTEN {listen}: {e}"))?;
             penny_authz::serve(
                 authz.into_config(),
+                serve_config,
+                listener,
+                penny_platform::shutdown_signal(),
+            )
+            .await
+        }
+        ServeCommand::Audit { server, audit } => {
+            let _telemetry = telemetry::init(server.log_format, "penny-audit")?;
+            let serve_config = server.serve_config()?;
+            let listen = audit.listen;
+            let listener = tokio::net::TcpListener::bind(listen)
+                .await
+                .map_err(|e| anyhow::anyhow!("PENNY_AUDIT_LISTEN {listen}: {e}"))?;
+            penny_audit::serve(
+                audit.into_config(),
                 serve_config,
                 listener,
                 penny_platform::shutdown_signal(),

@@ -24,6 +24,8 @@ pub enum Requirement {
     Enrollment,
     /// A fleet service, or platform staff.
     ServiceOrAdmin,
+    /// A fleet service only (audit's Append: people do not write the trail).
+    Service,
     /// Platform staff only.
     PlatformAdmin,
     /// A permission (`resource:action`) held in the caller's own tenant, decided by the
@@ -67,6 +69,7 @@ impl Requirement {
         let allowed = match self {
             Self::Public | Self::Authenticated | Self::Enrollment | Self::Permission(_) => true,
             Self::ServiceOrAdmin => principal.is_service() || principal.is_platform_admin(),
+            Self::Service => principal.is_service(),
             Self::PlatformAdmin => principal.is_platform_admin(),
         };
         if allowed {
@@ -167,6 +170,9 @@ mod tests {
         let staff_key = principal(PrincipalKind::ApiKey, PLATFORM_TENANT_ID, &["admin"]);
         assert!(Requirement::PlatformAdmin.check(&staff_key).is_err());
         assert!(Requirement::ServiceOrAdmin.check(&staff_key).is_err());
+        // Service means a fleet service: staff do not pass.
+        assert!(Requirement::Service.check(&service).is_ok());
+        assert!(Requirement::Service.check(&staff).is_err());
     }
 
     #[test]

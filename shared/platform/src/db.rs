@@ -93,6 +93,17 @@ pub async fn open<M: MigratorTrait>(
     serve_url: &str,
     migration_url: Option<&str>,
 ) -> Result<DatabaseConnection, OpenError> {
+    open_limited::<M>(serve_url, migration_url, &[]).await
+}
+
+/// [`open`], then on PostgreSQL takes back from the serving role, per `(table,
+/// privileges)` of `limits`, what it must not do (`("audit_events", "UPDATE, DELETE,
+/// TRUNCATE")`), and refuses to serve if the role still can.
+pub async fn open_limited<M: MigratorTrait>(
+    serve_url: &str,
+    migration_url: Option<&str>,
+    limits: &[(&str, &str)],
+) -> Result<DatabaseConnection, OpenError> {
     let db = connect(serve_url).await?;
     if db.get_database_backend() != DbBackend::Postgres {
         M::up(&db, None).await?;
@@ -104,12 +115,48 @@ pub async fn open<M: MigratorTrait>(
             let owner = connect(url).await?;
             M::up(&owner, None).await?;
             grant_rows(&owner, &serving_role).await?;
+            for (table, privileges) in limits {
+                owner
+                    .execute_unprepared(&format!(
+                        "REVOKE {privileges} ON {} FROM {}",
+                        quote_ident(table),
+                        quote_ident(&serving_role)
+                    ))
+                    .await?;
+            }
             owner.close().await?;
         }
         None => M::up(&db, None).await?,
     }
     check_unprivileged(&db, &serving_role).await?;
+    check_limits(&db, &serving_role, limits).await?;
     Ok(db)
+}
+
+async fn check_limits(
+    db: &DatabaseConnection,
+    role: &str,
+    limits: &[(&str, &str)],
+) -> Result<(), OpenError> {
+    for (table, privileges) in limits {
+        for privilege in privileges.split(',').map(str::trim) {
+            let row = db
+                .query_one_raw(Statement::from_sql_and_values(
+                    DbBackend::Postgres,
+                    "SELECT has_table_privilege($1, $2, $3)",
+                    [role.into(), (*table).into(), privilege.into()],
+                ))
+                .await?
+                .ok_or_else(|| DbErr::RecordNotFound("has_table_privilege".into()))?;
+            if row.try_get_by_index::<bool>(0)? {
+                return Err(OpenError::PrivilegedRole {
+                    role: role.to_owned(),
+                    why: "may change rows that must stay as written",
+                });
+            }
+        }
+    }
+    Ok(())
 }
 
 async fn one_string(db: &DatabaseConnection, sql: &str) -> Result<String, DbErr> {

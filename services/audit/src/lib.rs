@@ -1,0 +1,67 @@
+//! Penny audit: a tamper-evident trail per tenant that survives GDPR erasure.
+//!
+//! Producers (the fleet's services) `Append` batches of events, idempotent on event id.
+//! Each tenant's events form a hash chain; the personal part of an event enters the chain
+//! only through a salted digest, so `Redact` removes it and every hash still verifies.
+//! `VerifyChain` walks a chain and names the first bad event; `Export` writes it as JSON
+//! lines for offline checks. The serving database role can add events and read them,
+//! never change or delete one (PostgreSQL grants and triggers; SQLite triggers).
+
+#![forbid(unsafe_code)]
+
+pub mod chain;
+pub mod config;
+pub mod error;
+pub mod export;
+mod grpc;
+pub mod migration;
+pub mod service;
+pub mod store;
+
+use std::future::Future;
+
+use penny_platform::{ServeConfig, ServiceBundle};
+use tokio::net::TcpListener;
+
+pub use config::{Args, AuditConfig};
+pub use service::Audit;
+
+/// The gRPC name of the service.
+pub const SERVICE_NAME: &str = "penny.audit.v1.AuditService";
+
+/// Connects the database (migrating it, and on PostgreSQL taking from the serving role
+/// every right to change a written event).
+pub async fn build(config: AuditConfig) -> anyhow::Result<Audit> {
+    let db = penny_platform::db::open_limited::<migration::Migrator>(
+        &config.database_url,
+        config.migration_database_url.as_deref(),
+        migration::m20261205_000001_create_audit::SERVING_ROLE_LIMITS,
+    )
+    .await
+    .map_err(|e| {
+        anyhow::anyhow!("PENNY_AUDIT_DATABASE_URL: cannot open the audit database: {e}")
+    })?;
+    Ok(Audit::new(store::Store::new(db)))
+}
+
+/// Who may call which RPC of this service (the table the standard stack enforces).
+pub fn access_policy() -> penny_platform::AccessPolicy {
+    grpc::policy()
+}
+
+/// The service on the standard stack.
+pub fn bundle(audit: Audit, serve_config: &ServeConfig) -> ServiceBundle {
+    grpc::bundle(audit, serve_config)
+}
+
+/// Builds and serves the audit service until `shutdown` resolves.
+pub async fn serve(
+    config: AuditConfig,
+    serve_config: ServeConfig,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let audit = build(config).await?;
+    let bundle = bundle(audit, &serve_config);
+    penny_platform::serve(serve_config, bundle, listener, shutdown).await
+}

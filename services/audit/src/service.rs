@@ -1,0 +1,446 @@
+//! The audit service's operations: validation at the edge, then the store.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+use penny_platform::validate::Violations;
+use penny_platform::{ApiError, Principal, PrincipalKind};
+use penny_proto::audit::v1 as pb;
+use penny_proto::common::v1::{BatchItemError, PrincipalKind as PbKind};
+use uuid::Uuid;
+
+use crate::chain::{ChainCheck, Failure, GENESIS, Payload, Record, StoredEvent};
+use crate::error::AuditError;
+use crate::store::{Appended, Filter, NewEvent, REDACT_ACTION, RedactTarget, Store};
+
+/// Events per Append call.
+pub const MAX_APPEND: usize = 1000;
+/// Events read per page while verifying.
+const VERIFY_PAGE: u64 = 5000;
+/// Attributes per event.
+const MAX_ATTRIBUTES: usize = 32;
+/// The earliest and latest event times accepted (2000-01-01 and 9999-12-31).
+const MIN_EVENT_SECONDS: i64 = 946_684_800;
+const MAX_EVENT_SECONDS: i64 = 253_402_300_799;
+/// The longest call duration recorded (7 days).
+const MAX_DURATION_SECONDS: i64 = 7 * 24 * 3600;
+
+/// The audit service.
+#[derive(Debug, Clone)]
+pub struct Audit {
+    store: Store,
+}
+
+fn kind_number(kind: PrincipalKind) -> i32 {
+    match kind {
+        PrincipalKind::User => PbKind::User as i32,
+        PrincipalKind::ApiKey => PbKind::ApiKey as i32,
+        PrincipalKind::Service => PbKind::Service as i32,
+    }
+}
+
+/// Microseconds since the epoch of a timestamp, if it is a plausible event time.
+fn event_micros(at: &prost_types::Timestamp) -> Option<i64> {
+    if !(MIN_EVENT_SECONDS..=MAX_EVENT_SECONDS).contains(&at.seconds)
+        || !(0..1_000_000_000).contains(&at.nanos)
+    {
+        return None;
+    }
+    Some(at.seconds * 1_000_000 + i64::from(at.nanos / 1000))
+}
+
+fn timestamp(micros: i64) -> prost_types::Timestamp {
+    prost_types::Timestamp {
+        seconds: micros.div_euclid(1_000_000),
+        nanos: i32::try_from(micros.rem_euclid(1_000_000) * 1000).unwrap_or(0),
+    }
+}
+
+fn is_lower_hex(value: &str) -> bool {
+    value
+        .bytes()
+        .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
+/// Checks one event as a producer sent it; the field names are relative to the event.
+fn new_event(event: &pb::AuditEvent) -> Result<(Uuid, NewEvent), ApiError> {
+    let mut v = Violations::new();
+    let event_id = v.uuid("id", &event.id);
+    let tenant_id = v.uuid("tenant_id", &event.tenant_id);
+    if !event.user_id.is_empty() {
+        v.uuid("user_id", &event.user_id);
+    }
+    if PbKind::try_from(event.principal_kind).is_err() {
+        v.add("principal_kind", "must be a PrincipalKind");
+    }
+    v.token("action", &event.action, 128);
+    if !event.action.contains('.') {
+        v.add("action", "must be <service>.<verb>, e.g. auth.login");
+    }
+    if !event.resource.is_empty() {
+        v.token("resource", &event.resource, 64);
+    }
+    v.text("resource_id", &event.resource_id, 0, 256);
+    let metadata = event.metadata.clone().unwrap_or_default();
+    v.text("metadata.method", &metadata.method, 0, 256);
+    v.text("metadata.path", &metadata.path, 0, 2048);
+    let duration_micros = match &metadata.duration {
+        None => 0,
+        Some(d)
+            if (0..=MAX_DURATION_SECONDS).contains(&d.seconds)
+                && (0..1_000_000_000).contains(&d.nanos) =>
+        {
+            d.seconds * 1_000_000 + i64::from(d.nanos / 1000)
+        }
+        Some(_) => {
+            v.add("metadata.duration", "must be between 0 and 7 days");
+            0
+        }
+    };
+    if !event.ip_address.is_empty() && event.ip_address.parse::<IpAddr>().is_err() {
+        v.add("ip_address", "must be an IPv4 or IPv6 address");
+    }
+    v.text("user_agent", &event.user_agent, 0, 512);
+    let event_time_micros = match event.event_time.as_ref() {
+        None => {
+            v.add("event_time", "required");
+            0
+        }
+        Some(at) => event_micros(at).unwrap_or_else(|| {
+            v.add(
+                "event_time",
+                "must be a time between the years 2000 and 9999",
+            );
+            0
+        }),
+    };
+    v.token("service", &event.service, 64);
+    match pb::Outcome::try_from(event.outcome) {
+        Ok(pb::Outcome::Unspecified) | Err(_) => {
+            v.add("outcome", "must be SUCCESS, FAILURE or DENIED");
+        }
+        Ok(_) => {}
+    }
+    if !event.trace_id.is_empty() && (event.trace_id.len() != 32 || !is_lower_hex(&event.trace_id))
+    {
+        v.add("trace_id", "must be 32 lowercase hex characters");
+    }
+    if event.attributes.len() > MAX_ATTRIBUTES {
+        v.add("attributes", "must hold at most 32 entries");
+    }
+    for (key, value) in &event.attributes {
+        v.token(&format!("attributes[{key:.64}]"), key, 64);
+        v.text(&format!("attributes[{key:.64}]"), value, 0, 1024);
+    }
+    v.finish()?;
+    Ok((
+        tenant_id,
+        NewEvent {
+            record: Record {
+                tenant_id,
+                sequence: 0,
+                event_id,
+                service: event.service.clone(),
+                action: event.action.clone(),
+                resource: event.resource.clone(),
+                resource_id: event.resource_id.clone(),
+                principal_kind: event.principal_kind,
+                outcome: event.outcome,
+                method: metadata.method,
+                duration_micros,
+                status: metadata.status,
+                trace_id: event.trace_id.clone(),
+                event_time_micros,
+                receive_time_micros: 0,
+            },
+            payload: Payload {
+                user_id: event.user_id.clone(),
+                ip_address: event.ip_address.clone(),
+                user_agent: event.user_agent.clone(),
+                path: metadata.path,
+                attributes: event
+                    .attributes
+                    .iter()
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect(),
+            },
+        },
+    ))
+}
+
+fn item_error(err: &ApiError) -> BatchItemError {
+    BatchItemError {
+        code: err.code() as i32,
+        reason: err.reason() as i32,
+        message: err
+            .violations()
+            .first()
+            .map_or_else(|| err.message().to_owned(), |v| v.description.clone()),
+        field: err
+            .violations()
+            .first()
+            .map(|v| v.field.clone())
+            .unwrap_or_default(),
+    }
+}
+
+fn conflict() -> BatchItemError {
+    BatchItemError {
+        code: tonic::Code::AlreadyExists as i32,
+        reason: penny_platform::Reason::AuditEventConflict as i32,
+        message: "an event with this id was stored with different content".into(),
+        field: "id".into(),
+    }
+}
+
+/// An event as the API shows it.
+pub fn to_proto(event: &StoredEvent) -> pb::AuditEvent {
+    let r = &event.record;
+    let payload = event.payload.as_ref().map(|(_, p)| p);
+    pb::AuditEvent {
+        id: r.event_id.to_string(),
+        tenant_id: r.tenant_id.to_string(),
+        user_id: payload.map(|p| p.user_id.clone()).unwrap_or_default(),
+        principal_kind: r.principal_kind,
+        action: r.action.clone(),
+        resource: r.resource.clone(),
+        resource_id: r.resource_id.clone(),
+        metadata: Some(pb::RequestMetadata {
+            method: r.method.clone(),
+            path: payload.map(|p| p.path.clone()).unwrap_or_default(),
+            duration: Some(prost_types::Duration {
+                seconds: r.duration_micros / 1_000_000,
+                nanos: i32::try_from((r.duration_micros % 1_000_000) * 1000).unwrap_or(0),
+            }),
+            status: r.status,
+        }),
+        ip_address: payload.map(|p| p.ip_address.clone()).unwrap_or_default(),
+        user_agent: payload.map(|p| p.user_agent.clone()).unwrap_or_default(),
+        event_time: Some(timestamp(r.event_time_micros)),
+        service: r.service.clone(),
+        outcome: r.outcome,
+        trace_id: r.trace_id.clone(),
+        attributes: payload
+            .map(|p| {
+                p.attributes
+                    .iter()
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect()
+            })
+            .unwrap_or_default(),
+        sequence: r.sequence,
+        prev_hash: event.prev_hash.to_vec(),
+        payload_digest: event.payload_digest.to_vec(),
+        hash: event.hash.to_vec(),
+        receive_time: Some(timestamp(r.receive_time_micros)),
+        redact_time: event.redaction.map(|(at, _)| timestamp(at)),
+        payload_salt: event
+            .payload
+            .as_ref()
+            .map(|(salt, _)| salt.to_vec())
+            .unwrap_or_default(),
+    }
+}
+
+/// What [`Audit::verify`] found.
+#[derive(Debug, Clone)]
+pub struct Verification {
+    /// Events verified before the first failure (all of them when valid).
+    pub verified: u64,
+    /// The first failure.
+    pub broken: Option<crate::chain::Broken>,
+    /// The head at verification time.
+    pub head: (u64, crate::chain::Hash),
+}
+
+impl Audit {
+    /// The service over a migrated store.
+    pub fn new(store: Store) -> Self {
+        Self { store }
+    }
+
+    /// The store (readiness).
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// Appends a batch. Each event is checked on its own: a bad one is reported in its
+    /// result and the rest are stored. Each tenant's events are stored in one transaction,
+    /// in request order; when the database fails the call fails (retrying it is safe:
+    /// events already stored come back as duplicates).
+    pub async fn append(
+        &self,
+        events: &[pb::AuditEvent],
+    ) -> Result<Vec<pb::AppendResult>, AuditError> {
+        let mut results: Vec<pb::AppendResult> = events
+            .iter()
+            .map(|e| pb::AppendResult {
+                event_id: e.id.clone(),
+                result: None,
+                duplicate: false,
+            })
+            .collect();
+        // Tenant → (request index, event), in request order.
+        let mut by_tenant: BTreeMap<Uuid, Vec<(usize, NewEvent)>> = BTreeMap::new();
+        for (index, event) in events.iter().enumerate() {
+            match new_event(event) {
+                Ok((tenant, event)) => by_tenant.entry(tenant).or_default().push((index, event)),
+                Err(err) => {
+                    results[index].result =
+                        Some(pb::append_result::Result::Error(item_error(&err)));
+                }
+            }
+        }
+        for (tenant, items) in by_tenant {
+            let batch: Vec<NewEvent> = items.iter().map(|(_, e)| e.clone()).collect();
+            let outcomes = self.store.append(tenant, &batch).await?;
+            for ((index, _), outcome) in items.iter().zip(outcomes) {
+                let result = &mut results[*index];
+                result.result = Some(match outcome {
+                    Appended::New(sequence) => pb::append_result::Result::Sequence(sequence),
+                    Appended::Duplicate(sequence) => {
+                        result.duplicate = true;
+                        pb::append_result::Result::Sequence(sequence)
+                    }
+                    Appended::Conflict => pb::append_result::Result::Error(conflict()),
+                });
+            }
+        }
+        Ok(results)
+    }
+
+    /// One page of a tenant's events.
+    pub async fn query(
+        &self,
+        tenant: Uuid,
+        filter: &Filter,
+        cursor: Option<u64>,
+        newest_first: bool,
+        limit: u64,
+    ) -> Result<Vec<StoredEvent>, AuditError> {
+        Ok(self
+            .store
+            .query(tenant, filter, cursor, newest_first, limit)
+            .await?)
+    }
+
+    /// Up to `limit` events from `from` through `to`, in order (export).
+    pub async fn scan(
+        &self,
+        tenant: Uuid,
+        from: u64,
+        to: u64,
+        limit: u64,
+    ) -> Result<Vec<StoredEvent>, AuditError> {
+        Ok(self.store.scan(tenant, from, to, limit).await?)
+    }
+
+    /// The head of a tenant's chain.
+    pub async fn head(&self, tenant: Uuid) -> Result<(u64, crate::chain::Hash), AuditError> {
+        Ok(self.store.head(tenant).await?)
+    }
+
+    /// Verifies `start..=end` of a tenant's chain (`end` 0: through the head, which the
+    /// chain must then reach).
+    pub async fn verify(
+        &self,
+        tenant: Uuid,
+        start: u64,
+        end: u64,
+    ) -> Result<Verification, AuditError> {
+        let head = self.store.head(tenant).await?;
+        let start = start.max(1);
+        let through_head = end == 0 || end >= head.0;
+        let end = if through_head { head.0 } else { end };
+        // Where a range starts past 1, its first event's stored prev_hash is taken as given.
+        let prev = if start == 1 {
+            GENESIS
+        } else {
+            match self.store.scan(tenant, start, start, 1).await?.first() {
+                Some(first) => first.prev_hash,
+                None => GENESIS,
+            }
+        };
+        let mut check = ChainCheck::starting_at(start, prev);
+        let mut next = start;
+        let verdict = |check: &ChainCheck, broken| Verification {
+            verified: check.verified(),
+            broken,
+            head,
+        };
+        while next <= end {
+            let page = self.store.scan(tenant, next, end, VERIFY_PAGE).await?;
+            if page.is_empty() {
+                break;
+            }
+            for event in &page {
+                if let Err(broken) = check.next(event) {
+                    return Ok(verdict(&check, Some(broken)));
+                }
+            }
+            next = check.expected();
+            if (page.len() as u64) < VERIFY_PAGE {
+                break;
+            }
+        }
+        let ended = if through_head {
+            check.finish_at_head(head.0, &head.1)
+        } else if check.expected() <= end {
+            Err(crate::chain::Broken {
+                sequence: check.expected(),
+                failure: Failure::SequenceGap,
+                message: format!("event {} is missing", check.expected()),
+            })
+        } else {
+            Ok(())
+        };
+        Ok(verdict(&check, ended.err()))
+    }
+
+    /// Removes the personal payload of `target`'s events, recording each redaction in the
+    /// chain as an `audit.redact` event made by `caller`. Returns how many were redacted.
+    pub async fn redact(
+        &self,
+        caller: &Principal,
+        tenant: Uuid,
+        target: &RedactTarget,
+        reason: &str,
+        erasure_id: Option<Uuid>,
+    ) -> Result<u64, AuditError> {
+        let record = |sequences: &[u64]| {
+            let now = crate::store::now_micros();
+            let mut attributes = BTreeMap::from([
+                ("count".to_owned(), sequences.len().to_string()),
+                ("reason".to_owned(), reason.to_owned()),
+            ]);
+            if let Some(erasure) = erasure_id {
+                attributes.insert("erasure_id".to_owned(), erasure.to_string());
+            }
+            NewEvent {
+                record: Record {
+                    tenant_id: tenant,
+                    sequence: 0,
+                    event_id: Uuid::now_v7(),
+                    service: "audit".into(),
+                    action: REDACT_ACTION.into(),
+                    resource: "audit_event".into(),
+                    resource_id: crate::store::redaction_digest(sequences),
+                    principal_kind: kind_number(caller.kind),
+                    outcome: pb::Outcome::Success as i32,
+                    method: "/penny.audit.v1.AuditService/Redact".into(),
+                    duration_micros: 0,
+                    status: 0,
+                    trace_id: String::new(),
+                    event_time_micros: now,
+                    receive_time_micros: 0,
+                },
+                payload: Payload {
+                    user_id: caller.id.clone(),
+                    attributes,
+                    ..Payload::default()
+                },
+            }
+        };
+        Ok(self.store.redact(tenant, target, record).await?)
+    }
+}
