@@ -4,7 +4,9 @@
 
 use std::collections::HashMap;
 
-use penny_audit::chain::{ChainCheck, GENESIS};
+use penny_audit::chain::{ChainCheck, Failure, GENESIS};
+use penny_audit::checkpoint::{Checkpoint, TrustedKeys};
+use penny_audit::offline::{OfflineError, verify_export};
 use penny_proto::audit::v1 as pb;
 use penny_proto::audit::v1::audit_service_client::AuditServiceClient;
 use penny_tests::{TestFleet, error_reason, with_token};
@@ -22,7 +24,11 @@ struct Harness {
 
 impl Harness {
     async fn start() -> Self {
-        let fleet = TestFleet::builder().with_audit().start().await;
+        Self::start_with(TestFleet::builder().with_audit()).await
+    }
+
+    async fn start_with(builder: penny_tests::TestFleetBuilder) -> Self {
+        let fleet = builder.start().await;
         let audit = AuditServiceClient::new(fleet.audit().server.channel().await);
         let service = fleet.service_token();
         let admin = fleet.admin_token();
@@ -318,7 +324,8 @@ async fn every_kind_of_tampering_is_reported_at_the_exact_event() {
 
 #[tokio::test]
 async fn the_serving_role_cannot_change_or_delete_written_events() {
-    let h = Harness::start().await;
+    // A checkpoint every two events, so that table has rows too.
+    let h = Harness::start_with(TestFleet::builder().with_audit().audit_checkpoint_every(2)).await;
     let tenant = chain_of(&h, 3).await;
     // One redaction recorded, so every table has rows to refuse changing.
     let first = h
@@ -363,11 +370,14 @@ async fn the_serving_role_cannot_change_or_delete_written_events() {
         "UPDATE audit_payloads SET ip_address = ''",
         "UPDATE audit_redactions SET redaction_sequence = 0",
         "DELETE FROM audit_redactions",
+        "UPDATE audit_checkpoints SET key_id = 'mine'",
+        "DELETE FROM audit_checkpoints",
     ];
     if postgres {
         refused.extend([
             "TRUNCATE audit_events",
             "TRUNCATE audit_payloads",
+            "TRUNCATE audit_checkpoints",
             "DELETE FROM audit_heads",
         ]);
     }
@@ -733,4 +743,259 @@ async fn query_filters_pages_and_keeps_tenants_apart() {
         ["tenant_id", "user_id", "page_size"]
     );
     let _ = error_reason(&status);
+}
+
+fn bytes_sql(db: &DatabaseConnection, bytes: &[u8]) -> String {
+    let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    match db.get_database_backend() {
+        DbBackend::Postgres => format!("decode('{hex}', 'hex')"),
+        _ => format!("X'{hex}'"),
+    }
+}
+
+async fn export_of(h: &Harness, tenant: Uuid) -> String {
+    let mut stream = h
+        .audit
+        .clone()
+        .export(with_token(
+            pb::ExportRequest {
+                tenant_id: tenant.to_string(),
+                ..Default::default()
+            },
+            &h.admin,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut export = Vec::new();
+    while let Some(message) = stream.message().await.unwrap() {
+        export.extend_from_slice(&message.data);
+    }
+    String::from_utf8(export).unwrap()
+}
+
+async fn checkpoint_of(h: &Harness, tenant: Uuid, at_most: Option<u64>) -> Checkpoint {
+    let c = h
+        .audit
+        .clone()
+        .get_checkpoint(with_token(
+            pb::GetCheckpointRequest {
+                tenant_id: tenant.to_string(),
+                sequence: at_most,
+            },
+            &h.admin,
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .checkpoint
+        .unwrap();
+    let at = c.create_time.unwrap();
+    Checkpoint {
+        tenant_id: Uuid::parse_str(&c.tenant_id).unwrap(),
+        sequence: c.sequence,
+        hash: c.hash.try_into().unwrap(),
+        create_micros: at.seconds * 1_000_000 + i64::from(at.nanos / 1000),
+        signed_payload: c.signed_payload,
+        signature: c.signature,
+        key_id: c.key_id,
+        public_key: c.public_key,
+    }
+}
+
+/// A chain of 25 events appended five at a time: checkpoints at 10 and 20.
+async fn checkpointed_chain(h: &Harness) -> Uuid {
+    let tenant = Uuid::new_v4();
+    let user = Uuid::new_v4();
+    for batch in 0..5 {
+        h.append(
+            (1..=5)
+                .map(|i| event(tenant, batch * 5 + i, user, "203.0.113.1"))
+                .collect(),
+        )
+        .await;
+    }
+    tenant
+}
+
+#[tokio::test]
+async fn checkpoints_are_signed_and_catch_a_rewritten_or_shortened_chain() {
+    let h = Harness::start_with(TestFleet::builder().with_audit().audit_checkpoint_every(10)).await;
+    let key = h.fleet.audit().checkpoint_key.clone();
+    let trusted = TrustedKeys::default().with(key.kid(), key.public_key());
+
+    let tenant = checkpointed_chain(&h).await;
+    let latest = checkpoint_of(&h, tenant, None).await;
+    assert_eq!(latest.sequence, 20);
+    trusted.check(&latest).unwrap();
+    assert_eq!(checkpoint_of(&h, tenant, Some(15)).await.sequence, 10);
+    let status = h
+        .audit
+        .clone()
+        .get_checkpoint(with_token(
+            pb::GetCheckpointRequest {
+                tenant_id: Uuid::new_v4().to_string(),
+                sequence: None,
+            },
+            &h.admin,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::NotFound);
+    assert!(h.verify(tenant).await.valid);
+
+    let db = h.owner_db().await;
+    drop_guards(&db).await;
+
+    // Cut short together with its head: events 16.. gone, the head moved back to 15. The
+    // chain itself is consistent; the checkpoint at 20 is not reached.
+    let cut = checkpointed_chain(&h).await;
+    let t = tenant_sql(&db, cut);
+    let events = export_of(&h, cut).await;
+    let event_15 = penny_audit::export::parse_line(events.lines().nth(14).unwrap()).unwrap();
+    db.execute_unprepared(&format!(
+        "DELETE FROM audit_events WHERE tenant_id = {t} AND sequence > 15"
+    ))
+    .await
+    .unwrap();
+    db.execute_unprepared(&format!(
+        "UPDATE audit_heads SET sequence = 15, hash = {} WHERE tenant_id = {t}",
+        bytes_sql(&db, &event_15.hash)
+    ))
+    .await
+    .unwrap();
+    assert_eq!(
+        failure(&h.verify(cut).await),
+        (false, Some(16), pb::ChainFailure::CheckpointMismatch)
+    );
+
+    // Rewritten from event 5 on, every hash recomputed, the head too: only the checkpoint
+    // at 10 knows.
+    let rewritten = checkpointed_chain(&h).await;
+    let t = tenant_sql(&db, rewritten);
+    let mut prev = GENESIS;
+    for line in export_of(&h, rewritten).await.lines() {
+        let mut event = penny_audit::export::parse_line(line).unwrap();
+        if event.record.sequence == 5 {
+            event.record.action = "auth.logout".into();
+        }
+        let hash = penny_audit::chain::event_hash(&prev, &event.record, &event.payload_digest);
+        db.execute_unprepared(&format!(
+            "UPDATE audit_events SET action = '{}', prev_hash = {}, hash = {} \
+             WHERE tenant_id = {t} AND sequence = {}",
+            event.record.action,
+            bytes_sql(&db, &prev),
+            bytes_sql(&db, &hash),
+            event.record.sequence
+        ))
+        .await
+        .unwrap();
+        prev = hash;
+    }
+    db.execute_unprepared(&format!(
+        "UPDATE audit_heads SET hash = {} WHERE tenant_id = {t}",
+        bytes_sql(&db, &prev)
+    ))
+    .await
+    .unwrap();
+    assert_eq!(
+        failure(&h.verify(rewritten).await),
+        (false, Some(10), pb::ChainFailure::CheckpointMismatch)
+    );
+
+    // A checkpoint slipped in, signed by a key audit does not trust.
+    let forged_tenant = checkpointed_chain(&h).await;
+    let t = tenant_sql(&db, forged_tenant);
+    let other = penny_audit::checkpoint::Signer::new(std::sync::Arc::new(
+        penny_platform::signing::SigningKey::generate().unwrap(),
+    ));
+    let forged = other.sign(forged_tenant, 25, [9; 32], 1).unwrap();
+    db.execute_unprepared(&format!(
+        "INSERT INTO audit_checkpoints (tenant_id, sequence, hash, create_micros, signed_payload, signature, key_id, public_key) \
+         VALUES ({t}, 25, {}, 1, {}, {}, '{}', {})",
+        bytes_sql(&db, &forged.hash),
+        bytes_sql(&db, &forged.signed_payload),
+        bytes_sql(&db, &forged.signature),
+        forged.key_id,
+        bytes_sql(&db, &forged.public_key),
+    ))
+    .await
+    .unwrap();
+    assert_eq!(
+        failure(&h.verify(forged_tenant).await),
+        (
+            false,
+            Some(25),
+            pb::ChainFailure::CheckpointSignatureInvalid
+        )
+    );
+}
+
+#[tokio::test]
+async fn an_export_verifies_offline_and_every_tampering_is_found_at_its_event() {
+    let h = Harness::start_with(TestFleet::builder().with_audit().audit_checkpoint_every(10)).await;
+    let key = h.fleet.audit().checkpoint_key.clone();
+    let trusted = TrustedKeys::default().with(key.kid(), key.public_key());
+    let tenant = checkpointed_chain(&h).await;
+    let export = export_of(&h, tenant).await;
+    let checkpoint = checkpoint_of(&h, tenant, None).await;
+    let verify = |text: String| verify_export(text.as_bytes(), &checkpoint, &trusted);
+
+    let report = verify(export.clone()).unwrap();
+    assert_eq!(
+        (
+            report.verified,
+            report.checkpoint_sequence,
+            report.unsigned_tail
+        ),
+        (25, 20, 5)
+    );
+
+    let lines: Vec<String> = export.lines().map(str::to_owned).collect();
+    let joined = |lines: &[String]| lines.join("\n") + "\n";
+    let broken_at = |result: Result<_, OfflineError>| match result {
+        Err(OfflineError::Broken(broken)) => (broken.sequence, broken.failure),
+        other => panic!("{other:?}"),
+    };
+
+    // Edited: event 7's action.
+    let mut edited = lines.clone();
+    edited[6] = edited[6].replace("\"action\":\"keys.encrypt\"", "\"action\":\"keys.decrypt\"");
+    assert_ne!(edited[6], lines[6]);
+    assert_eq!(
+        broken_at(verify(joined(&edited))),
+        (7, Failure::HashMismatch)
+    );
+    // Deleted: event 7.
+    let mut deleted = lines.clone();
+    deleted.remove(6);
+    assert_eq!(
+        broken_at(verify(joined(&deleted))),
+        (7, Failure::SequenceGap)
+    );
+    // Inserted: event 6 again after itself.
+    let mut inserted = lines.clone();
+    inserted.insert(6, lines[5].clone());
+    assert_eq!(
+        broken_at(verify(joined(&inserted))),
+        (6, Failure::SequenceGap)
+    );
+    // Reordered: 7 and 8 swapped.
+    let mut reordered = lines.clone();
+    reordered.swap(6, 7);
+    assert_eq!(
+        broken_at(verify(joined(&reordered))),
+        (7, Failure::SequenceGap)
+    );
+    // Truncated before the checkpoint.
+    assert_eq!(
+        broken_at(verify(joined(&lines[..15]))),
+        (16, Failure::CheckpointMismatch)
+    );
+    // A checkpoint from an untrusted key is refused before anything else.
+    let stranger = TrustedKeys::default().with("someone-else", &[1; 32]);
+    assert!(matches!(
+        verify_export(export.as_bytes(), &checkpoint, &stranger),
+        Err(OfflineError::Checkpoint(_))
+    ));
 }

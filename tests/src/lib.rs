@@ -15,7 +15,7 @@ pub mod tokens;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::Once;
+use std::sync::{Arc, Once};
 use std::time::Duration;
 
 use penny_platform::principal::{PLATFORM_TENANT_ID, PrincipalKind, TokenVerifier};
@@ -258,6 +258,7 @@ pub struct TestFleetBuilder {
     tenants: bool,
     auth: bool,
     audit: bool,
+    audit_checkpoint_every: Option<u64>,
     concurrency_limit: Option<usize>,
     tls: Option<penny_platform::server::TlsMaterial>,
     signing_key_rotation: Option<Duration>,
@@ -312,6 +313,12 @@ impl TestFleetBuilder {
     pub fn with_audit(mut self) -> Self {
         self.audit = true;
         self.authz = true;
+        self
+    }
+
+    /// Let audit sign a checkpoint every `every` events (tests of checkpoints).
+    pub fn audit_checkpoint_every(mut self, every: u64) -> Self {
+        self.audit_checkpoint_every = Some(every);
         self
     }
 
@@ -475,7 +482,14 @@ impl TestFleetBuilder {
         };
         let audit = if self.audit {
             let database = fresh_database(data_dir.path(), "audit").await;
-            Some(start_audit(&config, database).await)
+            Some(
+                start_audit(
+                    &config,
+                    database,
+                    self.audit_checkpoint_every.unwrap_or(1000),
+                )
+                .await,
+            )
         } else {
             None
         };
@@ -780,15 +794,19 @@ pub struct AuditServer {
     pub server: RunningServer,
     /// Its database.
     pub database: TestDatabase,
+    /// The key that signs its checkpoints.
+    pub checkpoint_key: Arc<SigningKey>,
 }
 
-async fn start_audit(config: &ServeConfig, database: TestDatabase) -> AuditServer {
-    let audit = penny_audit::build(penny_audit::AuditConfig {
-        database_url: database.url.clone(),
-        migration_database_url: database.migration_url.clone(),
-    })
-    .await
-    .expect("build audit service");
+async fn start_audit(config: &ServeConfig, database: TestDatabase, every: u64) -> AuditServer {
+    let checkpoint_key = Arc::new(SigningKey::generate().expect("checkpoint key"));
+    let mut audit_config =
+        penny_audit::AuditConfig::new(database.url.clone(), checkpoint_key.clone());
+    audit_config.migration_database_url = database.migration_url.clone();
+    audit_config.checkpoint_every = every;
+    let audit = penny_audit::build(audit_config)
+        .await
+        .expect("build audit service");
     let bundle = penny_audit::bundle(audit, config);
     let config = config.clone();
     let server = RunningServer::start(move |listener, stopped| {
@@ -797,7 +815,11 @@ async fn start_audit(config: &ServeConfig, database: TestDatabase) -> AuditServe
         })
     })
     .await;
-    AuditServer { server, database }
+    AuditServer {
+        server,
+        database,
+        checkpoint_key,
+    }
 }
 
 /// The tenants service of a test fleet.

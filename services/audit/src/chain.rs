@@ -196,6 +196,8 @@ pub enum Failure {
     SequenceGap,
     /// The chain ends before, or differs from, a recorded head or checkpoint.
     CheckpointMismatch,
+    /// A checkpoint's signature does not verify under a trusted key.
+    CheckpointSignatureInvalid,
     /// A payload is gone without a redaction recorded in the chain.
     RedactionInvalid,
 }

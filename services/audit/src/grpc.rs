@@ -5,7 +5,7 @@ use std::pin::Pin;
 use penny_platform::page::{decode_page_token, encode_page_token, page_token_error};
 use penny_platform::stack::{caller, draining, tenant_scope};
 use penny_platform::validate::{Violations, page_size};
-use penny_platform::{AccessPolicy, Requirement, ServeConfig, ServiceBundle};
+use penny_platform::{AccessPolicy, ApiError, Reason, Requirement, ServeConfig, ServiceBundle};
 use penny_proto::audit::v1 as pb;
 use penny_proto::audit::v1::audit_service_server::{AuditService, AuditServiceServer};
 use tokio_stream::Stream;
@@ -35,6 +35,7 @@ pub(crate) fn policy() -> AccessPolicy {
         ("Query", Permission("audit:read")),
         ("Export", Permission("audit:read")),
         ("VerifyChain", Permission("audit:read")),
+        ("GetCheckpoint", Permission("audit:read")),
         ("Redact", Permission("audit:redact")),
     ]
     .into_iter()
@@ -73,6 +74,7 @@ fn failure_number(failure: Failure) -> pb::ChainFailure {
         Failure::PrevHashMismatch => pb::ChainFailure::PrevHashMismatch,
         Failure::SequenceGap => pb::ChainFailure::SequenceGap,
         Failure::CheckpointMismatch => pb::ChainFailure::CheckpointMismatch,
+        Failure::CheckpointSignatureInvalid => pb::ChainFailure::CheckpointSignatureInvalid,
         Failure::RedactionInvalid => pb::ChainFailure::RedactionInvalid,
     }
 }
@@ -307,6 +309,40 @@ impl AuditService for AuditGrpc {
             }
         };
         Ok(Response::new(response))
+    }
+
+    async fn get_checkpoint(
+        &self,
+        request: Request<pb::GetCheckpointRequest>,
+    ) -> Result<Response<pb::GetCheckpointResponse>, Status> {
+        let principal = caller(&request)?.clone();
+        let request = request.into_inner();
+        let mut v = Violations::new();
+        let tenant = v.uuid("tenant_id", &request.tenant_id);
+        v.finish()?;
+        let tenant = tenant_scope(&principal, tenant)?;
+        let checkpoint = self
+            .audit
+            .checkpoint(tenant, request.sequence)
+            .await?
+            .ok_or_else(|| {
+                Status::from(ApiError::not_found(
+                    Reason::NotFound,
+                    "no checkpoint of this chain yet",
+                ))
+            })?;
+        Ok(Response::new(pb::GetCheckpointResponse {
+            checkpoint: Some(pb::Checkpoint {
+                tenant_id: checkpoint.tenant_id.to_string(),
+                sequence: checkpoint.sequence,
+                hash: checkpoint.hash.to_vec(),
+                create_time: Some(crate::service::timestamp(checkpoint.create_micros)),
+                signed_payload: checkpoint.signed_payload,
+                signature: checkpoint.signature,
+                key_id: checkpoint.key_id,
+                public_key: checkpoint.public_key,
+            }),
+        }))
     }
 
     async fn redact(

@@ -10,11 +10,13 @@
 #![forbid(unsafe_code)]
 
 pub mod chain;
+pub mod checkpoint;
 pub mod config;
 pub mod error;
 pub mod export;
 mod grpc;
 pub mod migration;
+pub mod offline;
 pub mod service;
 pub mod store;
 
@@ -35,13 +37,20 @@ pub async fn build(config: AuditConfig) -> anyhow::Result<Audit> {
     let db = penny_platform::db::open_limited::<migration::Migrator>(
         &config.database_url,
         config.migration_database_url.as_deref(),
-        migration::m20261205_000001_create_audit::SERVING_ROLE_LIMITS,
+        migration::SERVING_ROLE_LIMITS,
     )
     .await
     .map_err(|e| {
         anyhow::anyhow!("PENNY_AUDIT_DATABASE_URL: cannot open the audit database: {e}")
     })?;
-    Ok(Audit::new(store::Store::new(db)))
+    let signer = checkpoint::Signer::new(config.checkpoint_key.clone());
+    let trusted = checkpoint::TrustedKeys::default()
+        .with(signer.key_id(), signer.public_key())
+        .with_jwks(&config.previous_checkpoint_keys);
+    let store = store::Store::new(db, signer, config.checkpoint_every);
+    let audit = Audit::new(store, trusted);
+    audit.spawn_checkpoints(config.checkpoint_interval);
+    Ok(audit)
 }
 
 /// Who may call which RPC of this service (the table the standard stack enforces).

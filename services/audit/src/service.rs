@@ -9,7 +9,8 @@ use penny_proto::audit::v1 as pb;
 use penny_proto::common::v1::{BatchItemError, PrincipalKind as PbKind};
 use uuid::Uuid;
 
-use crate::chain::{ChainCheck, Failure, GENESIS, Payload, Record, StoredEvent};
+use crate::chain::{Broken, ChainCheck, Failure, GENESIS, Payload, Record, StoredEvent};
+use crate::checkpoint::{Checkpoint, TrustedKeys};
 use crate::error::AuditError;
 use crate::store::{Appended, Filter, NewEvent, REDACT_ACTION, RedactTarget, Store};
 
@@ -29,6 +30,10 @@ const MAX_DURATION_SECONDS: i64 = 7 * 24 * 3600;
 #[derive(Debug, Clone)]
 pub struct Audit {
     store: Store,
+    /// The keys checkpoints are checked against.
+    trusted: TrustedKeys,
+    /// Held by the service's clones, not by its background task: it ends when they do.
+    lifetime: std::sync::Arc<()>,
 }
 
 fn kind_number(kind: PrincipalKind) -> i32 {
@@ -49,7 +54,8 @@ fn event_micros(at: &prost_types::Timestamp) -> Option<i64> {
     Some(at.seconds * 1_000_000 + i64::from(at.nanos / 1000))
 }
 
-fn timestamp(micros: i64) -> prost_types::Timestamp {
+/// A timestamp from microseconds since the Unix epoch.
+pub fn timestamp(micros: i64) -> prost_types::Timestamp {
     prost_types::Timestamp {
         seconds: micros.div_euclid(1_000_000),
         nanos: i32::try_from(micros.rem_euclid(1_000_000) * 1000).unwrap_or(0),
@@ -248,15 +254,48 @@ pub struct Verification {
     /// Events verified before the first failure (all of them when valid).
     pub verified: u64,
     /// The first failure.
-    pub broken: Option<crate::chain::Broken>,
+    pub broken: Option<Broken>,
     /// The head at verification time.
     pub head: (u64, crate::chain::Hash),
 }
 
 impl Audit {
-    /// The service over a migrated store.
-    pub fn new(store: Store) -> Self {
-        Self { store }
+    /// The service over a migrated store, trusting checkpoints signed by `trusted`.
+    pub fn new(store: Store, trusted: TrustedKeys) -> Self {
+        Self {
+            store,
+            trusted,
+            lifetime: std::sync::Arc::new(()),
+        }
+    }
+
+    /// Signs a checkpoint of every chain that grew, every `interval`, for as long as the
+    /// service lives.
+    pub fn spawn_checkpoints(&self, interval: std::time::Duration) {
+        let store = self.store.clone();
+        let alive = std::sync::Arc::downgrade(&self.lifetime);
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(interval).await;
+                if alive.strong_count() == 0 {
+                    return;
+                }
+                match store.checkpoint_pending().await {
+                    Ok(0) => {}
+                    Ok(signed) => tracing::debug!(signed, "audit checkpoints signed"),
+                    Err(err) => tracing::warn!(error = %err, "audit checkpoints failed; retrying"),
+                }
+            }
+        });
+    }
+
+    /// A tenant's latest checkpoint (at or before `at_most`).
+    pub async fn checkpoint(
+        &self,
+        tenant: Uuid,
+        at_most: Option<u64>,
+    ) -> Result<Option<Checkpoint>, AuditError> {
+        Ok(self.store.latest_checkpoint(tenant, at_most).await?)
     }
 
     /// The store (readiness).
@@ -341,7 +380,10 @@ impl Audit {
     }
 
     /// Verifies `start..=end` of a tenant's chain (`end` 0: through the head, which the
-    /// chain must then reach).
+    /// chain must then reach), and every checkpoint signed in that range: its signature
+    /// under a trusted key, and the hash of the event it names. Through the head, the chain
+    /// must also reach the latest checkpoint (a tail cut off together with the head is
+    /// found there).
     pub async fn verify(
         &self,
         tenant: Uuid,
@@ -352,6 +394,31 @@ impl Audit {
         let start = start.max(1);
         let through_head = end == 0 || end >= head.0;
         let end = if through_head { head.0 } else { end };
+        let checkpoints = self.store.checkpoints(tenant, start).await?;
+        let verdict = |verified, broken| Verification {
+            verified,
+            broken,
+            head,
+        };
+        let mut signed_hashes = std::collections::HashMap::new();
+        let mut last_signed = 0;
+        for checkpoint in &checkpoints {
+            if let Err(why) = self.trusted.check(checkpoint) {
+                return Ok(verdict(
+                    0,
+                    Some(Broken {
+                        sequence: checkpoint.sequence,
+                        failure: Failure::CheckpointSignatureInvalid,
+                        message: format!(
+                            "the checkpoint at event {} does not verify ({why:?})",
+                            checkpoint.sequence
+                        ),
+                    }),
+                ));
+            }
+            signed_hashes.insert(checkpoint.sequence, checkpoint.hash);
+            last_signed = last_signed.max(checkpoint.sequence);
+        }
         // Where a range starts past 1, its first event's stored prev_hash is taken as given.
         let prev = if start == 1 {
             GENESIS
@@ -363,11 +430,6 @@ impl Audit {
         };
         let mut check = ChainCheck::starting_at(start, prev);
         let mut next = start;
-        let verdict = |check: &ChainCheck, broken| Verification {
-            verified: check.verified(),
-            broken,
-            head,
-        };
         while next <= end {
             let page = self.store.scan(tenant, next, end, VERIFY_PAGE).await?;
             if page.is_empty() {
@@ -375,7 +437,23 @@ impl Audit {
             }
             for event in &page {
                 if let Err(broken) = check.next(event) {
-                    return Ok(verdict(&check, Some(broken)));
+                    return Ok(verdict(check.verified(), Some(broken)));
+                }
+                let sequence = event.record.sequence;
+                if signed_hashes
+                    .get(&sequence)
+                    .is_some_and(|h| *h != event.hash)
+                {
+                    return Ok(verdict(
+                        check.verified(),
+                        Some(Broken {
+                            sequence,
+                            failure: Failure::CheckpointMismatch,
+                            message: format!(
+                                "event {sequence} differs from the checkpoint signed for it"
+                            ),
+                        }),
+                    ));
                 }
             }
             next = check.expected();
@@ -384,9 +462,20 @@ impl Audit {
             }
         }
         let ended = if through_head {
-            check.finish_at_head(head.0, &head.1)
+            let reached = check.expected() - 1;
+            if last_signed > reached {
+                Err(Broken {
+                    sequence: reached + 1,
+                    failure: Failure::CheckpointMismatch,
+                    message: format!(
+                        "the chain ends at event {reached} but a checkpoint was signed at event {last_signed} (its tail is gone)"
+                    ),
+                })
+            } else {
+                check.finish_at_head(head.0, &head.1)
+            }
         } else if check.expected() <= end {
-            Err(crate::chain::Broken {
+            Err(Broken {
                 sequence: check.expected(),
                 failure: Failure::SequenceGap,
                 message: format!("event {} is missing", check.expected()),
@@ -394,7 +483,7 @@ impl Audit {
         } else {
             Ok(())
         };
-        Ok(verdict(&check, ended.err()))
+        Ok(verdict(check.verified(), ended.err()))
     }
 
     /// Removes the personal payload of `target`'s events, recording each redaction in the

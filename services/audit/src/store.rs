@@ -17,6 +17,7 @@ use uuid::Uuid;
 
 use crate::chain::{self, GENESIS, Hash, Payload, Record, SALT_LEN, StoredEvent};
 pub use crate::chain::{REDACT_ACTION, redaction_digest};
+use crate::checkpoint::{Checkpoint, Signer};
 
 /// Rows per multi-row INSERT (events have 18 columns: well under PostgreSQL's 65,535
 /// parameters).
@@ -77,7 +78,14 @@ pub enum RedactTarget {
 #[derive(Debug, Clone)]
 pub struct Store {
     db: DatabaseConnection,
+    signer: Signer,
+    /// A checkpoint is signed in the same transaction once a head is this many events past
+    /// its last one.
+    checkpoint_every: u64,
 }
+
+/// Tenants checkpointed per pass of [`Store::checkpoint_pending`].
+const CHECKPOINT_PASS: u64 = 1000;
 
 /// A statement under construction, with placeholders in the backend's style.
 struct Sql {
@@ -241,12 +249,35 @@ fn random_salt() -> [u8; SALT_LEN] {
 struct Head {
     sequence: u64,
     hash: Hash,
+    /// The sequence of the last checkpoint.
+    checkpoint: u64,
+}
+
+const CHECKPOINT_COLUMNS: &str = "tenant_id, sequence, hash, create_micros, signed_payload, \
+     signature, key_id, public_key";
+
+fn read_checkpoint(row: &QueryResult) -> Result<Checkpoint, DbErr> {
+    Ok(Checkpoint {
+        tenant_id: row.try_get_by_index(0)?,
+        sequence: sequence_of(row.try_get_by_index(1)?),
+        hash: hash_of(row.try_get_by_index(2)?, "checkpoint hash")?,
+        create_micros: row.try_get_by_index(3)?,
+        signed_payload: row.try_get_by_index(4)?,
+        signature: row.try_get_by_index(5)?,
+        key_id: row.try_get_by_index(6)?,
+        public_key: row.try_get_by_index(7)?,
+    })
 }
 
 impl Store {
-    /// The store over a migrated database.
-    pub fn new(db: DatabaseConnection) -> Self {
-        Self { db }
+    /// The store over a migrated database, signing a checkpoint with `signer` every
+    /// `checkpoint_every` events (at least 1).
+    pub fn new(db: DatabaseConnection, signer: Signer, checkpoint_every: u64) -> Self {
+        Self {
+            db,
+            signer,
+            checkpoint_every: checkpoint_every.max(1),
+        }
     }
 
     fn backend(&self) -> DbBackend {
@@ -266,7 +297,7 @@ impl Store {
         );
         sql.bind(tenant).push(", 0, ").bind(GENESIS.to_vec()).push(
             ") ON CONFLICT (tenant_id) DO UPDATE SET sequence = audit_heads.sequence \
-                 RETURNING sequence, hash",
+                 RETURNING sequence, hash, checkpoint_sequence",
         );
         let row = txn
             .query_one_raw(sql.build())
@@ -275,7 +306,121 @@ impl Store {
         Ok(Head {
             sequence: sequence_of(row.try_get_by_index(0)?),
             hash: hash_of(row.try_get_by_index(1)?, "head hash")?,
+            checkpoint: sequence_of(row.try_get_by_index(2)?),
         })
+    }
+
+    /// Signs and stores a checkpoint of `head` (which this transaction has locked).
+    async fn checkpoint(
+        &self,
+        txn: &DatabaseTransaction,
+        tenant: Uuid,
+        head: &mut Head,
+    ) -> Result<(), DbErr> {
+        if head.sequence == 0 || head.sequence == head.checkpoint {
+            return Ok(());
+        }
+        let checkpoint = self
+            .signer
+            .sign(tenant, head.sequence, head.hash, now_micros())
+            .map_err(|e| DbErr::Custom(format!("audit: checkpoint: {e}")))?;
+        let mut sql = Sql::new(self.backend(), "INSERT INTO audit_checkpoints (");
+        sql.push(CHECKPOINT_COLUMNS)
+            .push(") VALUES ")
+            .bind_list::<Value>([
+                tenant.into(),
+                i64::try_from(checkpoint.sequence)
+                    .unwrap_or(i64::MAX)
+                    .into(),
+                checkpoint.hash.to_vec().into(),
+                checkpoint.create_micros.into(),
+                checkpoint.signed_payload.into(),
+                checkpoint.signature.into(),
+                checkpoint.key_id.into(),
+                checkpoint.public_key.into(),
+            ]);
+        txn.execute_raw(sql.build()).await?;
+        head.checkpoint = head.sequence;
+        Ok(())
+    }
+
+    /// Checkpoints `head` when it has gone far enough past the last checkpoint.
+    async fn checkpoint_if_due(
+        &self,
+        txn: &DatabaseTransaction,
+        tenant: Uuid,
+        head: &mut Head,
+    ) -> Result<(), DbErr> {
+        if head.sequence >= head.checkpoint + self.checkpoint_every {
+            self.checkpoint(txn, tenant, head).await?;
+        }
+        Ok(())
+    }
+
+    /// Checkpoints every chain that grew since its last checkpoint (the timer's pass, so
+    /// a quiet tenant's last events are signed too). Returns how many were signed.
+    pub async fn checkpoint_pending(&self) -> Result<u64, DbErr> {
+        let txn = penny_platform::db::begin_platform(&self.db).await?;
+        let mut sql = Sql::new(
+            self.backend(),
+            "SELECT tenant_id FROM audit_heads WHERE sequence > checkpoint_sequence LIMIT ",
+        );
+        sql.bind(i64::try_from(CHECKPOINT_PASS).unwrap_or(1000));
+        let tenants: Vec<Uuid> = txn
+            .query_all_raw(sql.build())
+            .await?
+            .iter()
+            .map(|row| row.try_get_by_index(0))
+            .collect::<Result<_, _>>()?;
+        txn.commit().await?;
+        let mut signed = 0;
+        for tenant in tenants {
+            let txn = penny_platform::db::begin_tenant(&self.db, tenant).await?;
+            let mut head = self.lock_head(&txn, tenant).await?;
+            if head.sequence > head.checkpoint {
+                self.checkpoint(&txn, tenant, &mut head).await?;
+                self.save_head(&txn, tenant, &head).await?;
+                signed += 1;
+            }
+            txn.commit().await?;
+        }
+        Ok(signed)
+    }
+
+    /// `tenant`'s checkpoints at or after `from`, in order.
+    pub async fn checkpoints(&self, tenant: Uuid, from: u64) -> Result<Vec<Checkpoint>, DbErr> {
+        let txn = penny_platform::db::begin_tenant(&self.db, tenant).await?;
+        let mut sql = Sql::new(self.backend(), "SELECT ");
+        sql.push(CHECKPOINT_COLUMNS)
+            .push(" FROM audit_checkpoints WHERE tenant_id = ")
+            .bind(tenant)
+            .push(" AND sequence >= ")
+            .bind(i64::try_from(from).unwrap_or(i64::MAX))
+            .push(" ORDER BY sequence");
+        let rows = txn.query_all_raw(sql.build()).await?;
+        txn.commit().await?;
+        rows.iter().map(read_checkpoint).collect()
+    }
+
+    /// `tenant`'s latest checkpoint, or its latest at or before `at_most`.
+    pub async fn latest_checkpoint(
+        &self,
+        tenant: Uuid,
+        at_most: Option<u64>,
+    ) -> Result<Option<Checkpoint>, DbErr> {
+        let txn = penny_platform::db::begin_tenant(&self.db, tenant).await?;
+        let mut sql = Sql::new(self.backend(), "SELECT ");
+        sql.push(CHECKPOINT_COLUMNS)
+            .push(" FROM audit_checkpoints WHERE tenant_id = ")
+            .bind(tenant);
+        if let Some(at_most) = at_most {
+            sql.push(" AND sequence <= ")
+                .bind(i64::try_from(at_most).unwrap_or(i64::MAX));
+        }
+        sql.push(" ORDER BY sequence DESC LIMIT 1");
+        let row = txn.query_one_raw(sql.build()).await?;
+        txn.commit().await?;
+        row.as_ref().map(read_checkpoint).transpose()
     }
 
     async fn save_head(
@@ -288,6 +433,8 @@ impl Store {
         sql.bind(i64::try_from(head.sequence).unwrap_or(i64::MAX))
             .push(", hash = ")
             .bind(head.hash.to_vec())
+            .push(", checkpoint_sequence = ")
+            .bind(i64::try_from(head.checkpoint).unwrap_or(i64::MAX))
             .push(" WHERE tenant_id = ")
             .bind(tenant);
         txn.execute_raw(sql.build()).await?;
@@ -345,6 +492,7 @@ impl Store {
         let txn = penny_platform::db::begin_tenant(&self.db, tenant).await?;
         let mut head = self.lock_head(&txn, tenant).await?;
         let outcomes = self.append_locked(&txn, tenant, &mut head, events).await?;
+        self.checkpoint_if_due(&txn, tenant, &mut head).await?;
         self.save_head(&txn, tenant, &head).await?;
         txn.commit().await?;
         Ok(outcomes)
@@ -656,6 +804,7 @@ impl Store {
                 }
                 txn.execute_raw(insert.build()).await?;
             }
+            self.checkpoint_if_due(&txn, tenant, &mut head).await?;
             self.save_head(&txn, tenant, &head).await?;
             txn.commit().await?;
             total += sequences.len() as u64;

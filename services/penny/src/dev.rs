@@ -1,9 +1,9 @@
 //! `penny dev`: the whole fleet in one process on embedded defaults.
 //!
-//! Everything lives under the data directory: the token-signing key and its JWKS, one
-//! SQLite file per service, and `dev.env` with a platform-admin token, a service client's
-//! id and secret (for `IssueServiceToken`) and each service's address, ready for `source`
-//! and `grpcurl`.
+//! Everything lives under the data directory: the token-signing key and its JWKS, audit's
+//! checkpoint key and its JWKS, one SQLite file per service, and `dev.env` with a
+//! platform-admin token, a service client's id and secret (for `IssueServiceToken`) and
+//! each service's address, ready for `source` and `grpcurl`.
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -135,10 +135,13 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     ));
 
     // audit: the trail, in its own SQLite file.
-    let audit_config = penny_audit::AuditConfig {
-        database_url: penny_platform::db::sqlite_url(&args.data_dir, "audit"),
-        migration_database_url: None,
-    };
+    let checkpoint_key = crate::audit::load_or_create_checkpoint_key(&args.data_dir)?;
+    let mut audit_config = penny_audit::AuditConfig::new(
+        penny_platform::db::sqlite_url(&args.data_dir, "audit"),
+        std::sync::Arc::new(checkpoint_key),
+    );
+    // Quick checkpoints, so a developer sees them within seconds.
+    audit_config.checkpoint_interval = Duration::from_secs(5);
     let listener = bind(&args.host, AUDIT_PORT, "audit").await?;
     running.push(Running {
         env_name: "PENNY_AUDIT_ADDR",

@@ -6,6 +6,7 @@
 
 #![forbid(unsafe_code)]
 
+mod audit;
 mod bench;
 mod dev;
 mod keys;
@@ -32,6 +33,11 @@ enum Command {
     },
     /// Drive load at a server and report throughput and latency.
     Bench(bench::BenchArgs),
+    /// The audit trail's offline tools: checkpoint keys and verifying an export.
+    Audit {
+        #[command(subcommand)]
+        command: audit::AuditCommand,
+    },
     /// Key-management admin commands against a running keys service.
     Keys {
         #[command(subcommand)]
@@ -57,6 +63,7 @@ fn main() -> std::process::ExitCode {
             Command::Dev(args) => dev::run(args).await,
             Command::Serve { service } => serve::run(*service).await,
             Command::Bench(args) => bench::run(args).await,
+            Command::Audit { command } => audit::run(command),
             Command::Keys { command } => keys::run(command).await,
         }
     });

@@ -102,11 +102,12 @@ pub async fn run(command: ServeCommand) -> anyhow::Result<()> {
             let _telemetry = telemetry::init(server.log_format, "penny-audit")?;
             let serve_config = server.serve_config()?;
             let listen = audit.listen;
+            let config = audit.into_config()?;
             let listener = tokio::net::TcpListener::bind(listen)
                 .await
                 .map_err(|e| anyhow::anyhow!("PENNY_AUDIT_LISTEN {listen}: {e}"))?;
             penny_audit::serve(
-                audit.into_config(),
+                config,
                 serve_config,
                 listener,
                 penny_platform::shutdown_signal(),

@@ -116,6 +116,17 @@ impl SigningKey {
         &self.pkcs8
     }
 
+    /// The raw Ed25519 public key (32 bytes).
+    pub fn public_key(&self) -> &[u8] {
+        &self.public
+    }
+
+    /// An Ed25519 signature (64 bytes) over `message` (audit checkpoints).
+    pub fn sign_bytes(&self, message: &[u8]) -> Result<Vec<u8>, SigningError> {
+        let pair = Ed25519KeyPair::from_pkcs8(&self.pkcs8).map_err(|_| SigningError::Sign)?;
+        Ok(pair.sign(message).as_ref().to_vec())
+    }
+
     /// This key's public half as a JWK.
     pub fn jwk(&self) -> Jwk {
         Jwk {
@@ -224,6 +235,14 @@ pub fn write_private(path: &Path, bytes: &[u8]) -> Result<(), SigningError> {
     let mut file = options.open(path).map_err(io)?;
     file.write_all(bytes).map_err(io)?;
     file.sync_all().map_err(io)
+}
+
+/// Whether `signature` is a valid Ed25519 signature of `message` under the raw 32-byte
+/// `public_key`.
+pub fn verify_ed25519(public_key: &[u8], message: &[u8], signature: &[u8]) -> bool {
+    aws_lc_rs::signature::UnparsedPublicKey::new(&aws_lc_rs::signature::ED25519, public_key)
+        .verify(message, signature)
+        .is_ok()
 }
 
 #[cfg(test)]

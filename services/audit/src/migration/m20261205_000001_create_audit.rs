@@ -2,8 +2,8 @@
 //!
 //! Events and redactions are append-only and payloads can be deleted (redaction) but not
 //! changed: on PostgreSQL the serving role is granted nothing more (see
-//! [`SERVING_ROLE_LIMITS`]) and triggers refuse the rest even to the owner; on SQLite the
-//! triggers alone. Row level security covers every table.
+//! [`super::SERVING_ROLE_LIMITS`]) and triggers refuse the rest even to the owner; on SQLite
+//! the triggers alone. Row level security covers every table.
 
 use sea_orm::DbBackend;
 use sea_orm_migration::prelude::*;
@@ -17,14 +17,6 @@ pub const TENANT_TABLES: &[&str] = &[
     "audit_payloads",
     "audit_redactions",
     "audit_heads",
-];
-
-/// What the serving role may not do, per table (revoked after the platform's grant).
-pub const SERVING_ROLE_LIMITS: &[(&str, &str)] = &[
-    ("audit_events", "UPDATE, DELETE, TRUNCATE"),
-    ("audit_redactions", "UPDATE, DELETE, TRUNCATE"),
-    ("audit_payloads", "UPDATE, TRUNCATE"),
-    ("audit_heads", "DELETE, TRUNCATE"),
 ];
 
 const POSTGRES: &[&str] = &[

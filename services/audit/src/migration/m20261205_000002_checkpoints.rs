@@ -1,0 +1,57 @@
+//! Signed checkpoints of each tenant's chain, append-only like the events, and where each
+//! head was last checkpointed.
+
+use sea_orm::DbBackend;
+use sea_orm_migration::prelude::*;
+
+#[derive(DeriveMigrationName)]
+pub struct Migration;
+
+const POSTGRES: &[&str] = &[
+    "CREATE TABLE IF NOT EXISTS audit_checkpoints (
+        tenant_id uuid NOT NULL,
+        sequence bigint NOT NULL,
+        hash bytea NOT NULL,
+        create_micros bigint NOT NULL,
+        signed_payload bytea NOT NULL,
+        signature bytea NOT NULL,
+        key_id text NOT NULL,
+        public_key bytea NOT NULL,
+        PRIMARY KEY (tenant_id, sequence)
+    )",
+    "ALTER TABLE audit_heads ADD COLUMN IF NOT EXISTS checkpoint_sequence bigint NOT NULL DEFAULT 0",
+    "DROP TRIGGER IF EXISTS audit_checkpoints_append_only ON audit_checkpoints",
+    "CREATE TRIGGER audit_checkpoints_append_only BEFORE UPDATE OR DELETE ON audit_checkpoints
+        FOR EACH ROW EXECUTE FUNCTION audit_refuse_change()",
+];
+
+const SQLITE: &[&str] = &[
+    "CREATE TABLE IF NOT EXISTS audit_checkpoints (
+        tenant_id BLOB NOT NULL,
+        sequence INTEGER NOT NULL,
+        hash BLOB NOT NULL,
+        create_micros INTEGER NOT NULL,
+        signed_payload BLOB NOT NULL,
+        signature BLOB NOT NULL,
+        key_id TEXT NOT NULL,
+        public_key BLOB NOT NULL,
+        PRIMARY KEY (tenant_id, sequence)
+    )",
+    "ALTER TABLE audit_heads ADD COLUMN checkpoint_sequence INTEGER NOT NULL DEFAULT 0",
+    "CREATE TRIGGER IF NOT EXISTS audit_checkpoints_no_update BEFORE UPDATE ON audit_checkpoints
+        BEGIN SELECT RAISE(ABORT, 'audit rows are append-only'); END",
+    "CREATE TRIGGER IF NOT EXISTS audit_checkpoints_no_delete BEFORE DELETE ON audit_checkpoints
+        BEGIN SELECT RAISE(ABORT, 'audit rows are append-only'); END",
+];
+
+#[async_trait::async_trait]
+impl MigrationTrait for Migration {
+    async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        let db = manager.get_connection();
+        let postgres = manager.get_database_backend() == DbBackend::Postgres;
+        for sql in if postgres { POSTGRES } else { SQLITE } {
+            db.execute_unprepared(sql).await?;
+        }
+        penny_platform::db::enable_row_level_security(manager, &["audit_checkpoints"]).await
+    }
+}
