@@ -157,11 +157,13 @@ async fn drop_guards(db: &DatabaseConnection) {
         DbBackend::Postgres => &[
             "DROP TRIGGER audit_events_append_only ON audit_events",
             "DROP TRIGGER audit_payloads_no_update ON audit_payloads",
+            "DROP TRIGGER audit_heads_forward ON audit_heads",
         ],
         _ => &[
             "DROP TRIGGER audit_events_no_update",
             "DROP TRIGGER audit_events_no_delete",
             "DROP TRIGGER audit_payloads_no_update",
+            "DROP TRIGGER audit_heads_forward",
         ],
     };
     for sql in statements {
@@ -318,6 +320,41 @@ async fn every_kind_of_tampering_is_reported_at_the_exact_event() {
         (false, Some(7), pb::ChainFailure::RedactionInvalid)
     );
 
+    // A payload deleted and a redaction row forged for it, naming an event that does not
+    // exist (what the serving role's own rights allow).
+    let forged = chain_of(&h, 20).await;
+    let t = tenant_sql(&db, forged);
+    db.execute_unprepared(&format!(
+        "DELETE FROM audit_payloads WHERE tenant_id = {t} AND sequence = 7"
+    ))
+    .await
+    .unwrap();
+    db.execute_unprepared(&format!(
+        "INSERT INTO audit_redactions (tenant_id, sequence, redacted_at_micros, redaction_sequence) \
+         VALUES ({t}, 7, 1, 9000000000000)"
+    ))
+    .await
+    .unwrap();
+    assert_eq!(
+        failure(&h.verify(forged).await),
+        (false, Some(7), pb::ChainFailure::RedactionInvalid)
+    );
+
+    // The head moved back over events that are still stored: they are found past it.
+    let rewound = chain_of(&h, 20).await;
+    let t = tenant_sql(&db, rewound);
+    db.execute_unprepared(&format!(
+        "UPDATE audit_heads SET sequence = 15, hash = \
+         (SELECT hash FROM audit_events WHERE tenant_id = {t} AND sequence = 15) \
+         WHERE tenant_id = {t}"
+    ))
+    .await
+    .unwrap();
+    assert_eq!(
+        failure(&h.verify(rewound).await),
+        (false, Some(16), pb::ChainFailure::SequenceGap)
+    );
+
     // None of it touched the untouched tenant's chain.
     assert!(h.verify(untouched).await.valid);
 }
@@ -372,13 +409,17 @@ async fn the_serving_role_cannot_change_or_delete_written_events() {
         "DELETE FROM audit_redactions",
         "UPDATE audit_checkpoints SET key_id = 'mine'",
         "DELETE FROM audit_checkpoints",
+        // Heads may be written (appends move them), but only forward.
+        "UPDATE audit_heads SET sequence = 1",
+        "DELETE FROM audit_heads",
     ];
+    let other_hash = format!("UPDATE audit_heads SET hash = {}", bytes_sql(&db, &[0; 32]));
+    refused.push(&other_hash);
     if postgres {
         refused.extend([
             "TRUNCATE audit_events",
             "TRUNCATE audit_payloads",
             "TRUNCATE audit_checkpoints",
-            "DELETE FROM audit_heads",
         ]);
     }
     // The same wrapping works for what the role may do (so the refusals below are
@@ -479,6 +520,69 @@ async fn append_is_idempotent_per_item_and_serializes_concurrent_producers() {
     assert!(verified.valid, "{verified:?}");
     assert_eq!(verified.verified_count, 406);
 
+    // Stored with who appended it; text the producer only reports is kept, made safe,
+    // never refused (an odd header must not keep a request out of the trail).
+    let mut odd = event(tenant, 2000, user, "");
+    odd.user_agent = format!("evil\n\u{202e}agent{}", "x".repeat(600));
+    let results = h.append(vec![odd.clone()]).await;
+    assert!(matches!(
+        results[0].result,
+        Some(pb::append_result::Result::Sequence(_))
+    ));
+    let stored = h
+        .query(pb::QueryRequest {
+            tenant_id: tenant.to_string(),
+            newest_first: true,
+            page_size: 1,
+            ..Default::default()
+        })
+        .await
+        .events
+        .remove(0);
+    assert_eq!(stored.id, odd.id);
+    assert_eq!(stored.producer_id, "svc-test");
+    assert_eq!(stored.user_agent.chars().count(), 512);
+    assert!(stored.user_agent.starts_with("evil\u{fffd}\u{fffd}agent"));
+    // A resource id that is a name or an address is refused: the chain keeps it forever.
+    let mut named = event(tenant, 2001, user, "");
+    named.resource_id = "ada@example.com".into();
+    match &h.append(vec![named]).await[0].result {
+        Some(pb::append_result::Result::Error(e)) => assert_eq!(e.field, "resource_id"),
+        other => panic!("{other:?}"),
+    }
+
+    // Ranges: a slice verifies on its own; a start past the head is refused.
+    let slice = h
+        .audit
+        .clone()
+        .verify_chain(with_token(
+            pb::VerifyChainRequest {
+                tenant_id: tenant.to_string(),
+                start_sequence: 5,
+                end_sequence: 10,
+            },
+            &h.admin,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(slice.valid, "{slice:?}");
+    assert_eq!(slice.verified_count, 6);
+    let status = h
+        .audit
+        .clone()
+        .verify_chain(with_token(
+            pb::VerifyChainRequest {
+                tenant_id: tenant.to_string(),
+                start_sequence: 10_000,
+                end_sequence: 0,
+            },
+            &h.admin,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+
     // Only fleet services append: not staff, not users.
     let status = h
         .audit
@@ -509,7 +613,15 @@ async fn redaction_removes_the_payload_and_the_chain_still_verifies_online_and_o
     let (ada, bob) = (Uuid::new_v4(), Uuid::new_v4());
     let mut events = Vec::new();
     for n in 1..=6 {
-        events.push(event(tenant, n, ada, "203.0.113.77"));
+        let mut ada_event = event(tenant, n, ada, "203.0.113.77");
+        // However the producer spells Ada's id, erasure finds it.
+        if n == 3 {
+            ada_event.user_id = ada.to_string().to_uppercase();
+        }
+        if n == 4 {
+            ada_event.user_id = ada.simple().to_string();
+        }
+        events.push(ada_event);
         events.push(event(tenant, n + 100, bob, "198.51.100.23"));
     }
     h.append(events).await;

@@ -56,8 +56,11 @@ pub struct Record {
     pub sequence: u64,
     /// The producer's event id (the idempotency key).
     pub event_id: Uuid,
-    /// The producing service.
+    /// The producing service, as the producer named it.
     pub service: String,
+    /// The id of the authenticated principal that appended the event (a service
+    /// client), set by audit: who vouches for it.
+    pub producer_id: String,
     /// What was done (`auth.login`).
     pub action: String,
     /// The resource type.
@@ -152,6 +155,7 @@ pub fn event_hash(prev_hash: &Hash, record: &Record, payload_digest: &Hash) -> H
     c.u64(record.sequence);
     c.bytes(record.event_id.as_bytes());
     c.str(&record.service);
+    c.str(&record.producer_id);
     c.str(&record.action);
     c.str(&record.resource);
     c.str(&record.resource_id);
@@ -285,7 +289,16 @@ impl ChainCheck {
             });
         }
         match (&event.payload, event.redaction) {
-            (Some((salt, payload)), _) => {
+            (Some(_), Some(_)) => {
+                return Err(Broken {
+                    sequence,
+                    failure: Failure::RedactionInvalid,
+                    message: format!(
+                        "the personal payload of event {sequence} is present although it was redacted"
+                    ),
+                });
+            }
+            (Some((salt, payload)), None) => {
                 if payload_digest(salt, payload) != event.payload_digest {
                     return Err(Broken {
                         sequence,
@@ -330,9 +343,30 @@ impl ChainCheck {
         Ok(())
     }
 
+    /// A redaction seen so far that no event of the chain recorded: after the whole
+    /// chain, a payload deleted and a redaction row forged for it.
+    pub fn unrecorded_redaction(&self) -> Option<Broken> {
+        let (by, first) = self
+            .pending
+            .iter()
+            .filter_map(|(by, redacted)| redacted.first().map(|first| (*by, *first)))
+            .min_by_key(|(_, first)| *first)?;
+        Some(Broken {
+            sequence: first,
+            failure: Failure::RedactionInvalid,
+            message: format!(
+                "the redaction of event {first} names event {by}, which does not record it"
+            ),
+        })
+    }
+
     /// Ends the check against the recorded head (`head_sequence`, `head_hash`): a chain
-    /// that stops short of it, or ends elsewhere, lost its tail.
+    /// that stops short of it, or ends elsewhere, lost its tail; a redaction no event
+    /// recorded is forged.
     pub fn finish_at_head(&self, head_sequence: u64, head_hash: &Hash) -> Result<(), Broken> {
+        if let Some(broken) = self.unrecorded_redaction() {
+            return Err(broken);
+        }
         let last = self.expected - 1;
         if last < head_sequence {
             return Err(Broken {
@@ -364,6 +398,7 @@ mod tests {
             sequence,
             event_id: Uuid::from_u128(u128::from(sequence)),
             service: "auth".into(),
+            producer_id: "svc".into(),
             action: "auth.login".into(),
             resource: "session".into(),
             resource_id: String::new(),
@@ -536,6 +571,24 @@ mod tests {
             (2, Failure::RedactionInvalid)
         );
         events[1].redaction = Some((1, 6));
+        // A redaction row claiming an event that does not exist, for a deleted payload.
+        let mut forged = events.clone();
+        forged[3].payload = None;
+        forged[3].redaction = Some((1, 9_000));
+        let done = check(&forged).unwrap();
+        let broken = done.finish_at_head(6, &forged[5].hash).unwrap_err();
+        assert_eq!(
+            (broken.sequence, broken.failure),
+            (4, Failure::RedactionInvalid)
+        );
+        // A payload put back after its redaction.
+        let mut restored = events.clone();
+        restored[1].payload = events[2].payload.clone();
+        let broken = check(&restored).unwrap_err();
+        assert_eq!(
+            (broken.sequence, broken.failure),
+            (2, Failure::RedactionInvalid)
+        );
         events[2].payload = None;
         let broken = check(&events).unwrap_err();
         assert_eq!(

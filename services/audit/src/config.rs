@@ -20,8 +20,9 @@ pub struct Args {
     )]
     pub listen: SocketAddr,
     /// Database URL (`sqlite://…?mode=rwc` or `postgres://…`). On PostgreSQL its role must
-    /// own nothing and have neither SUPERUSER nor BYPASSRLS; it is granted INSERT and
-    /// SELECT on the trail and nothing that changes a written event.
+    /// own nothing and have neither SUPERUSER nor BYPASSRLS; it may add and read events,
+    /// checkpoints and redaction records but never change or delete them, delete payloads
+    /// (redaction), and move chain heads forward.
     #[arg(long = "audit-database-url", env = "PENNY_AUDIT_DATABASE_URL")]
     pub database_url: String,
     /// PostgreSQL: the owner's URL, used only to migrate and to grant the serving role.

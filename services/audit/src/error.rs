@@ -1,6 +1,7 @@
 //! The audit service's one error type and its mapping to `tonic::Status`.
 
 use penny_platform::{ApiError, Reason};
+use sea_orm::SqlErr;
 use tonic::Status;
 
 /// Everything that can go wrong in the trail.
@@ -26,6 +27,18 @@ impl From<AuditError> for ApiError {
             AuditError::Invalid(api) => api,
             // Events the caller could not store are retried by the caller: UNAVAILABLE,
             // never a silent loss.
+            // A stored row where the chain's head says none can be: someone wrote to the
+            // trail behind audit's back. Retrying cannot help; an operator must look.
+            AuditError::Database(db)
+                if matches!(db.sql_err(), Some(SqlErr::UniqueConstraintViolation(_))) =>
+            {
+                tracing::error!(error = %db, "audit chain head disagrees with its events");
+                ApiError::new(
+                    tonic::Code::DataLoss,
+                    Reason::AuditChainInconsistent,
+                    "the audit trail disagrees with its own head; run VerifyChain and call an operator",
+                )
+            }
             AuditError::Database(db) => {
                 tracing::error!(error = %db, "audit database failed");
                 ApiError::unavailable(

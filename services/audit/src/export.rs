@@ -51,6 +51,7 @@ pub fn json_line(event: &StoredEvent) -> String {
         "userAgent": personal(|p| &p.user_agent),
         "eventTime": rfc3339(r.event_time_micros),
         "service": r.service,
+        "producerId": r.producer_id,
         "outcome": pb::Outcome::try_from(r.outcome)
             .map_or("OUTCOME_UNSPECIFIED", |o| o.as_str_name()),
         "traceId": r.trace_id,
@@ -128,6 +129,7 @@ pub fn parse_line(line: &str) -> Result<StoredEvent, LineError> {
         sequence: number(&value, "sequence")?,
         event_id: uuid("id")?,
         service: text(&value, "service")?,
+        producer_id: text(&value, "producerId")?,
         action: text(&value, "action")?,
         resource: text(&value, "resource")?,
         resource_id: text(&value, "resourceId")?,
@@ -199,6 +201,7 @@ mod tests {
                 sequence: 42,
                 event_id: Uuid::from_u128(2),
                 service: "auth".into(),
+                producer_id: "svc-1".into(),
                 action: "auth.login".into(),
                 resource: "session".into(),
                 resource_id: "x".into(),

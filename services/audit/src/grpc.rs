@@ -23,7 +23,7 @@ const MAX_PAGE_SIZE: u32 = 1000;
 const MAX_REDACT_IDS: usize = 1000;
 /// Events read per page while exporting.
 const EXPORT_PAGE: u64 = 1000;
-/// Largest `data` of one export message.
+/// Largest `data` of one export message (less when the server's message limit is lower).
 const EXPORT_MESSAGE_BYTES: usize = 1024 * 1024;
 
 /// Producers append; readers need `audit:read` and redaction `audit:redact` in their own
@@ -46,9 +46,15 @@ pub(crate) fn policy() -> AccessPolicy {
 
 pub(crate) fn bundle(audit: Audit, serve_config: &ServeConfig) -> ServiceBundle {
     let probe = audit.clone();
-    let server = AuditServiceServer::new(AuditGrpc { audit })
-        .max_decoding_message_size(serve_config.max_message_bytes)
-        .max_encoding_message_size(serve_config.max_message_bytes);
+    // Replies stay well inside the server's message limit: half of it for a Query page or
+    // an export message (whose lines are whole).
+    let reply_budget = (serve_config.max_message_bytes / 2).max(1);
+    let server = AuditServiceServer::new(AuditGrpc {
+        audit,
+        reply_budget,
+    })
+    .max_decoding_message_size(serve_config.max_message_bytes)
+    .max_encoding_message_size(serve_config.max_message_bytes);
     ServiceBundle {
         name: "audit",
         routes: tonic::service::Routes::new(server),
@@ -64,6 +70,8 @@ pub(crate) fn bundle(audit: Audit, serve_config: &ServeConfig) -> ServiceBundle 
 
 struct AuditGrpc {
     audit: Audit,
+    /// The most bytes one reply (a Query page, an export message) may hold.
+    reply_budget: usize,
 }
 
 type ExportStream = Pin<Box<dyn Stream<Item = Result<pb::ExportResponse, Status>> + Send>>;
@@ -80,6 +88,9 @@ fn failure_number(failure: Failure) -> pb::ChainFailure {
 }
 
 fn micros(at: &prost_types::Timestamp) -> Option<i64> {
+    if !(0..1_000_000_000).contains(&at.nanos) {
+        return None;
+    }
     at.seconds
         .checked_mul(1_000_000)?
         .checked_add(i64::from(at.nanos) / 1000)
@@ -105,11 +116,12 @@ impl AuditService for AuditGrpc {
         &self,
         request: Request<pb::AppendRequest>,
     ) -> Result<Response<pb::AppendResponse>, Status> {
+        let producer = caller(&request)?.clone();
         let request = request.into_inner();
         let mut v = Violations::new();
         v.count("events", request.events.len(), 1, MAX_APPEND);
         v.finish()?;
-        let results = self.audit.append(&request.events).await?;
+        let results = self.audit.append(&producer, &request.events).await?;
         Ok(Response::new(pb::AppendResponse { results }))
     }
 
@@ -122,9 +134,9 @@ impl AuditService for AuditGrpc {
         let mut v = Violations::new();
         let tenant = v.uuid("tenant_id", &request.tenant_id);
         let optional = |value: &str| (!value.is_empty()).then(|| value.to_owned());
-        if !request.user_id.is_empty() {
-            v.uuid("user_id", &request.user_id);
-        }
+        // Compared in canonical form, as stored.
+        let user_id =
+            (!request.user_id.is_empty()).then(|| v.uuid("user_id", &request.user_id).to_string());
         if !request.action.is_empty() {
             v.token("action", &request.action, 128);
         }
@@ -148,12 +160,17 @@ impl AuditService for AuditGrpc {
         if matches!(end, Some(None)) {
             v.add("end_time", "must be a valid time");
         }
+        if let (Some(Some(start)), Some(Some(end))) = (start, end)
+            && start >= end
+        {
+            v.add("end_time", "must be after start_time");
+        }
         let limit = page_size(&mut v, request.page_size, DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE);
         v.finish()?;
         let cursor = query_cursor(&request.page_token, request.newest_first)?;
         let tenant = tenant_scope(&principal, tenant)?;
         let filter = Filter {
-            user_id: optional(&request.user_id),
+            user_id,
             action: optional(&request.action),
             resource: optional(&request.resource),
             resource_id: optional(&request.resource_id),
@@ -171,8 +188,18 @@ impl AuditService for AuditGrpc {
                 u64::from(limit) + 1,
             )
             .await?;
-        let next_page_token = if events.len() > limit as usize {
-            events.truncate(limit as usize);
+        // At most `limit` events, and no more than fit the reply budget (at least one).
+        let mut bytes = 0;
+        let mut fit = 0;
+        for event in events.iter().take(limit as usize) {
+            bytes += prost::Message::encoded_len(&to_proto(event));
+            if fit > 0 && bytes > self.reply_budget {
+                break;
+            }
+            fit += 1;
+        }
+        let next_page_token = if events.len() > fit {
+            events.truncate(fit);
             let last = events.last().map_or(0, |e| e.record.sequence);
             let direction = if request.newest_first { 'd' } else { 'a' };
             encode_page_token(&format!("{direction}:{last}"))
@@ -208,6 +235,7 @@ impl AuditService for AuditGrpc {
             request.end_sequence.min(head)
         };
         let audit = self.audit.clone();
+        let message_bytes = EXPORT_MESSAGE_BYTES.min(self.reply_budget);
         let (tx, rx) = tokio::sync::mpsc::channel::<Result<pb::ExportResponse, Status>>(4);
         tokio::spawn(async move {
             let mut next = request.start_sequence.max(1);
@@ -232,7 +260,7 @@ impl AuditService for AuditGrpc {
                 next = tail.record.sequence + 1;
                 for event in &page {
                     let line = crate::export::json_line(event);
-                    if !data.is_empty() && data.len() + line.len() > EXPORT_MESSAGE_BYTES {
+                    if !data.is_empty() && data.len() + line.len() > message_bytes {
                         let message = pb::ExportResponse {
                             data: std::mem::take(&mut data),
                             last_sequence: last,
@@ -354,10 +382,7 @@ impl AuditService for AuditGrpc {
         let mut v = Violations::new();
         let tenant = v.uuid("tenant_id", &request.tenant_id);
         let target = match (request.user_id.is_empty(), request.event_ids.is_empty()) {
-            (false, true) => {
-                v.uuid("user_id", &request.user_id);
-                RedactTarget::User(request.user_id.clone())
-            }
+            (false, true) => RedactTarget::User(v.uuid("user_id", &request.user_id).to_string()),
             (true, false) => {
                 v.count("event_ids", request.event_ids.len(), 1, MAX_REDACT_IDS);
                 let ids: Vec<Uuid> = request

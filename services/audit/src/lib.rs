@@ -3,9 +3,12 @@
 //! Producers (the fleet's services) `Append` batches of events, idempotent on event id.
 //! Each tenant's events form a hash chain; the personal part of an event enters the chain
 //! only through a salted digest, so `Redact` removes it and every hash still verifies.
-//! `VerifyChain` walks a chain and names the first bad event; `Export` writes it as JSON
-//! lines for offline checks. The serving database role can add events and read them,
-//! never change or delete one (PostgreSQL grants and triggers; SQLite triggers).
+//! `VerifyChain` walks a chain and its signed checkpoints and names the first bad event;
+//! `Export` writes it as JSON lines for `penny audit verify`. The serving database role
+//! can add events and read them but not change or delete one, nor a checkpoint or a
+//! redaction record; it can delete payloads (that is redaction) and move a chain's head
+//! forward only (PostgreSQL grants and triggers; SQLite triggers, which whoever owns the
+//! file can drop: signed checkpoints are what such a writer cannot forge).
 
 #![forbid(unsafe_code)]
 

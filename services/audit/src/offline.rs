@@ -130,6 +130,9 @@ pub fn verify_export(
             }));
         }
     }
+    if let Some(broken) = check.unrecorded_redaction() {
+        return Err(OfflineError::Broken(broken));
+    }
     let reached = check.expected() - 1;
     if reached < checkpoint.sequence {
         return Err(OfflineError::Broken(Broken {

@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 
-use penny_platform::validate::Violations;
+use penny_platform::validate::{Violations, sanitized};
 use penny_platform::{ApiError, Principal, PrincipalKind};
 use penny_proto::audit::v1 as pb;
 use penny_proto::common::v1::{BatchItemError, PrincipalKind as PbKind};
@@ -18,6 +18,8 @@ use crate::store::{Appended, Filter, NewEvent, REDACT_ACTION, RedactTarget, Stor
 pub const MAX_APPEND: usize = 1000;
 /// Events read per page while verifying.
 const VERIFY_PAGE: u64 = 5000;
+/// Tasks reading pages ahead of the hashing.
+const VERIFY_READERS: usize = 3;
 /// Attributes per event.
 const MAX_ATTRIBUTES: usize = 32;
 /// The earliest and latest event times accepted (2000-01-01 and 9999-12-31).
@@ -68,14 +70,36 @@ fn is_lower_hex(value: &str) -> bool {
         .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
+/// Checks an opaque identifier (a resource id, a method): `[A-Za-z0-9._:/+=-]`, at most
+/// `max` bytes. Names and addresses do not fit, so they cannot land in the chain, which
+/// redaction cannot touch.
+fn opaque(v: &mut Violations, field: &str, value: &str, max: usize) {
+    if value.len() > max {
+        v.add(field, format!("must be at most {max} characters"));
+    } else if !value.bytes().all(|b| {
+        b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'/' | b'+' | b'=' | b'-')
+    }) {
+        v.add(
+            field,
+            "must be an opaque identifier of A-Z, a-z, 0-9 and . _ : / + = - (no names or addresses)",
+        );
+    }
+}
+
 /// Checks one event as a producer sent it; the field names are relative to the event.
+/// Structural fields are refused when bad; text the producer only reports (user agent,
+/// path, attribute values) is kept, made safe and cut to length, so an attacker cannot
+/// keep a request out of the trail by sending an odd header.
 fn new_event(event: &pb::AuditEvent) -> Result<(Uuid, NewEvent), ApiError> {
     let mut v = Violations::new();
     let event_id = v.uuid("id", &event.id);
     let tenant_id = v.uuid("tenant_id", &event.tenant_id);
-    if !event.user_id.is_empty() {
-        v.uuid("user_id", &event.user_id);
-    }
+    // Stored in canonical form, so erasure by id finds every spelling of it.
+    let user_id = if event.user_id.is_empty() {
+        String::new()
+    } else {
+        v.uuid("user_id", &event.user_id).to_string()
+    };
     if PbKind::try_from(event.principal_kind).is_err() {
         v.add("principal_kind", "must be a PrincipalKind");
     }
@@ -86,10 +110,9 @@ fn new_event(event: &pb::AuditEvent) -> Result<(Uuid, NewEvent), ApiError> {
     if !event.resource.is_empty() {
         v.token("resource", &event.resource, 64);
     }
-    v.text("resource_id", &event.resource_id, 0, 256);
+    opaque(&mut v, "resource_id", &event.resource_id, 256);
     let metadata = event.metadata.clone().unwrap_or_default();
-    v.text("metadata.method", &metadata.method, 0, 256);
-    v.text("metadata.path", &metadata.path, 0, 2048);
+    opaque(&mut v, "metadata.method", &metadata.method, 256);
     let duration_micros = match &metadata.duration {
         None => 0,
         Some(d)
@@ -106,7 +129,6 @@ fn new_event(event: &pb::AuditEvent) -> Result<(Uuid, NewEvent), ApiError> {
     if !event.ip_address.is_empty() && event.ip_address.parse::<IpAddr>().is_err() {
         v.add("ip_address", "must be an IPv4 or IPv6 address");
     }
-    v.text("user_agent", &event.user_agent, 0, 512);
     let event_time_micros = match event.event_time.as_ref() {
         None => {
             v.add("event_time", "required");
@@ -133,10 +155,13 @@ fn new_event(event: &pb::AuditEvent) -> Result<(Uuid, NewEvent), ApiError> {
     }
     if event.attributes.len() > MAX_ATTRIBUTES {
         v.add("attributes", "must hold at most 32 entries");
-    }
-    for (key, value) in &event.attributes {
-        v.token(&format!("attributes[{key:.64}]"), key, 64);
-        v.text(&format!("attributes[{key:.64}]"), value, 0, 1024);
+    } else {
+        let mut keys: Vec<&String> = event.attributes.keys().collect();
+        keys.sort();
+        for (i, key) in keys.into_iter().enumerate() {
+            // The key itself is not echoed: it is what is being checked.
+            v.token(&format!("attributes[{i}]"), key, 64);
+        }
     }
     v.finish()?;
     Ok((
@@ -147,6 +172,7 @@ fn new_event(event: &pb::AuditEvent) -> Result<(Uuid, NewEvent), ApiError> {
                 sequence: 0,
                 event_id,
                 service: event.service.clone(),
+                producer_id: String::new(),
                 action: event.action.clone(),
                 resource: event.resource.clone(),
                 resource_id: event.resource_id.clone(),
@@ -160,14 +186,14 @@ fn new_event(event: &pb::AuditEvent) -> Result<(Uuid, NewEvent), ApiError> {
                 receive_time_micros: 0,
             },
             payload: Payload {
-                user_id: event.user_id.clone(),
+                user_id,
                 ip_address: event.ip_address.clone(),
-                user_agent: event.user_agent.clone(),
-                path: metadata.path,
+                user_agent: sanitized(&event.user_agent, 512),
+                path: sanitized(&metadata.path, 2048),
                 attributes: event
                     .attributes
                     .iter()
-                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .map(|(k, v)| (k.clone(), sanitized(v, 1024)))
                     .collect(),
             },
         },
@@ -224,6 +250,7 @@ pub fn to_proto(event: &StoredEvent) -> pb::AuditEvent {
         user_agent: payload.map(|p| p.user_agent.clone()).unwrap_or_default(),
         event_time: Some(timestamp(r.event_time_micros)),
         service: r.service.clone(),
+        producer_id: r.producer_id.clone(),
         outcome: r.outcome,
         trace_id: r.trace_id.clone(),
         attributes: payload
@@ -245,6 +272,15 @@ pub fn to_proto(event: &StoredEvent) -> pb::AuditEvent {
             .as_ref()
             .map(|(salt, _)| salt.to_vec())
             .unwrap_or_default(),
+    }
+}
+
+/// Aborts a task when dropped (a verification that returns early stops its reader).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 
@@ -309,6 +345,7 @@ impl Audit {
     /// events already stored come back as duplicates).
     pub async fn append(
         &self,
+        producer: &Principal,
         events: &[pb::AuditEvent],
     ) -> Result<Vec<pb::AppendResult>, AuditError> {
         let mut results: Vec<pb::AppendResult> = events
@@ -323,7 +360,10 @@ impl Audit {
         let mut by_tenant: BTreeMap<Uuid, Vec<(usize, NewEvent)>> = BTreeMap::new();
         for (index, event) in events.iter().enumerate() {
             match new_event(event) {
-                Ok((tenant, event)) => by_tenant.entry(tenant).or_default().push((index, event)),
+                Ok((tenant, mut event)) => {
+                    event.record.producer_id.clone_from(&producer.id);
+                    by_tenant.entry(tenant).or_default().push((index, event));
+                }
                 Err(err) => {
                     results[index].result =
                         Some(pb::append_result::Result::Error(item_error(&err)));
@@ -390,11 +430,22 @@ impl Audit {
         start: u64,
         end: u64,
     ) -> Result<Verification, AuditError> {
+        // The highest stored sequence and the checkpoints first, then the head: appends in
+        // between only move the head further, so a trail written by audit alone never
+        // shows a row or a checkpoint past the head read here. (A head moved back shows
+        // both.)
+        let stored_max = self.store.max_sequence(tenant).await?;
+        let checkpoints = self.store.checkpoints(tenant, start.max(1)).await?;
         let head = self.store.head(tenant).await?;
         let start = start.max(1);
+        if start > head.0.max(1) {
+            return Err(AuditError::Invalid(ApiError::invalid_field(
+                "start_sequence",
+                format!("is past the head of the chain, {}", head.0),
+            )));
+        }
         let through_head = end == 0 || end >= head.0;
         let end = if through_head { head.0 } else { end };
-        let checkpoints = self.store.checkpoints(tenant, start).await?;
         let verdict = |verified, broken| Verification {
             verified,
             broken,
@@ -429,12 +480,34 @@ impl Audit {
             }
         };
         let mut check = ChainCheck::starting_at(start, prev);
-        let mut next = start;
-        while next <= end {
-            let page = self.store.scan(tenant, next, end, VERIFY_PAGE).await?;
-            if page.is_empty() {
+        // Pages are fixed ranges of sequence numbers, read ahead by READERS tasks in turn
+        // (page i by reader i % READERS) while this one hashes: the database, the
+        // decoding and the hashing run side by side. A missing event shows as a short page,
+        // which the check reports.
+        let mut readers = Vec::with_capacity(VERIFY_READERS);
+        let mut inboxes = Vec::with_capacity(VERIFY_READERS);
+        for reader in 0..VERIFY_READERS as u64 {
+            let (pages_tx, pages_rx) = tokio::sync::mpsc::channel(1);
+            inboxes.push(pages_rx);
+            let store = self.store.clone();
+            readers.push(AbortOnDrop(tokio::spawn(async move {
+                let mut low = start + reader * VERIFY_PAGE;
+                while low <= end {
+                    let high = low.saturating_add(VERIFY_PAGE - 1).min(end);
+                    let page = store.scan(tenant, low, high, VERIFY_PAGE).await;
+                    let failed = page.is_err();
+                    if pages_tx.send(page).await.is_err() || failed {
+                        return;
+                    }
+                    low = low.saturating_add(VERIFY_PAGE * VERIFY_READERS as u64);
+                }
+            })));
+        }
+        for turn in 0.. {
+            let Some(page) = inboxes[turn % VERIFY_READERS].recv().await else {
                 break;
-            }
+            };
+            let page = page?;
             for event in &page {
                 if let Err(broken) = check.next(event) {
                     return Ok(verdict(check.verified(), Some(broken)));
@@ -456,10 +529,6 @@ impl Audit {
                     ));
                 }
             }
-            next = check.expected();
-            if (page.len() as u64) < VERIFY_PAGE {
-                break;
-            }
         }
         let ended = if through_head {
             let reached = check.expected() - 1;
@@ -472,7 +541,25 @@ impl Audit {
                     ),
                 })
             } else {
-                check.finish_at_head(head.0, &head.1)
+                match check.finish_at_head(head.0, &head.1) {
+                    Ok(()) => {
+                        // Rows past the head were written behind audit's back.
+                        let stored = stored_max;
+                        if stored > head.0 {
+                            Err(Broken {
+                                sequence: head.0 + 1,
+                                failure: Failure::SequenceGap,
+                                message: format!(
+                                    "events up to {stored} are stored past the head of the chain, {}",
+                                    head.0
+                                ),
+                            })
+                        } else {
+                            Ok(())
+                        }
+                    }
+                    Err(broken) => Err(broken),
+                }
             }
         } else if check.expected() <= end {
             Err(Broken {
@@ -511,6 +598,7 @@ impl Audit {
                     sequence: 0,
                     event_id: Uuid::now_v7(),
                     service: "audit".into(),
+                    producer_id: caller.id.clone(),
                     action: REDACT_ACTION.into(),
                     resource: "audit_event".into(),
                     resource_id: crate::store::redaction_digest(sequences),

@@ -19,7 +19,7 @@ use crate::chain::{self, GENESIS, Hash, Payload, Record, SALT_LEN, StoredEvent};
 pub use crate::chain::{REDACT_ACTION, redaction_digest};
 use crate::checkpoint::{Checkpoint, Signer};
 
-/// Rows per multi-row INSERT (events have 18 columns: well under PostgreSQL's 65,535
+/// Rows per multi-row INSERT (events have 19 columns: well under PostgreSQL's 65,535
 /// parameters).
 const INSERT_CHUNK: usize = 500;
 /// Events redacted per transaction (each gets its own `audit.redact` event).
@@ -143,7 +143,7 @@ const EVENT_COLUMNS: &str = "e.tenant_id, e.sequence, e.event_id, e.service, e.a
      e.resource, e.resource_id, e.principal_kind, e.outcome, e.method, e.duration_micros, \
      e.status, e.trace_id, e.event_time_micros, e.receive_time_micros, e.payload_digest, \
      e.prev_hash, e.hash, p.user_id, p.ip_address, p.user_agent, p.path, p.attributes, \
-     p.salt, r.redacted_at_micros, r.redaction_sequence";
+     p.salt, r.redacted_at_micros, r.redaction_sequence, e.producer_id";
 
 const EVENT_FROM: &str = " FROM audit_events e \
      LEFT JOIN audit_payloads p ON p.tenant_id = e.tenant_id AND p.sequence = e.sequence \
@@ -165,6 +165,7 @@ fn read_event(row: &QueryResult) -> Result<StoredEvent, DbErr> {
         sequence: sequence_of(row.try_get_by_index(1)?),
         event_id: row.try_get_by_index(2)?,
         service: row.try_get_by_index(3)?,
+        producer_id: row.try_get_by_index(26)?,
         action: row.try_get_by_index(4)?,
         resource: row.try_get_by_index(5)?,
         resource_id: row.try_get_by_index(6)?,
@@ -461,6 +462,23 @@ impl Store {
         Ok(head)
     }
 
+    /// The highest sequence stored for `tenant` (0 without events): above the head only
+    /// when rows were added behind audit's back.
+    pub async fn max_sequence(&self, tenant: Uuid) -> Result<u64, DbErr> {
+        let txn = penny_platform::db::begin_tenant(&self.db, tenant).await?;
+        let mut sql = Sql::new(
+            self.backend(),
+            "SELECT COALESCE(MAX(sequence), 0) FROM audit_events WHERE tenant_id = ",
+        );
+        sql.bind(tenant);
+        let max = match txn.query_one_raw(sql.build()).await? {
+            Some(row) => sequence_of(row.try_get_by_index(0)?),
+            None => 0,
+        };
+        txn.commit().await?;
+        Ok(max)
+    }
+
     /// Stored events of `tenant` with these ids.
     async fn by_ids(
         &self,
@@ -470,13 +488,31 @@ impl Store {
     ) -> Result<HashMap<Uuid, StoredEvent>, DbErr> {
         let mut found = HashMap::new();
         for chunk in ids.chunks(INSERT_CHUNK) {
+            // The ids alone first (the unique index answers), then whole rows for the few
+            // that exist.
+            let mut sql = Sql::new(
+                self.backend(),
+                "SELECT event_id FROM audit_events WHERE tenant_id = ",
+            );
+            sql.bind(tenant)
+                .push(" AND event_id IN ")
+                .bind_list(chunk.iter().copied());
+            let taken: Vec<Uuid> = txn
+                .query_all_raw(sql.build())
+                .await?
+                .iter()
+                .map(|row| row.try_get_by_index(0))
+                .collect::<Result<_, _>>()?;
+            if taken.is_empty() {
+                continue;
+            }
             let mut sql = Sql::new(self.backend(), "SELECT ");
             sql.push(EVENT_COLUMNS)
                 .push(EVENT_FROM)
                 .push(" WHERE e.tenant_id = ")
                 .bind(tenant)
                 .push(" AND e.event_id IN ")
-                .bind_list(chunk.iter().copied());
+                .bind_list(taken);
             for row in txn.query_all_raw(sql.build()).await? {
                 let event = read_event(&row)?;
                 found.insert(event.record.event_id, event);
@@ -488,25 +524,48 @@ impl Store {
     /// Appends `events` to `tenant`'s chain, in order, in one transaction: all of them are
     /// durable when this returns, or none. Ids already stored (or repeated in the batch)
     /// are duplicates when their content matches and conflicts when it does not.
+    ///
+    /// Optimistic first: a batch of ids never seen (the usual case) is inserted without
+    /// looking them up, with `ON CONFLICT DO NOTHING`; when any id was taken, that
+    /// transaction is rolled back and the batch is appended again after looking every id
+    /// up.
     pub async fn append(&self, tenant: Uuid, events: &[NewEvent]) -> Result<Vec<Appended>, DbErr> {
-        let txn = penny_platform::db::begin_tenant(&self.db, tenant).await?;
-        let mut head = self.lock_head(&txn, tenant).await?;
-        let outcomes = self.append_locked(&txn, tenant, &mut head, events).await?;
-        self.checkpoint_if_due(&txn, tenant, &mut head).await?;
-        self.save_head(&txn, tenant, &head).await?;
-        txn.commit().await?;
-        Ok(outcomes)
+        for optimistic in [true, false] {
+            let txn = penny_platform::db::begin_tenant(&self.db, tenant).await?;
+            let mut head = self.lock_head(&txn, tenant).await?;
+            let Some(outcomes) = self
+                .append_locked(&txn, tenant, &mut head, events, optimistic)
+                .await?
+            else {
+                txn.rollback().await?;
+                continue;
+            };
+            self.checkpoint_if_due(&txn, tenant, &mut head).await?;
+            self.save_head(&txn, tenant, &head).await?;
+            txn.commit().await?;
+            return Ok(outcomes);
+        }
+        Err(DbErr::Custom(
+            "audit: an id was taken while its batch held the chain's lock".into(),
+        ))
     }
 
+    /// Chains and inserts `events` under the head lock. `optimistic`: without looking ids
+    /// up first, and `None` when one turned out to be taken (roll back and go again).
     async fn append_locked(
         &self,
         txn: &DatabaseTransaction,
         tenant: Uuid,
         head: &mut Head,
         events: &[NewEvent],
-    ) -> Result<Vec<Appended>, DbErr> {
-        let ids: Vec<Uuid> = events.iter().map(|e| e.record.event_id).collect();
-        let existing = self.by_ids(txn, tenant, &ids).await?;
+        optimistic: bool,
+    ) -> Result<Option<Vec<Appended>>, DbErr> {
+        let existing = if optimistic {
+            HashMap::new()
+        } else {
+            let ids: Vec<Uuid> = events.iter().map(|e| e.record.event_id).collect();
+            self.by_ids(txn, tenant, &ids).await?
+        };
         let receive_time = now_micros();
         let mut outcomes = Vec::with_capacity(events.len());
         let mut fresh: Vec<StoredEvent> = Vec::new();
@@ -547,22 +606,27 @@ impl Store {
             outcomes.push(Appended::New(head.sequence));
         }
         for chunk in fresh.chunks(INSERT_CHUNK) {
-            self.insert_events(txn, chunk).await?;
+            let inserted = self.insert_events(txn, chunk).await?;
+            if inserted < chunk.len() {
+                return Ok(None);
+            }
         }
-        Ok(outcomes)
+        Ok(Some(outcomes))
     }
 
+    /// Inserts events (and their payloads); returns how many events were new (an id
+    /// already stored is skipped, and the caller starts over).
     async fn insert_events(
         &self,
         txn: &DatabaseTransaction,
         events: &[StoredEvent],
-    ) -> Result<(), DbErr> {
+    ) -> Result<usize, DbErr> {
         let mut sql = Sql::new(
             self.backend(),
             "INSERT INTO audit_events (tenant_id, sequence, event_id, service, action, \
              resource, resource_id, principal_kind, outcome, method, duration_micros, status, \
-             trace_id, event_time_micros, receive_time_micros, payload_digest, prev_hash, hash) \
-             VALUES ",
+             trace_id, event_time_micros, receive_time_micros, payload_digest, prev_hash, hash, \
+             producer_id) VALUES ",
         );
         for (i, event) in events.iter().enumerate() {
             if i > 0 {
@@ -588,16 +652,21 @@ impl Store {
                 event.payload_digest.to_vec().into(),
                 event.prev_hash.to_vec().into(),
                 event.hash.to_vec().into(),
+                r.producer_id.clone().into(),
             ]);
         }
-        txn.execute_raw(sql.build()).await?;
+        sql.push(" ON CONFLICT (tenant_id, event_id) DO NOTHING RETURNING sequence");
+        let inserted = txn.query_all_raw(sql.build()).await?.len();
+        if inserted < events.len() {
+            return Ok(inserted);
+        }
 
         let with_payload: Vec<(&StoredEvent, &[u8; SALT_LEN], &Payload)> = events
             .iter()
             .filter_map(|e| e.payload.as_ref().map(|(salt, payload)| (e, salt, payload)))
             .collect();
         if with_payload.is_empty() {
-            return Ok(());
+            return Ok(inserted);
         }
         let mut sql = Sql::new(
             self.backend(),
@@ -624,7 +693,7 @@ impl Store {
             ]);
         }
         txn.execute_raw(sql.build()).await?;
-        Ok(())
+        Ok(inserted)
     }
 
     /// Up to `limit` events of `tenant` from `from` through `to` (inclusive), in sequence
@@ -777,8 +846,9 @@ impl Store {
                 .bind_list(as_values());
             txn.execute_raw(delete.build()).await?;
             let outcomes = self
-                .append_locked(&txn, tenant, &mut head, &[record(&sequences)])
-                .await?;
+                .append_locked(&txn, tenant, &mut head, &[record(&sequences)], false)
+                .await?
+                .unwrap_or_default();
             let Some(Appended::New(by)) = outcomes.first().copied() else {
                 return Err(DbErr::Custom(
                     "audit: the redaction event was not appended".into(),

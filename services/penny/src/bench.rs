@@ -46,6 +46,11 @@ pub enum Scenario {
     /// keys, authz, tenants and auth in this process; its ceiling is the bare argon2id
     /// verification rate on as many threads as there are cores, measured in the same run.
     AuthLogin,
+    /// `AuditService.Append` with chaining, one producer per tenant, in batches; its
+    /// ceiling is a plain multi-row INSERT of the same rows on the same database in the
+    /// same run. Then `VerifyChain` over everything appended. PostgreSQL with
+    /// `--database-url`, else SQLite.
+    AuditAppend,
 }
 
 /// `penny bench` options.
@@ -81,6 +86,18 @@ pub struct BenchArgs {
     /// Fail unless the scenario's p99 is at most this many microseconds.
     #[arg(long)]
     pub max_p99_us: Option<u64>,
+    /// audit-append: a PostgreSQL admin URL; the bench makes a fresh database on it.
+    #[arg(long, env = "PENNY_BENCH_DATABASE_URL")]
+    pub database_url: Option<String>,
+    /// audit-append: events per Append call (and per plain INSERT).
+    #[arg(long, default_value_t = 500, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub batch: u32,
+    /// audit-append: fail unless Append stores at least this many events per second.
+    #[arg(long)]
+    pub min_events_per_sec: Option<u64>,
+    /// audit-append: fail unless VerifyChain checks at least this many events per second.
+    #[arg(long)]
+    pub min_verify_per_sec: Option<u64>,
 }
 
 /// Checks a scenario against the targets given on the command line.
@@ -179,6 +196,9 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         Some(n) => Limit::Requests(n),
         None => Limit::Duration(Duration::from_secs(args.duration_secs)),
     };
+    if args.scenario == Scenario::AuditAppend {
+        return crate::bench_audit::run(&args).await;
+    }
     let warmup = Duration::from_secs(args.warmup_secs);
     println!(
         "penny bench {:?}: concurrency {}, {} connection(s), {}",
@@ -298,7 +318,7 @@ impl BenchServer {
 }
 
 /// Serves `bundle` on `listener` until stopped.
-fn spawn_server(
+pub(crate) fn spawn_server(
     config: ServeConfig,
     bundle: ServiceBundle,
     listener: TcpListener,
@@ -427,6 +447,7 @@ async fn start_server(scenario: Scenario) -> anyhow::Result<(String, BenchServer
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?.to_string();
     let bundle = match scenario {
+        Scenario::AuditAppend => anyhow::bail!("audit-append starts its own server"),
         Scenario::Baseline => ServiceBundle {
             name: "bench",
             routes: tonic::service::Routes::default(),
@@ -471,7 +492,7 @@ async fn start_server(scenario: Scenario) -> anyhow::Result<(String, BenchServer
     ))
 }
 
-async fn connect(addr: &str, connections: u32) -> anyhow::Result<Vec<Channel>> {
+pub(crate) async fn connect(addr: &str, connections: u32) -> anyhow::Result<Vec<Channel>> {
     let mut channels = Vec::new();
     for _ in 0..connections {
         let channel = Endpoint::from_shared(format!("http://{addr}"))?
@@ -517,7 +538,7 @@ async fn keys_phase(
         key_bits: 256,
     };
     match scenario {
-        Scenario::Baseline | Scenario::AuthzCheck | Scenario::AuthLogin => {
+        Scenario::Baseline | Scenario::AuthzCheck | Scenario::AuthLogin | Scenario::AuditAppend => {
             anyhow::bail!("not a keys scenario")
         }
         Scenario::KeysDatakey => {
@@ -956,7 +977,7 @@ fn new_histogram() -> anyhow::Result<Histogram<u64>> {
 }
 
 /// Peak resident set size of this process, in KiB (Linux).
-fn peak_rss_kib() -> Option<u64> {
+pub(crate) fn peak_rss_kib() -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
     status
         .lines()
@@ -965,10 +986,10 @@ fn peak_rss_kib() -> Option<u64> {
 }
 
 /// A temporary directory removed on drop.
-struct TempDir(std::path::PathBuf);
+pub(crate) struct TempDir(pub(crate) std::path::PathBuf);
 
 impl TempDir {
-    fn new() -> anyhow::Result<Self> {
+    pub(crate) fn new() -> anyhow::Result<Self> {
         let path = std::env::temp_dir().join(format!("penny-bench-{}", uuid::Uuid::new_v4()));
         std::fs::create_dir_all(&path)?;
         Ok(Self(path))

@@ -8,6 +8,7 @@
 
 mod audit;
 mod bench;
+mod bench_audit;
 mod dev;
 mod keys;
 mod serve;

@@ -114,16 +114,19 @@ pub async fn open_limited<M: MigratorTrait>(
         Some(url) => {
             let owner = connect(url).await?;
             M::up(&owner, None).await?;
-            grant_rows(&owner, &serving_role).await?;
+            // The grant and the limits in one transaction: another replica's serving role
+            // never holds, even for a moment, what the limits take away.
+            let txn = owner.begin().await?;
+            grant_rows(&txn, &serving_role).await?;
             for (table, privileges) in limits {
-                owner
-                    .execute_unprepared(&format!(
-                        "REVOKE {privileges} ON {} FROM {}",
-                        quote_ident(table),
-                        quote_ident(&serving_role)
-                    ))
-                    .await?;
+                txn.execute_unprepared(&format!(
+                    "REVOKE {privileges} ON {} FROM {}",
+                    quote_ident(table),
+                    quote_ident(&serving_role)
+                ))
+                .await?;
             }
+            txn.commit().await?;
             owner.close().await?;
         }
         None => M::up(&db, None).await?,
@@ -167,7 +170,7 @@ async fn one_string(db: &DatabaseConnection, sql: &str) -> Result<String, DbErr>
 }
 
 /// Lets `role` read and write rows (never DDL) in the public schema.
-async fn grant_rows(owner: &DatabaseConnection, role: &str) -> Result<(), DbErr> {
+async fn grant_rows(owner: &impl ConnectionTrait, role: &str) -> Result<(), DbErr> {
     let role = quote_ident(role);
     for sql in [
         format!("GRANT USAGE ON SCHEMA public TO {role}"),

@@ -180,6 +180,17 @@ impl Violations {
     }
 }
 
+/// `value` made safe to record: each character [`Self::text`] refuses replaced with U+FFFD,
+/// and cut to `max` characters. For text a caller reports rather than chooses (a user
+/// agent, a path), which must be kept rather than refused.
+pub fn sanitized(value: &str, max: usize) -> String {
+    value
+        .chars()
+        .take(max)
+        .map(|c| if is_unsafe_in_text(c) { '\u{FFFD}' } else { c })
+        .collect()
+}
+
 /// Characters that could break a log line or disguise text: C0/C1 controls, the Unicode
 /// line and paragraph separators, and the bidirectional overrides and isolates.
 fn is_unsafe_in_text(c: char) -> bool {

@@ -1,5 +1,5 @@
-//! Signed checkpoints of each tenant's chain, append-only like the events, and where each
-//! head was last checkpointed.
+//! Signed checkpoints of each tenant's chain, append-only like the events; where each head
+//! was last checkpointed; heads that only move forward; and who appended each event.
 
 use sea_orm::DbBackend;
 use sea_orm_migration::prelude::*;
@@ -20,6 +20,22 @@ const POSTGRES: &[&str] = &[
         PRIMARY KEY (tenant_id, sequence)
     )",
     "ALTER TABLE audit_heads ADD COLUMN IF NOT EXISTS checkpoint_sequence bigint NOT NULL DEFAULT 0",
+    "ALTER TABLE audit_events ADD COLUMN IF NOT EXISTS producer_id text NOT NULL DEFAULT ''",
+    "CREATE OR REPLACE FUNCTION audit_head_forward() RETURNS trigger LANGUAGE plpgsql AS $$
+     BEGIN
+        IF NEW.tenant_id <> OLD.tenant_id OR NEW.sequence < OLD.sequence
+           OR (NEW.sequence = OLD.sequence AND NEW.hash <> OLD.hash)
+           OR NEW.checkpoint_sequence < OLD.checkpoint_sequence THEN
+            RAISE EXCEPTION 'an audit chain head only moves forward';
+        END IF;
+        RETURN NEW;
+     END $$",
+    "DROP TRIGGER IF EXISTS audit_heads_no_delete ON audit_heads",
+    "CREATE TRIGGER audit_heads_no_delete BEFORE DELETE ON audit_heads
+        FOR EACH ROW EXECUTE FUNCTION audit_refuse_change()",
+    "DROP TRIGGER IF EXISTS audit_heads_forward ON audit_heads",
+    "CREATE TRIGGER audit_heads_forward BEFORE UPDATE ON audit_heads
+        FOR EACH ROW EXECUTE FUNCTION audit_head_forward()",
     "DROP TRIGGER IF EXISTS audit_checkpoints_append_only ON audit_checkpoints",
     "CREATE TRIGGER audit_checkpoints_append_only BEFORE UPDATE OR DELETE ON audit_checkpoints
         FOR EACH ROW EXECUTE FUNCTION audit_refuse_change()",
@@ -38,6 +54,14 @@ const SQLITE: &[&str] = &[
         PRIMARY KEY (tenant_id, sequence)
     )",
     "ALTER TABLE audit_heads ADD COLUMN checkpoint_sequence INTEGER NOT NULL DEFAULT 0",
+    "ALTER TABLE audit_events ADD COLUMN producer_id TEXT NOT NULL DEFAULT ''",
+    "CREATE TRIGGER IF NOT EXISTS audit_heads_forward BEFORE UPDATE ON audit_heads
+        WHEN NEW.tenant_id <> OLD.tenant_id OR NEW.sequence < OLD.sequence
+          OR (NEW.sequence = OLD.sequence AND NEW.hash <> OLD.hash)
+          OR NEW.checkpoint_sequence < OLD.checkpoint_sequence
+        BEGIN SELECT RAISE(ABORT, 'an audit chain head only moves forward'); END",
+    "CREATE TRIGGER IF NOT EXISTS audit_heads_no_delete BEFORE DELETE ON audit_heads
+        BEGIN SELECT RAISE(ABORT, 'audit rows are append-only'); END",
     "CREATE TRIGGER IF NOT EXISTS audit_checkpoints_no_update BEFORE UPDATE ON audit_checkpoints
         BEGIN SELECT RAISE(ABORT, 'audit rows are append-only'); END",
     "CREATE TRIGGER IF NOT EXISTS audit_checkpoints_no_delete BEFORE DELETE ON audit_checkpoints
