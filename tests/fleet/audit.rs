@@ -1111,3 +1111,38 @@ async fn an_export_verifies_offline_and_every_tampering_is_found_at_its_event() 
         Err(OfflineError::Checkpoint(_))
     ));
 }
+
+#[tokio::test]
+async fn verifying_while_events_are_appended_reports_no_false_failure() {
+    // A checkpoint every five events, so checkpoints are signed during the checks too.
+    let h = Harness::start_with(TestFleet::builder().with_audit().audit_checkpoint_every(5)).await;
+    let tenant = Uuid::new_v4();
+    let user = Uuid::new_v4();
+    h.append((0..5).map(|n| event(tenant, n, user, "")).collect())
+        .await;
+    let writer = {
+        let client = h.audit.clone();
+        let token = h.service.clone();
+        tokio::spawn(async move {
+            for batch in 1..60u32 {
+                let events = (0..5)
+                    .map(|n| event(tenant, batch * 10 + n, user, ""))
+                    .collect();
+                client
+                    .clone()
+                    .append(with_token(pb::AppendRequest { events }, &token))
+                    .await
+                    .unwrap();
+            }
+        })
+    };
+    let mut checks = 0;
+    while !writer.is_finished() {
+        let verified = h.verify(tenant).await;
+        assert!(verified.valid, "{verified:?}");
+        checks += 1;
+    }
+    writer.await.unwrap();
+    assert!(checks > 0);
+    assert!(h.verify(tenant).await.valid);
+}
