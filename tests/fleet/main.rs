@@ -5,6 +5,7 @@
 mod access_tables;
 mod api_keys;
 mod audit;
+mod audit_client;
 mod auth;
 mod authz;
 mod db;

@@ -420,6 +420,35 @@ impl TestFleetBuilder {
                 penny_platform::ServiceCredential::fixed(service_token),
             ));
         }
+        // With audit, every server records its calls there (bound first, so they all know
+        // where it will be).
+        let audit_listener = if self.audit {
+            let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+            let addr = listener.local_addr().expect("local addr");
+            let token = signing
+                .mint(&TokenGrant {
+                    subject: "svc-audit-client".into(),
+                    tenant_id: PLATFORM_TENANT_ID,
+                    roles: vec![],
+                    kind: PrincipalKind::Service,
+                    session_id: None,
+                    lifetime: Duration::from_secs(3600),
+                })
+                .expect("service token");
+            config.audit = Some(
+                penny_platform::AuditClient::new(
+                    Endpoint::from_shared(format!("http://{addr}"))
+                        .expect("endpoint")
+                        .connect_lazy(),
+                    penny_platform::ServiceCredential::fixed(token),
+                    data_dir.path().join("audit-spool"),
+                )
+                .expect("audit spool"),
+            );
+            Some(listener)
+        } else {
+            None
+        };
         let keys = if self.keys {
             Some(start_keys(&config, data_dir.path()).await)
         } else {
@@ -480,18 +509,22 @@ impl TestFleetBuilder {
             }
             _ => None,
         };
-        let audit = if self.audit {
-            let database = fresh_database(data_dir.path(), "audit").await;
-            Some(
-                start_audit(
-                    &config,
-                    database,
-                    self.audit_checkpoint_every.unwrap_or(1000),
+        let audit = match audit_listener {
+            Some(listener) => {
+                let database = fresh_database(data_dir.path(), "audit").await;
+                let key = Arc::new(SigningKey::generate().expect("checkpoint key"));
+                Some(
+                    start_audit_on(
+                        &config,
+                        database,
+                        key,
+                        self.audit_checkpoint_every.unwrap_or(1000),
+                        listener,
+                    )
+                    .await,
                 )
-                .await,
-            )
-        } else {
-            None
+            }
+            None => None,
         };
         let echo = if self.echo {
             let config = config.clone();
@@ -668,6 +701,35 @@ impl TestFleet {
         self.audit.as_ref().expect("fleet started without audit")
     }
 
+    /// Stops the audit server (the others keep recording, into their spool).
+    pub async fn stop_audit(&mut self) {
+        self.audit
+            .as_mut()
+            .expect("fleet started without audit")
+            .server
+            .shutdown()
+            .await
+            .expect("stop audit");
+    }
+
+    /// Starts audit again on its database and address, with its checkpoint key.
+    pub async fn restart_audit(&mut self) {
+        let old = self.audit.take().expect("fleet started without audit");
+        let listener = TcpListener::bind(old.server.addr)
+            .await
+            .expect("rebind audit");
+        self.audit = Some(
+            start_audit_on(
+                &self.config,
+                old.database.clone(),
+                old.checkpoint_key.clone(),
+                old.checkpoint_every,
+                listener,
+            )
+            .await,
+        );
+    }
+
     /// The echo server; panics when it was not started.
     pub fn echo(&self) -> &RunningServer {
         self.echo.as_ref().expect("fleet started without echo")
@@ -796,10 +858,16 @@ pub struct AuditServer {
     pub database: TestDatabase,
     /// The key that signs its checkpoints.
     pub checkpoint_key: Arc<SigningKey>,
+    checkpoint_every: u64,
 }
 
-async fn start_audit(config: &ServeConfig, database: TestDatabase, every: u64) -> AuditServer {
-    let checkpoint_key = Arc::new(SigningKey::generate().expect("checkpoint key"));
+async fn start_audit_on(
+    config: &ServeConfig,
+    database: TestDatabase,
+    checkpoint_key: Arc<SigningKey>,
+    every: u64,
+    listener: TcpListener,
+) -> AuditServer {
     let mut audit_config =
         penny_audit::AuditConfig::new(database.url.clone(), checkpoint_key.clone());
     audit_config.migration_database_url = database.migration_url.clone();
@@ -809,16 +877,16 @@ async fn start_audit(config: &ServeConfig, database: TestDatabase, every: u64) -
         .expect("build audit service");
     let bundle = penny_audit::bundle(audit, config);
     let config = config.clone();
-    let server = RunningServer::start(move |listener, stopped| {
+    let server = RunningServer::start_on(listener, move |listener, stopped| {
         penny_platform::serve(config, bundle, listener, async move {
             let _ = stopped.await;
         })
-    })
-    .await;
+    });
     AuditServer {
         server,
         database,
         checkpoint_key,
+        checkpoint_every: every,
     }
 }
 

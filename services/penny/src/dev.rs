@@ -70,10 +70,23 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     let authz_channel = tonic::transport::Endpoint::from_shared(authz_url)?.connect_lazy();
     let (fleet_secret, fleet_secret_hash) = penny_auth::service_tokens::new_client_secret();
     let fleet_client_id = uuid::Uuid::new_v4();
+    let fleet_credential =
+        penny_platform::ServiceCredential::issued(auth_channel, fleet_client_id, fleet_secret);
     serve_config.authorizer = Some(penny_platform::Authorizer::new(
         authz_channel.clone(),
-        penny_platform::ServiceCredential::issued(auth_channel, fleet_client_id, fleet_secret),
+        fleet_credential.clone(),
     ));
+    // Every service records its calls in the audit service below, spooling them in the
+    // data directory while it cannot.
+    let audit_url = format!("http://{}:{AUDIT_PORT}", args.host);
+    serve_config.audit = Some(
+        penny_platform::AuditClient::new(
+            tonic::transport::Endpoint::from_shared(audit_url)?.connect_lazy(),
+            fleet_credential,
+            args.data_dir.join("audit-spool"),
+        )
+        .context("audit spool in the data directory")?,
+    );
     let mut auth_serve_config = serve_config.clone();
     let auth_token = signing.mint(&TokenGrant {
         subject: "svc-penny-dev-auth".to_owned(),

@@ -72,6 +72,15 @@ pub struct ServerArgs {
     /// while that cannot be confirmed. Needs PENNY_AUTHZ_URL and the service token.
     #[arg(long, env = "PENNY_AUTH_URL", requires = "authz_url")]
     pub auth_url: Option<String>,
+    /// The audit service (`http://host:port`): every mutating or refused call is recorded
+    /// there, batched, and spooled to PENNY_AUDIT_SPOOL_DIR while audit is unreachable.
+    /// Needs this server's own credential.
+    #[arg(long, env = "PENNY_AUDIT_URL", requires = "audit_spool_dir")]
+    pub audit_url: Option<String>,
+    /// Directory for audit events audit could not take yet (one per process; replayed in
+    /// order once audit answers).
+    #[arg(long, env = "PENNY_AUDIT_SPOOL_DIR", requires = "audit_url")]
+    pub audit_spool_dir: Option<PathBuf>,
 }
 
 impl ServerArgs {
@@ -103,6 +112,23 @@ impl ServerArgs {
             })
             .transpose()?;
         let credential = self.credential(auth.as_ref())?;
+        let audit = match (&self.audit_url, &self.audit_spool_dir, &credential) {
+            (Some(url), Some(dir), Some(credential)) => {
+                let channel = tonic::transport::Endpoint::from_shared(url.clone())
+                    .with_context(|| format!("PENNY_AUDIT_URL: not a URL: {url}"))?
+                    .connect_lazy();
+                Some(
+                    crate::audit::AuditClient::new(channel, credential.clone(), dir.clone())
+                        .with_context(|| {
+                            format!("PENNY_AUDIT_SPOOL_DIR: cannot use {}", dir.display())
+                        })?,
+                )
+            }
+            (Some(_), _, None) => anyhow::bail!(
+                "PENNY_AUDIT_URL needs this server's own credential: PENNY_SERVICE_TOKEN_FILE, or PENNY_CLIENT_ID with PENNY_CLIENT_SECRET_FILE"
+            ),
+            _ => None,
+        };
         let authorizer = match (&self.authz_url, credential) {
             (Some(url), Some(credential)) => {
                 let channel = tonic::transport::Endpoint::from_shared(url.clone())
@@ -116,6 +142,7 @@ impl ServerArgs {
             (None, _) => None,
         };
         Ok(ServeConfig {
+            audit,
             auth,
             authorizer,
             tls,

@@ -11,6 +11,8 @@
 
 pub mod access;
 pub mod apikey;
+pub mod audit;
+pub mod audit_layer;
 pub mod authorizer;
 pub mod config;
 pub mod credential;
@@ -28,6 +30,7 @@ pub mod validate;
 pub mod wire;
 
 pub use access::{AccessPolicy, Requirement};
+pub use audit::AuditClient;
 pub use authorizer::Authorizer;
 pub use credential::ServiceCredential;
 pub use error::{ApiError, Reason};

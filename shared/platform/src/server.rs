@@ -80,6 +80,9 @@ pub struct ServeConfig {
     /// The auth service. With it (and an authorizer, whose service token is used), the
     /// server's verifier follows auth's revocation stream.
     pub auth: Option<tonic::transport::Channel>,
+    /// Where the server's calls are recorded. Without it nothing is audited (and the
+    /// audit service itself never records its own calls through it).
+    pub audit: Option<crate::audit::AuditClient>,
 }
 
 impl ServeConfig {
@@ -95,6 +98,7 @@ impl ServeConfig {
             readiness_interval: Duration::from_secs(1),
             authorizer: None,
             auth: None,
+            audit: None,
         }
     }
 }
@@ -240,6 +244,15 @@ pub async fn serve(
         .layer(DrainLayer::new(drain_rx))
         // Bounded concurrency: excess calls are refused at once instead of queueing.
         .layer(LoadShedLayer::new(config.concurrency_limit))
+        // Every mutating or refused call becomes an audit event (outside authentication,
+        // so refusals are recorded with whoever the caller turned out to be).
+        .option_layer(
+            config
+                .audit
+                .clone()
+                .filter(|_| name != "audit")
+                .map(|client| crate::audit_layer::AuditLayer::new(client, name)),
+        )
         // No handler runs without a verified principal and a matching access rule.
         .layer({
             let layer = AuthLayer::new(policy, verifier, config.authorizer.clone());

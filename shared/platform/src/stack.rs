@@ -363,6 +363,10 @@ impl AuthLayer {
         }
         let token = bearer_token(req.headers()).ok_or(TokenError::MalformedHeader)?;
         let principal = self.verifier.verify(token)?;
+        // Whoever the caller is, the audit record of this call names them, refused or not.
+        if let Some(slot) = req.extensions().get::<crate::audit_layer::AuditSlot>() {
+            slot.set(&principal);
+        }
         requirement.check(&principal)?;
         Ok(Some((principal, requirement)))
     }
@@ -376,6 +380,7 @@ impl AuthLayer {
         &self,
         path: &str,
         secret: &str,
+        slot: Option<crate::audit_layer::AuditSlot>,
     ) -> Result<Option<(Principal, Requirement)>, ApiError> {
         let Some(requirement) = self.policy.requirement(path) else {
             tracing::warn!(rpc = %path, "rpc has no access rule, refused");
@@ -390,6 +395,9 @@ impl AuthLayer {
             return Err(ApiError::unauthenticated(Reason::Unauthenticated));
         };
         let principal = resolver.resolve(secret).await?;
+        if let Some(slot) = slot {
+            slot.set(&principal);
+        }
         if let Err(TokenError::RevocationStateUnknown) =
             self.verifier.check_credential(&principal, 0)
         {
@@ -472,6 +480,10 @@ where
                 .filter(|_| !req.headers().contains_key(http::header::AUTHORIZATION))
                 .map(str::to_owned);
             let path = req.uri().path().to_owned();
+            let slot = req
+                .extensions()
+                .get::<crate::audit_layer::AuditSlot>()
+                .cloned();
             let clone = self.inner.clone();
             let mut inner = std::mem::replace(&mut self.inner, clone);
             let layer = self.layer.clone();
@@ -479,7 +491,7 @@ where
                 let Some(secret) = secret else {
                     return Ok(refusal(ApiError::unauthenticated(Reason::Unauthenticated)));
                 };
-                match layer.authenticate_key(&path, &secret).await {
+                match layer.authenticate_key(&path, &secret, slot).await {
                     Ok(Some((principal, requirement))) => {
                         layer.authorize(principal, requirement, req, inner).await
                     }

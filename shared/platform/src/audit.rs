@@ -1,0 +1,400 @@
+//! The audit client every server uses: events go to the audit service in batches, and
+//! when it cannot take them they wait in a spool on local disk and are replayed in order
+//! later — never dropped, never duplicated (audit is idempotent on event id).
+//!
+//! Two ways in:
+//! - [`AuditClient::record`]: queued, batched (up to [`BATCH`] events or [`LINGER`]), for
+//!   the stack's record of every mutating or refused call. It never blocks a call: a full
+//!   queue goes to the spool.
+//! - [`AuditClient::record_critical`]: appended at once and awaited, for security-critical
+//!   actions (sign-in outcomes, MFA changes, role grants, key rotation and deletion,
+//!   erasure). When the event cannot be made durable in audit the caller gets UNAVAILABLE
+//!   (`AUDIT_UNAVAILABLE`) and must not report success.
+//!
+//! One task owns the spool and the queue, so batches reach audit in the order they were
+//! recorded: while the spool holds anything, new batches are written behind it. A spooled
+//! batch is one file (`<counter>.batch`, the encoded `AppendRequest`), written to a
+//! temporary name, synced and renamed, and deleted only after audit stored it; a crash in
+//! between replays it, and audit answers the replayed events as duplicates.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use penny_proto::audit::v1 as pb;
+use penny_proto::audit::v1::audit_service_client::AuditServiceClient;
+use prost::Message as _;
+use tokio::sync::mpsc;
+use tonic::transport::Channel;
+
+use crate::credential::ServiceCredential;
+use crate::error::{ApiError, Reason};
+
+/// Most events per Append.
+pub const BATCH: usize = 500;
+/// How long a partial batch waits for more events.
+pub const LINGER: Duration = Duration::from_millis(50);
+/// Events queued in memory before new ones go straight to the spool.
+const QUEUE: usize = 20_000;
+/// How long one Append may take.
+const APPEND_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long to wait before trying audit again after it failed.
+const RETRY: Duration = Duration::from_millis(500);
+
+/// Sends events to the audit service. Cheap to clone.
+#[derive(Clone)]
+pub struct AuditClient {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    client: AuditServiceClient<Channel>,
+    credential: ServiceCredential,
+    queue: mpsc::Sender<pb::AuditEvent>,
+    spool: Arc<Spool>,
+}
+
+impl std::fmt::Debug for AuditClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AuditClient")
+            .field("spool", &self.inner.spool.dir)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Why an Append did not store a batch.
+enum SendError {
+    /// Audit could not be reached or could not store it: try again later.
+    Unavailable,
+    /// Audit refused the request as a whole (never retried unchanged).
+    Refused(tonic::Code),
+}
+
+impl AuditClient {
+    /// A client of the audit service at `channel`, calling it with `credential`, spooling
+    /// to `spool_dir` (created if missing; one directory per process). Starts the task
+    /// that sends batches and replays the spool; it ends when the last clone is dropped,
+    /// after writing what is still queued to the spool.
+    pub fn new(
+        channel: Channel,
+        credential: ServiceCredential,
+        spool_dir: PathBuf,
+    ) -> std::io::Result<Self> {
+        let spool = Arc::new(Spool::open(spool_dir)?);
+        let (queue, events) = mpsc::channel(QUEUE);
+        let client = AuditServiceClient::new(channel);
+        tokio::spawn(run(
+            client.clone(),
+            credential.clone(),
+            spool.clone(),
+            events,
+        ));
+        Ok(Self {
+            inner: Arc::new(Inner {
+                client,
+                credential,
+                queue,
+                spool,
+            }),
+        })
+    }
+
+    /// Queues `event` (batched; spooled while audit is unreachable). Never blocks.
+    pub fn record(&self, event: pb::AuditEvent) {
+        match self.inner.queue.try_send(event) {
+            Ok(()) => {}
+            Err(
+                mpsc::error::TrySendError::Full(event) | mpsc::error::TrySendError::Closed(event),
+            ) => {
+                // Behind the queue in time, and written now: order within what is spooled
+                // is kept, and nothing is lost.
+                if let Err(err) = self.inner.spool.push(&pb::AppendRequest {
+                    events: vec![event],
+                }) {
+                    tracing::error!(error = %err, "audit spool is not writable; an event is lost");
+                }
+            }
+        }
+    }
+
+    /// Appends `event` now and waits until audit has stored it; UNAVAILABLE
+    /// (`AUDIT_UNAVAILABLE`) when it cannot, and the caller must then fail too.
+    pub async fn record_critical(&self, event: pb::AuditEvent) -> Result<(), ApiError> {
+        let request = pb::AppendRequest {
+            events: vec![event],
+        };
+        match send(&self.inner.client, &self.inner.credential, &request).await {
+            Ok(()) => Ok(()),
+            Err(SendError::Unavailable | SendError::Refused(_)) => Err(ApiError::unavailable(
+                Reason::AuditUnavailable,
+                "this action cannot be audited right now, so it was not done; retry later",
+                Duration::from_secs(1),
+            )),
+        }
+    }
+
+    /// Batches waiting in the spool (for tests and metrics).
+    pub fn spooled(&self) -> usize {
+        self.inner.spool.len()
+    }
+}
+
+/// Appends one request; `Ok` once audit stored every event (or knew it already).
+async fn send(
+    client: &AuditServiceClient<Channel>,
+    credential: &ServiceCredential,
+    request: &pb::AppendRequest,
+) -> Result<(), SendError> {
+    let mut call = credential
+        .request(request.clone())
+        .await
+        .map_err(|_| SendError::Unavailable)?;
+    call.set_timeout(APPEND_TIMEOUT);
+    let reply = match client.clone().append(call).await {
+        Ok(reply) => reply.into_inner(),
+        Err(status) if crate::error::is_transient(&status) => return Err(SendError::Unavailable),
+        // A malformed request as a whole cannot be fixed by sending it again.
+        Err(status) if status.code() == tonic::Code::InvalidArgument => {
+            return Err(SendError::Refused(status.code()));
+        }
+        // Refused for who we are (a credential not yet renewed, a grant missing) or for a
+        // fault on audit's side: kept, and tried again, until someone fixes it.
+        Err(status) => {
+            tracing::warn!(code = ?status.code(), "audit refused a batch; keeping it to retry");
+            return Err(SendError::Unavailable);
+        }
+    };
+    // An event audit refused on its own (invalid, or its id reused with other content)
+    // cannot be fixed by sending it again: it is reported, and the rest are stored.
+    for result in &reply.results {
+        if let Some(pb::append_result::Result::Error(error)) = &result.result {
+            tracing::error!(
+                event_id = %result.event_id,
+                field = %error.field,
+                reason = error.reason,
+                "audit refused an event"
+            );
+        }
+    }
+    Ok(())
+}
+
+/// The task behind a client: batches the queue, sends, spools, replays.
+async fn run(
+    client: AuditServiceClient<Channel>,
+    credential: ServiceCredential,
+    spool: Arc<Spool>,
+    mut events: mpsc::Receiver<pb::AuditEvent>,
+) {
+    let mut open = true;
+    let mut retry_at: Option<tokio::time::Instant> = None;
+    while open || !spool.is_empty() {
+        // Replay first: the oldest spooled batch goes before anything newer.
+        let audit_may_answer = retry_at.is_none_or(|at| tokio::time::Instant::now() >= at);
+        if audit_may_answer && let Some((path, request)) = spool.oldest() {
+            match send(&client, &credential, &request).await {
+                Ok(()) => {
+                    spool.remove(&path);
+                    retry_at = None;
+                    continue;
+                }
+                Err(SendError::Refused(code)) => {
+                    tracing::error!(
+                        ?code,
+                        events = request.events.len(),
+                        "audit refused a spooled batch as malformed; removed"
+                    );
+                    spool.remove(&path);
+                    retry_at = None;
+                    continue;
+                }
+                Err(SendError::Unavailable) => {
+                    retry_at = Some(tokio::time::Instant::now() + RETRY);
+                }
+            }
+        }
+        if !open {
+            // The client is gone and audit does not answer: the spool keeps the rest.
+            break;
+        }
+        // Collect a batch: the first event (or a wake-up to retry), then what else comes
+        // within the linger time.
+        let wait = retry_at.map_or(Duration::from_secs(3600), |at| {
+            at.saturating_duration_since(tokio::time::Instant::now())
+        });
+        let first = tokio::select! {
+            event = events.recv() => event,
+            () = tokio::time::sleep(wait) => continue,
+        };
+        let Some(first) = first else {
+            open = false;
+            continue;
+        };
+        let mut batch = vec![first];
+        let linger = tokio::time::sleep(LINGER);
+        tokio::pin!(linger);
+        while batch.len() < BATCH {
+            tokio::select! {
+                event = events.recv() => match event {
+                    Some(event) => batch.push(event),
+                    None => { open = false; break; }
+                },
+                () = &mut linger => break,
+            }
+        }
+        let request = pb::AppendRequest { events: batch };
+        let direct = spool.is_empty() && retry_at.is_none();
+        if direct {
+            match send(&client, &credential, &request).await {
+                Ok(()) => continue,
+                Err(SendError::Refused(code)) => {
+                    tracing::error!(
+                        ?code,
+                        events = request.events.len(),
+                        "audit refused a batch as malformed; dropped"
+                    );
+                    continue;
+                }
+                Err(SendError::Unavailable) => {
+                    retry_at = Some(tokio::time::Instant::now() + RETRY);
+                }
+            }
+        }
+        if let Err(err) = spool.push(&request) {
+            tracing::error!(error = %err, events = request.events.len(), "audit spool is not writable; events are lost");
+        }
+    }
+}
+
+/// Batches on disk, oldest first.
+struct Spool {
+    dir: PathBuf,
+    state: std::sync::Mutex<SpoolState>,
+}
+
+struct SpoolState {
+    /// The next file number.
+    next: u64,
+    /// Spooled files, oldest first.
+    files: std::collections::VecDeque<(u64, PathBuf)>,
+}
+
+const SPOOL_SUFFIX: &str = "batch";
+
+impl Spool {
+    /// Opens `dir`, picking up what an earlier process left (in order) and removing
+    /// half-written files.
+    fn open(dir: PathBuf) -> std::io::Result<Self> {
+        std::fs::create_dir_all(&dir)?;
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))?;
+        }
+        let mut files = Vec::new();
+        for entry in std::fs::read_dir(&dir)? {
+            let path = entry?.path();
+            let number = path
+                .file_stem()
+                .and_then(|s| s.to_str())
+                .and_then(|s| s.parse::<u64>().ok());
+            match (path.extension().and_then(|e| e.to_str()), number) {
+                (Some(SPOOL_SUFFIX), Some(number)) => files.push((number, path)),
+                // A batch whose writing did not finish was never acknowledged to anyone.
+                (Some("tmp"), _) => {
+                    let _ = std::fs::remove_file(&path);
+                }
+                _ => {}
+            }
+        }
+        files.sort();
+        let next = files.last().map_or(0, |(n, _)| n + 1);
+        if !files.is_empty() {
+            tracing::info!(batches = files.len(), dir = %dir.display(), "audit spool holds batches from before; replaying them");
+        }
+        Ok(Self {
+            dir,
+            state: std::sync::Mutex::new(SpoolState {
+                next,
+                files: files.into(),
+            }),
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, SpoolState> {
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn len(&self) -> usize {
+        self.lock().files.len()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Writes a batch behind the others, durably.
+    fn push(&self, request: &pb::AppendRequest) -> std::io::Result<()> {
+        let mut state = self.lock();
+        let number = state.next;
+        state.next += 1;
+        let path = self.dir.join(format!("{number:020}.{SPOOL_SUFFIX}"));
+        let tmp = self.dir.join(format!("{number:020}.tmp"));
+        write_synced(&tmp, &request.encode_to_vec())?;
+        std::fs::rename(&tmp, &path)?;
+        sync_dir(&self.dir);
+        state.files.push_back((number, path));
+        Ok(())
+    }
+
+    /// The oldest batch, read back. A file that cannot be read is set aside (renamed
+    /// `.bad`) and reported, not replayed forever.
+    fn oldest(&self) -> Option<(PathBuf, pb::AppendRequest)> {
+        loop {
+            let path = self.lock().files.front().map(|(_, p)| p.clone())?;
+            match std::fs::read(&path)
+                .ok()
+                .and_then(|bytes| pb::AppendRequest::decode(bytes.as_slice()).ok())
+            {
+                Some(request) => return Some((path, request)),
+                None => {
+                    tracing::error!(file = %path.display(), "audit spool file is unreadable; set aside");
+                    let _ = std::fs::rename(&path, path.with_extension("bad"));
+                    self.lock().files.pop_front();
+                }
+            }
+        }
+    }
+
+    /// Forgets the oldest batch once audit stored it.
+    fn remove(&self, path: &Path) {
+        let mut state = self.lock();
+        if state.files.front().is_some_and(|(_, p)| p == path) {
+            state.files.pop_front();
+        }
+        drop(state);
+        let _ = std::fs::remove_file(path);
+    }
+}
+
+fn write_synced(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write as _;
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(0o600);
+    }
+    let mut file = options.open(path)?;
+    file.write_all(bytes)?;
+    file.sync_all()
+}
+
+fn sync_dir(dir: &Path) {
+    if let Ok(dir) = std::fs::File::open(dir) {
+        let _ = dir.sync_all();
+    }
+}

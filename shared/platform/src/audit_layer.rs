@@ -1,0 +1,273 @@
+//! The standard stack's record of calls: every mutating call, every refused call, and
+//! every call whose method is not plainly a read, becomes an audit event, queued through
+//! the server's [`AuditClient`] (batched, spooled while audit is unreachable). Reads
+//! (`Get…`, `List…`, `Check…`, `Query…`, `Watch…`, …) are recorded only when refused.
+//!
+//! The layer sits outside authentication, so refusals are recorded too; the
+//! authentication layer tells it who the caller was through an [`AuditSlot`] in the
+//! request's extensions. Handlers record security-critical actions themselves, with
+//! [`AuditClient::record_critical`], which fails the call when audit cannot store them.
+
+use std::sync::{Arc, OnceLock};
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use http::{Request, Response};
+use penny_proto::audit::v1 as pb;
+use penny_proto::common::v1::PrincipalKind as PbKind;
+use tonic::body::Body;
+use tower::{Layer, Service};
+
+use crate::audit::AuditClient;
+use crate::principal::{PLATFORM_TENANT_ID, Principal, PrincipalKind};
+
+type BoxFuture<T, E> = std::pin::Pin<Box<dyn std::future::Future<Output = Result<T, E>> + Send>>;
+
+/// Where the authentication layer leaves the caller for the audit layer.
+#[derive(Debug, Clone, Default)]
+pub struct AuditSlot(Arc<OnceLock<Principal>>);
+
+impl AuditSlot {
+    /// Notes the caller of the request carrying this slot.
+    pub fn set(&self, principal: &Principal) {
+        let _ = self.0.set(principal.clone());
+    }
+}
+
+/// Method names that only read: recorded only when refused.
+const READ_PREFIXES: [&str; 10] = [
+    "Get",
+    "List",
+    "Check",
+    "BatchCheck",
+    "Explain",
+    "Watch",
+    "Query",
+    "Export",
+    "Introspect",
+    "Validate",
+];
+
+/// Whether the method only reads.
+pub fn is_read(method: &str) -> bool {
+    method == "VerifyChain" || READ_PREFIXES.iter().any(|p| method.starts_with(p))
+}
+
+/// `GenerateDataKey` → `generate_data_key`.
+fn snake(method: &str) -> String {
+    let mut out = String::with_capacity(method.len() + 4);
+    for (i, c) in method.chars().enumerate() {
+        if c.is_ascii_uppercase() {
+            if i > 0 {
+                out.push('_');
+            }
+            out.push(c.to_ascii_lowercase());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// `penny.keys.v1.KeyService` → `key`.
+fn resource_of(service: &str) -> String {
+    let name = service.rsplit('.').next().unwrap_or(service);
+    name.strip_suffix("Service")
+        .unwrap_or(name)
+        .to_ascii_lowercase()
+}
+
+fn kind_number(kind: PrincipalKind) -> i32 {
+    match kind {
+        PrincipalKind::User => PbKind::User as i32,
+        PrincipalKind::ApiKey => PbKind::ApiKey as i32,
+        PrincipalKind::Service => PbKind::Service as i32,
+    }
+}
+
+/// The event for a call, its `service` named `service`.
+pub fn call_event(
+    service: &str,
+    path: &str,
+    principal: Option<&Principal>,
+    peer: Option<std::net::IpAddr>,
+    user_agent: &str,
+    started: Instant,
+    code: tonic::Code,
+) -> pb::AuditEvent {
+    let (full_service, method) = path
+        .trim_start_matches('/')
+        .split_once('/')
+        .unwrap_or(("", path));
+    let outcome = match code {
+        tonic::Code::Ok => pb::Outcome::Success,
+        tonic::Code::PermissionDenied | tonic::Code::Unauthenticated => pb::Outcome::Denied,
+        _ => pb::Outcome::Failure,
+    };
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    let elapsed = started.elapsed();
+    let mut attributes = std::collections::HashMap::new();
+    // Ids that are not UUIDs (a service's `sub`) cannot be the event's user id.
+    let user_id = match principal {
+        Some(p) if uuid::Uuid::try_parse(&p.id).is_ok() => p.id.clone(),
+        Some(p) => {
+            attributes.insert("principal_id".to_owned(), p.id.clone());
+            String::new()
+        }
+        None => String::new(),
+    };
+    if let Some(p) = principal
+        && p.kind == PrincipalKind::User
+        && let Some(session) = &p.session_id
+    {
+        attributes.insert("session_id".to_owned(), session.clone());
+    }
+    pb::AuditEvent {
+        id: uuid::Uuid::now_v7().to_string(),
+        tenant_id: principal
+            .map_or(PLATFORM_TENANT_ID, |p| p.tenant_id)
+            .to_string(),
+        user_id,
+        principal_kind: principal.map_or(PbKind::Unspecified as i32, |p| kind_number(p.kind)),
+        action: format!("{service}.{}", snake(method)),
+        resource: resource_of(full_service),
+        resource_id: String::new(),
+        metadata: Some(pb::RequestMetadata {
+            method: path.to_owned(),
+            path: String::new(),
+            duration: Some(prost_types::Duration {
+                seconds: i64::try_from(elapsed.as_secs()).unwrap_or(i64::MAX),
+                nanos: i32::try_from(elapsed.subsec_nanos()).unwrap_or(0),
+            }),
+            status: code as i32,
+        }),
+        ip_address: peer.map(|ip| ip.to_string()).unwrap_or_default(),
+        user_agent: user_agent.to_owned(),
+        event_time: Some(prost_types::Timestamp {
+            seconds: i64::try_from(now.as_secs()).unwrap_or(i64::MAX),
+            nanos: i32::try_from(now.subsec_nanos()).unwrap_or(0),
+        }),
+        service: service.to_owned(),
+        outcome: outcome as i32,
+        trace_id: String::new(),
+        attributes,
+        ..Default::default()
+    }
+}
+
+/// Records calls through an [`AuditClient`].
+#[derive(Debug, Clone)]
+pub struct AuditLayer {
+    client: AuditClient,
+    service: &'static str,
+}
+
+impl AuditLayer {
+    /// Records the calls of `service` (its short name, `keys`) through `client`.
+    pub fn new(client: AuditClient, service: &'static str) -> Self {
+        Self { client, service }
+    }
+}
+
+impl<S> Layer<S> for AuditLayer {
+    type Service = Audited<S>;
+    fn layer(&self, inner: S) -> Audited<S> {
+        Audited {
+            inner,
+            layer: self.clone(),
+        }
+    }
+}
+
+/// See [`AuditLayer`].
+#[derive(Debug, Clone)]
+pub struct Audited<S> {
+    inner: S,
+    layer: AuditLayer,
+}
+
+/// The gRPC status of a response: in its headers when it is trailers-only (every refusal
+/// and error), else OK (a successful unary reply, or a stream that started).
+fn status_of(response: &Response<Body>) -> tonic::Code {
+    response
+        .headers()
+        .get("grpc-status")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<i32>().ok())
+        .map_or(tonic::Code::Ok, tonic::Code::from_i32)
+}
+
+impl<S, B> Service<Request<B>> for Audited<S>
+where
+    S: Service<Request<B>, Response = Response<Body>>,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+{
+    type Response = Response<Body>;
+    type Error = S::Error;
+    type Future = BoxFuture<Response<Body>, S::Error>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: Request<B>) -> Self::Future {
+        let path = req.uri().path().to_owned();
+        // Probes and reflection are not calls anyone acts through.
+        if path.starts_with("/grpc.") {
+            return Box::pin(self.inner.call(req));
+        }
+        let slot = AuditSlot::default();
+        req.extensions_mut().insert(slot.clone());
+        let peer = req
+            .extensions()
+            .get::<tonic::transport::server::TcpConnectInfo>()
+            .and_then(|info| info.remote_addr())
+            .map(|addr| addr.ip());
+        let user_agent = req
+            .headers()
+            .get(http::header::USER_AGENT)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_owned();
+        let started = Instant::now();
+        let layer = self.layer.clone();
+        let fut = self.inner.call(req);
+        Box::pin(async move {
+            let response = fut.await?;
+            let code = status_of(&response);
+            let method = path.rsplit('/').next().unwrap_or_default();
+            let refused = matches!(
+                code,
+                tonic::Code::PermissionDenied | tonic::Code::Unauthenticated
+            );
+            if refused || !is_read(method) {
+                layer.client.record(call_event(
+                    layer.service,
+                    &path,
+                    slot.0.get(),
+                    peer,
+                    &user_agent,
+                    started,
+                    code,
+                ));
+            }
+            Ok(response)
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_and_reads() {
+        assert_eq!(snake("GenerateDataKey"), "generate_data_key");
+        assert_eq!(resource_of("penny.keys.v1.KeyService"), "key");
+        assert!(is_read("GetKey") && is_read("VerifyChain") && is_read("ValidateApiKey"));
+        assert!(!is_read("VerifyMfa") && !is_read("Login") && !is_read("GrantRole"));
+    }
+}
