@@ -272,3 +272,59 @@ async fn refused_calls_are_recorded_with_the_caller_and_reads_are_not() {
             .is_empty()
     );
 }
+
+#[tokio::test]
+async fn every_sign_in_outcome_is_audited_and_sign_in_fails_closed_without_audit() {
+    use crate::auth::service::Harness;
+    const PASSWORD: &str = "a long and unusual passphrase";
+    let mut h = Harness::start_with(TestFleet::builder().with_audit()).await;
+    let acme = h.tenant("acme", false).await;
+    h.set_password(&acme, PASSWORD).await;
+    let tokens = h.login(acme.tenant, &acme.email, PASSWORD).await.unwrap();
+    let status = h
+        .login(acme.tenant, &acme.email, "not the passphrase at all")
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unauthenticated);
+
+    let admin = h.admin.clone();
+    let mut audit = AuditServiceClient::new(h.fleet.audit().server.channel().await);
+    let sign_ins = all_events(&mut audit, &admin, acme.tenant, "auth.sign_in").await;
+    assert_eq!(sign_ins.len(), 2, "both attempts, at once (not batched)");
+    let (ok, failed) = (&sign_ins[0], &sign_ins[1]);
+    assert_eq!(ok.outcome, pb::Outcome::Success as i32);
+    assert_eq!(ok.user_id, acme.user.to_string());
+    assert_eq!(ok.attributes["result"], "signed_in");
+    let claims: serde_json::Value = {
+        use base64::Engine as _;
+        let payload = tokens.access_token.split('.').nth(1).unwrap();
+        serde_json::from_slice(
+            &base64::engine::general_purpose::URL_SAFE_NO_PAD
+                .decode(payload)
+                .unwrap(),
+        )
+        .unwrap()
+    };
+    assert_eq!(ok.resource_id, claims["sid"].as_str().unwrap());
+    assert_eq!(ok.ip_address, "192.0.2.10");
+    assert_eq!(failed.outcome, pb::Outcome::Failure as i32);
+    assert_eq!(failed.attributes["result"], "invalid_credentials");
+    assert!(
+        failed.user_id.is_empty(),
+        "an unknown user and a wrong password look alike"
+    );
+    assert_eq!(failed.ip_address, "192.0.2.10");
+
+    // Audit down: no sign-in, right or wrong, is answered except as UNAVAILABLE.
+    h.fleet.stop_audit().await;
+    for password in [PASSWORD, "not the passphrase at all"] {
+        let status = h
+            .login(acme.tenant, &acme.email, password)
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+        assert_eq!(error_reason(&status), "AUDIT_UNAVAILABLE");
+    }
+    h.fleet.restart_audit().await;
+    h.login(acme.tenant, &acme.email, PASSWORD).await.unwrap();
+}

@@ -306,6 +306,68 @@ async fn catch_up(auth: &Auth, tx: &Sender, cursor: Option<u64>) -> Option<u64> 
     Some(last)
 }
 
+/// The audit record of a sign-in attempt: who (when known), from where, and how it ended.
+fn sign_in_event(
+    tenant: Uuid,
+    outcome: &Result<SignInOutcome, crate::error::AuthError>,
+    ip: std::net::IpAddr,
+    user_agent: &str,
+) -> penny_proto::audit::v1::AuditEvent {
+    use penny_proto::audit::v1 as audit_pb;
+    let (user, session, result, ended) = match outcome {
+        Ok(SignInOutcome::SignedIn(s)) => (
+            Some(s.session.user_id),
+            Some(s.session.id),
+            "signed_in",
+            audit_pb::Outcome::Success,
+        ),
+        Ok(SignInOutcome::MustEnroll(s)) => (
+            Some(s.session.user_id),
+            Some(s.session.id),
+            "mfa_enrollment_required",
+            audit_pb::Outcome::Success,
+        ),
+        Ok(SignInOutcome::Challenge { .. }) => {
+            (None, None, "mfa_challenge", audit_pb::Outcome::Success)
+        }
+        Err(crate::error::AuthError::InvalidCredentials) => (
+            None,
+            None,
+            "invalid_credentials",
+            audit_pb::Outcome::Failure,
+        ),
+        Err(crate::error::AuthError::IpBlocked) => {
+            (None, None, "ip_blocked", audit_pb::Outcome::Denied)
+        }
+        Err(_) => (None, None, "error", audit_pb::Outcome::Failure),
+    };
+    let now = time::OffsetDateTime::now_utc();
+    audit_pb::AuditEvent {
+        id: Uuid::now_v7().to_string(),
+        tenant_id: tenant.to_string(),
+        user_id: user.map(|u| u.to_string()).unwrap_or_default(),
+        principal_kind: if user.is_some() {
+            penny_proto::common::v1::PrincipalKind::User as i32
+        } else {
+            penny_proto::common::v1::PrincipalKind::Unspecified as i32
+        },
+        action: "auth.sign_in".into(),
+        resource: "session".into(),
+        resource_id: session.map(|s| s.to_string()).unwrap_or_default(),
+        metadata: Some(audit_pb::RequestMetadata {
+            method: "/penny.auth.v1.AuthService/Login".into(),
+            ..Default::default()
+        }),
+        ip_address: ip.to_string(),
+        user_agent: user_agent.to_owned(),
+        event_time: Some(timestamp(now)),
+        service: "auth".into(),
+        outcome: ended as i32,
+        attributes: [("result".to_owned(), result.to_owned())].into(),
+        ..Default::default()
+    }
+}
+
 #[tonic::async_trait]
 impl AuthService for AuthGrpc {
     type WatchRevocationsStream =
@@ -838,6 +900,7 @@ impl AuthService for AuthGrpc {
         let Some(ip) = ip else {
             return Err(Status::invalid_argument("ip_address"));
         };
+        let user_agent = request.user_agent.clone();
         let signed_in = self
             .auth
             .login(LoginAttempt {
@@ -847,8 +910,15 @@ impl AuthService for AuthGrpc {
                 ip,
                 user_agent: request.user_agent,
             })
-            .await?;
-        let result = match signed_in {
+            .await;
+        // Every outcome is audited before it is answered; when audit cannot store it, the
+        // sign-in fails closed.
+        if let Some(audit) = &self.auth.audit {
+            audit
+                .record_critical(sign_in_event(tenant, &signed_in, ip, &user_agent))
+                .await?;
+        }
+        let result = match signed_in? {
             SignInOutcome::SignedIn(signed_in) => {
                 pb::login_response::Result::Tokens(tokens_out(signed_in, &[]))
             }

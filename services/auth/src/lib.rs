@@ -80,7 +80,8 @@ pub async fn build(config: AuthConfig, serve_config: &ServeConfig) -> anyhow::Re
         authorizer,
         config.signing_key_rotation,
     )
-    .with_service_token_lifetime(config.service_token_lifetime);
+    .with_service_token_lifetime(config.service_token_lifetime)
+    .with_audit(serve_config.audit.clone());
     if let Some(clients) = &config.service_clients {
         let revoked = auth.provision_service_clients(clients).await.map_err(|e| {
             anyhow::anyhow!("PENNY_AUTH_SERVICE_CLIENTS_FILE: cannot provision: {e}")

@@ -106,6 +106,8 @@ pub struct Auth {
     pub(crate) rotation: Duration,
     /// How long an issued service token lives.
     pub(crate) service_token_lifetime: Duration,
+    /// Where sign-in outcomes are recorded (fail closed); `None` without an audit service.
+    pub(crate) audit: Option<penny_platform::AuditClient>,
     pub(crate) last_used: crate::api_keys::LastUsed,
     pub(crate) blocks: crate::ip_blocks::BlockCache,
     /// Tenants as tenants last answered, for at most [`TENANT_CACHE_TTL`].
@@ -253,6 +255,7 @@ impl Auth {
             keyring: crate::keyring::KeyRing::default(),
             rotation,
             service_token_lifetime: crate::service_tokens::SERVICE_TOKEN_LIFETIME,
+            audit: None,
             last_used: crate::api_keys::LastUsed::default(),
             blocks: crate::ip_blocks::BlockCache::default(),
             tenant_cache: TenantCache::default(),
@@ -265,6 +268,13 @@ impl Auth {
     #[must_use]
     pub fn with_service_token_lifetime(mut self, lifetime: Duration) -> Self {
         self.service_token_lifetime = lifetime;
+        self
+    }
+
+    /// Records every sign-in outcome in `audit`, failing the sign-in when it cannot.
+    #[must_use]
+    pub fn with_audit(mut self, audit: Option<penny_platform::AuditClient>) -> Self {
+        self.audit = audit;
         self
     }
 
