@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 use std::net::IpAddr;
 
 use penny_platform::validate::{Violations, sanitized};
-use penny_platform::{ApiError, Principal, PrincipalKind};
+use penny_platform::{ApiError, Principal};
 use penny_proto::audit::v1 as pb;
 use penny_proto::common::v1::{BatchItemError, PrincipalKind as PbKind};
 use uuid::Uuid;
@@ -36,14 +36,6 @@ pub struct Audit {
     trusted: TrustedKeys,
     /// Held by the service's clones, not by its background task: it ends when they do.
     lifetime: std::sync::Arc<()>,
-}
-
-fn kind_number(kind: PrincipalKind) -> i32 {
-    match kind {
-        PrincipalKind::User => PbKind::User as i32,
-        PrincipalKind::ApiKey => PbKind::ApiKey as i32,
-        PrincipalKind::Service => PbKind::Service as i32,
-    }
 }
 
 /// Microseconds since the epoch of a timestamp, if it is a plausible event time.
@@ -602,7 +594,7 @@ impl Audit {
                     action: REDACT_ACTION.into(),
                     resource: "audit_event".into(),
                     resource_id: crate::store::redaction_digest(sequences),
-                    principal_kind: kind_number(caller.kind),
+                    principal_kind: caller.kind.proto() as i32,
                     outcome: pb::Outcome::Success as i32,
                     method: "/penny.audit.v1.AuditService/Redact".into(),
                     duration_micros: 0,

@@ -77,14 +77,6 @@ fn resource_of(service: &str) -> String {
         .to_ascii_lowercase()
 }
 
-fn kind_number(kind: PrincipalKind) -> i32 {
-    match kind {
-        PrincipalKind::User => PbKind::User as i32,
-        PrincipalKind::ApiKey => PbKind::ApiKey as i32,
-        PrincipalKind::Service => PbKind::Service as i32,
-    }
-}
-
 /// The event for a call, its `service` named `service`.
 pub fn call_event(
     service: &str,
@@ -130,7 +122,7 @@ pub fn call_event(
             .map_or(PLATFORM_TENANT_ID, |p| p.tenant_id)
             .to_string(),
         user_id,
-        principal_kind: principal.map_or(PbKind::Unspecified as i32, |p| kind_number(p.kind)),
+        principal_kind: principal.map_or(PbKind::Unspecified as i32, |p| p.kind.proto() as i32),
         action: format!("{service}.{}", snake(method)),
         resource: resource_of(full_service),
         resource_id: String::new(),

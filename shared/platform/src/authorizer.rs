@@ -14,7 +14,6 @@ use std::time::Duration;
 
 use penny_proto::authz::v1 as pb;
 use penny_proto::authz::v1::authz_service_client::AuthzServiceClient;
-use penny_proto::common::v1::PrincipalKind as PbKind;
 use tonic::transport::Channel;
 use uuid::Uuid;
 
@@ -87,14 +86,6 @@ impl Drop for FeedGuard {
     }
 }
 
-fn pb_kind(kind: PrincipalKind) -> PbKind {
-    match kind {
-        PrincipalKind::User => PbKind::User,
-        PrincipalKind::ApiKey => PbKind::ApiKey,
-        PrincipalKind::Service => PbKind::Service,
-    }
-}
-
 impl Authorizer {
     /// Checks through the authz service at `channel`, calling it with `credential`.
     /// Starts following the change feed; it stops when the last clone is dropped.
@@ -154,7 +145,7 @@ impl Authorizer {
         let request = pb::CheckRequest {
             tenant_id: tenant.to_string(),
             subject: Some(pb::Subject {
-                kind: pb_kind(principal.kind) as i32,
+                kind: principal.kind.proto() as i32,
                 id: principal.id.clone(),
                 tenant_id: tenant.to_string(),
             }),

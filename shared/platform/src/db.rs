@@ -255,6 +255,23 @@ pub async fn enable_row_level_security(
     Ok(())
 }
 
+/// A migration written in each backend's own SQL: runs `postgres` or `sqlite`, in order.
+pub async fn execute_per_backend(
+    manager: &sea_orm_migration::SchemaManager<'_>,
+    postgres: &[&str],
+    sqlite: &[&str],
+) -> Result<(), DbErr> {
+    let statements = if manager.get_database_backend() == DbBackend::Postgres {
+        postgres
+    } else {
+        sqlite
+    };
+    for sql in statements {
+        manager.get_connection().execute_unprepared(sql).await?;
+    }
+    Ok(())
+}
+
 /// The SQLite URL of database `name` inside `dir`, created if missing.
 pub fn sqlite_url(dir: &std::path::Path, name: &str) -> String {
     format!(

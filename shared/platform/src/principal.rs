@@ -47,6 +47,16 @@ pub enum PrincipalKind {
 }
 
 impl PrincipalKind {
+    /// The wire form (`penny.common.v1.PrincipalKind`).
+    pub fn proto(self) -> penny_proto::common::v1::PrincipalKind {
+        use penny_proto::common::v1::PrincipalKind as Pb;
+        match self {
+            Self::User => Pb::User,
+            Self::ApiKey => Pb::ApiKey,
+            Self::Service => Pb::Service,
+        }
+    }
+
     /// The lowercase name used in logs and audit events.
     pub fn as_str(self) -> &'static str {
         match self {

@@ -5,7 +5,6 @@
 //! [`super::SERVING_ROLE_LIMITS`]) and triggers refuse the rest even to the owner; on SQLite
 //! the triggers alone. Row level security covers every table.
 
-use sea_orm::DbBackend;
 use sea_orm_migration::prelude::*;
 
 #[derive(DeriveMigrationName)]
@@ -150,11 +149,7 @@ const SQLITE: &[&str] = &[
 #[async_trait::async_trait]
 impl MigrationTrait for Migration {
     async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
-        let db = manager.get_connection();
-        let postgres = manager.get_database_backend() == DbBackend::Postgres;
-        for sql in if postgres { POSTGRES } else { SQLITE } {
-            db.execute_unprepared(sql).await?;
-        }
+        penny_platform::db::execute_per_backend(manager, POSTGRES, SQLITE).await?;
         penny_platform::db::enable_row_level_security(manager, TENANT_TABLES).await
     }
 }

@@ -1,7 +1,6 @@
 //! Signed checkpoints of each tenant's chain, append-only like the events; where each head
 //! was last checkpointed; heads that only move forward; and who appended each event.
 
-use sea_orm::DbBackend;
 use sea_orm_migration::prelude::*;
 
 #[derive(DeriveMigrationName)]
@@ -71,11 +70,7 @@ const SQLITE: &[&str] = &[
 #[async_trait::async_trait]
 impl MigrationTrait for Migration {
     async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
-        let db = manager.get_connection();
-        let postgres = manager.get_database_backend() == DbBackend::Postgres;
-        for sql in if postgres { POSTGRES } else { SQLITE } {
-            db.execute_unprepared(sql).await?;
-        }
+        penny_platform::db::execute_per_backend(manager, POSTGRES, SQLITE).await?;
         penny_platform::db::enable_row_level_security(manager, &["audit_checkpoints"]).await
     }
 }
