@@ -52,7 +52,14 @@ struct Inner {
     credential: ServiceCredential,
     queue: mpsc::Sender<pb::AuditEvent>,
     spool: Arc<Spool>,
+    /// Asks the task to put what is queued on disk (a count of requests).
+    flush: tokio::sync::watch::Sender<u64>,
+    /// The last request the task has done.
+    flushed: tokio::sync::watch::Receiver<u64>,
 }
+
+/// How long [`AuditClient::flush_to_spool`] waits for the queue to reach the spool.
+const SHUTDOWN_WAIT: Duration = Duration::from_secs(10);
 
 impl std::fmt::Debug for AuditClient {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -73,8 +80,8 @@ enum SendError {
 impl AuditClient {
     /// A client of the audit service at `channel`, calling it with `credential`, spooling
     /// to `spool_dir` (created if missing; one directory per process). Starts the task
-    /// that sends batches and replays the spool; it ends when the last clone is dropped,
-    /// after writing what is still queued to the spool.
+    /// that sends batches and replays the spool; [`Self::flush_to_spool`] puts what is
+    /// queued on disk (the standard server calls it when it stops).
     pub fn new(
         channel: Channel,
         credential: ServiceCredential,
@@ -83,11 +90,14 @@ impl AuditClient {
         let spool = Arc::new(Spool::open(spool_dir)?);
         let (queue, events) = mpsc::channel(QUEUE);
         let client = AuditServiceClient::new(channel);
+        let (flush, flush_rx) = tokio::sync::watch::channel(0);
+        let (flushed_tx, flushed) = tokio::sync::watch::channel(0);
         tokio::spawn(run(
             client.clone(),
             credential.clone(),
             spool.clone(),
             events,
+            (flush_rx, flushed_tx),
         ));
         Ok(Self {
             inner: Arc::new(Inner {
@@ -95,8 +105,23 @@ impl AuditClient {
                 credential,
                 queue,
                 spool,
+                flush,
+                flushed,
             }),
         })
+    }
+
+    /// At shutdown: puts every event queued so far in the spool, without waiting for
+    /// audit, so a process that ends next loses none; they are sent by this client while
+    /// it still runs, or by the next process with this spool directory.
+    pub async fn flush_to_spool(&self) {
+        let mut asked = 0;
+        self.inner.flush.send_modify(|n| {
+            *n += 1;
+            asked = *n;
+        });
+        let mut flushed = self.inner.flushed.clone();
+        let _ = tokio::time::timeout(SHUTDOWN_WAIT, flushed.wait_for(|done| *done >= asked)).await;
     }
 
     /// Queues `event` (batched; spooled while audit is unreachable). Never blocks.
@@ -185,10 +210,32 @@ async fn run(
     credential: ServiceCredential,
     spool: Arc<Spool>,
     mut events: mpsc::Receiver<pb::AuditEvent>,
+    (mut flush, flushed): (
+        tokio::sync::watch::Receiver<u64>,
+        tokio::sync::watch::Sender<u64>,
+    ),
 ) {
     let mut open = true;
     let mut retry_at: Option<tokio::time::Instant> = None;
+    // Whether audit was unreachable last time: said once per outage, not per retry.
+    let mut outage = false;
     while open || !spool.is_empty() {
+        let asked = *flush.borrow_and_update();
+        if asked > *flushed.borrow() {
+            spool_queue(&spool, &mut events);
+            let _ = flushed.send(asked);
+        }
+        if outage && retry_at.is_none() && spool.is_empty() {
+            tracing::info!("audit answers again; the spooled events have been sent");
+            outage = false;
+        }
+        if retry_at.is_some() && !outage {
+            tracing::warn!(
+                spooled = spool.len(),
+                "audit is unreachable; events are kept in the spool and sent when it answers"
+            );
+            outage = true;
+        }
         // Replay first: the oldest spooled batch goes before anything newer.
         let audit_may_answer = retry_at.is_none_or(|at| tokio::time::Instant::now() >= at);
         if audit_may_answer && let Some((path, request)) = spool.oldest() {
@@ -225,6 +272,7 @@ async fn run(
         let first = tokio::select! {
             event = events.recv() => event,
             () = tokio::time::sleep(wait) => continue,
+            _ = flush.changed() => continue,
         };
         let Some(first) = first else {
             open = false;
@@ -263,6 +311,27 @@ async fn run(
         if let Err(err) = spool.push(&request) {
             tracing::error!(error = %err, events = request.events.len(), "audit spool is not writable; events are lost");
         }
+    }
+}
+
+/// Writes everything queued so far to the spool, in batches, in order (shutdown).
+fn spool_queue(spool: &Spool, events: &mut mpsc::Receiver<pb::AuditEvent>) {
+    let mut batch = Vec::new();
+    while let Ok(event) = events.try_recv() {
+        batch.push(event);
+        if batch.len() == BATCH {
+            push_or_report(spool, std::mem::take(&mut batch));
+        }
+    }
+    if !batch.is_empty() {
+        push_or_report(spool, batch);
+    }
+}
+
+fn push_or_report(spool: &Spool, events: Vec<pb::AuditEvent>) {
+    let count = events.len();
+    if let Err(err) = spool.push(&pb::AppendRequest { events }) {
+        tracing::error!(error = %err, events = count, "audit spool is not writable; events are lost");
     }
 }
 

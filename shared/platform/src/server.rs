@@ -281,6 +281,10 @@ pub async fn serve(
         }
     };
     probe_task.abort();
+    // What is still queued for audit goes to the spool, for the next start to send.
+    if let Some(audit) = &config.audit {
+        audit.flush_to_spool().await;
+    }
     result.with_context(|| format!("{name} server"))?;
     tracing::info!(service = name, "stopped");
     Ok(())
