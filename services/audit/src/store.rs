@@ -10,10 +10,11 @@
 use std::collections::{BTreeMap, HashMap};
 
 use sea_orm::{
-    ConnectionTrait, DatabaseConnection, DatabaseTransaction, DbBackend, DbErr, QueryResult,
-    Statement, Value,
+    ConnectionTrait, DatabaseConnection, DatabaseTransaction, DbBackend, DbErr, QueryResult, Value,
 };
 use uuid::Uuid;
+
+use penny_platform::db::Sql;
 
 use crate::chain::{self, GENESIS, Hash, Payload, Record, SALT_LEN, StoredEvent};
 pub use crate::chain::{REDACT_ACTION, redaction_digest};
@@ -86,57 +87,6 @@ pub struct Store {
 
 /// Tenants checkpointed per pass of [`Store::checkpoint_pending`].
 const CHECKPOINT_PASS: u64 = 1000;
-
-/// A statement under construction, with placeholders in the backend's style.
-struct Sql {
-    backend: DbBackend,
-    text: String,
-    values: Vec<Value>,
-}
-
-impl Sql {
-    fn new(backend: DbBackend, text: &str) -> Self {
-        Self {
-            backend,
-            text: text.to_owned(),
-            values: Vec::new(),
-        }
-    }
-
-    /// Appends `text`.
-    fn push(&mut self, text: &str) -> &mut Self {
-        self.text.push_str(text);
-        self
-    }
-
-    /// Appends a placeholder bound to `value`.
-    fn bind(&mut self, value: impl Into<Value>) -> &mut Self {
-        self.values.push(value.into());
-        if self.backend == DbBackend::Postgres {
-            self.text.push('$');
-            self.text.push_str(&self.values.len().to_string());
-        } else {
-            self.text.push('?');
-        }
-        self
-    }
-
-    /// Appends `(v1, v2, …)`.
-    fn bind_list<V: Into<Value>>(&mut self, values: impl IntoIterator<Item = V>) -> &mut Self {
-        self.push("(");
-        for (i, value) in values.into_iter().enumerate() {
-            if i > 0 {
-                self.push(", ");
-            }
-            self.bind(value);
-        }
-        self.push(")")
-    }
-
-    fn build(self) -> Statement {
-        Statement::from_sql_and_values(self.backend, self.text, self.values)
-    }
-}
 
 /// The columns [`read_event`] reads, in order.
 const EVENT_COLUMNS: &str = "e.tenant_id, e.sequence, e.event_id, e.service, e.action, \

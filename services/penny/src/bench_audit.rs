@@ -10,12 +10,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
+use penny_platform::db::Sql;
 use penny_platform::principal::{PLATFORM_TENANT_ID, PrincipalKind, TokenVerifier};
 use penny_platform::server::ServeConfig;
 use penny_platform::signing::{SigningKey, TokenGrant};
 use penny_proto::audit::v1 as pb;
 use penny_proto::audit::v1::audit_service_client::AuditServiceClient;
-use sea_orm::{ConnectionTrait, DatabaseConnection, DbBackend, Statement, TransactionTrait, Value};
+use sea_orm::{ConnectionTrait, DatabaseConnection, DbBackend, TransactionTrait, Value};
 use tokio::net::TcpListener;
 use uuid::Uuid;
 
@@ -147,24 +148,24 @@ async fn insert_plain(
     batch: &[pb::AuditEvent],
 ) -> anyhow::Result<()> {
     let backend = db.get_database_backend();
-    let mut n = 0;
-    let mut placeholder = || {
-        n += 1;
-        if backend == DbBackend::Postgres {
-            format!("${n}")
-        } else {
-            "?".to_owned()
-        }
-    };
-    let mut events_sql = String::from(
+    let mut events = Sql::new(
+        backend,
         "INSERT INTO bench_plain_events (tenant_id, sequence, event_id, service, action, resource, \
          resource_id, principal_kind, outcome, method, duration_micros, status, trace_id, \
          event_time_micros, receive_time_micros, payload_digest, prev_hash, hash, producer_id) VALUES ",
     );
-    let mut values: Vec<Value> = Vec::new();
+    let mut payloads = Sql::new(
+        backend,
+        "INSERT INTO bench_plain_payloads (tenant_id, sequence, user_id, ip_address, user_agent, \
+         path, attributes, salt) VALUES ",
+    );
     for (i, e) in batch.iter().enumerate() {
         let sequence = i64::try_from(first + i as u64).unwrap_or(i64::MAX);
-        let row: Vec<Value> = vec![
+        if i > 0 {
+            events.push(", ");
+            payloads.push(", ");
+        }
+        events.bind_list::<Value>([
             tenant.into(),
             sequence.into(),
             Uuid::parse_str(&e.id)?.into(),
@@ -186,23 +187,8 @@ async fn insert_plain(
             random32().into(),
             random32().into(),
             "svc-bench".to_owned().into(),
-        ];
-        if i > 0 {
-            events_sql.push_str(", ");
-        }
-        let marks: Vec<String> = row.iter().map(|_| placeholder()).collect();
-        events_sql.push_str(&format!("({})", marks.join(", ")));
-        values.extend(row);
-    }
-    let mut payload_values: Vec<Value> = Vec::new();
-    let mut n2 = 0;
-    let mut payloads_sql = String::from(
-        "INSERT INTO bench_plain_payloads (tenant_id, sequence, user_id, ip_address, user_agent, \
-         path, attributes, salt) VALUES ",
-    );
-    for (i, e) in batch.iter().enumerate() {
-        let sequence = i64::try_from(first + i as u64).unwrap_or(i64::MAX);
-        let row: Vec<Value> = vec![
+        ]);
+        payloads.bind_list::<Value>([
             tenant.into(),
             sequence.into(),
             e.user_id.clone().into(),
@@ -211,33 +197,11 @@ async fn insert_plain(
             String::new().into(),
             "{\"purpose\":\"file\"}".to_owned().into(),
             random32()[..16].to_vec().into(),
-        ];
-        if i > 0 {
-            payloads_sql.push_str(", ");
-        }
-        let marks: Vec<String> = row
-            .iter()
-            .map(|_| {
-                n2 += 1;
-                if backend == DbBackend::Postgres {
-                    format!("${n2}")
-                } else {
-                    "?".to_owned()
-                }
-            })
-            .collect();
-        payloads_sql.push_str(&format!("({})", marks.join(", ")));
-        payload_values.extend(row);
+        ]);
     }
     let txn = db.begin().await?;
-    txn.execute_raw(Statement::from_sql_and_values(backend, events_sql, values))
-        .await?;
-    txn.execute_raw(Statement::from_sql_and_values(
-        backend,
-        payloads_sql,
-        payload_values,
-    ))
-    .await?;
+    txn.execute_raw(events.build()).await?;
+    txn.execute_raw(payloads.build()).await?;
     txn.commit().await?;
     Ok(())
 }

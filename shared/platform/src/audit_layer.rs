@@ -96,9 +96,6 @@ pub fn call_event(
         tonic::Code::PermissionDenied | tonic::Code::Unauthenticated => pb::Outcome::Denied,
         _ => pb::Outcome::Failure,
     };
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default();
     let elapsed = started.elapsed();
     let mut attributes = std::collections::HashMap::new();
     // Ids that are not UUIDs (a service's `sub`) cannot be the event's user id.
@@ -137,10 +134,7 @@ pub fn call_event(
         }),
         ip_address: peer.map(|ip| ip.to_string()).unwrap_or_default(),
         user_agent: user_agent.to_owned(),
-        event_time: Some(prost_types::Timestamp {
-            seconds: i64::try_from(now.as_secs()).unwrap_or(i64::MAX),
-            nanos: i32::try_from(now.subsec_nanos()).unwrap_or(0),
-        }),
+        event_time: Some(crate::wire::timestamp(time::OffsetDateTime::now_utc())),
         service: service.to_owned(),
         outcome: outcome as i32,
         trace_id: String::new(),

@@ -14,7 +14,7 @@ use std::time::Duration;
 use sea_orm::sqlx::sqlite::{SqliteJournalMode, SqliteSynchronous};
 use sea_orm::{
     ConnectOptions, ConnectionTrait, Database, DatabaseConnection, DatabaseTransaction, DbBackend,
-    DbErr, Statement, TransactionTrait,
+    DbErr, Statement, TransactionTrait, Value,
 };
 use sea_orm_migration::MigratorTrait;
 use uuid::Uuid;
@@ -253,6 +253,60 @@ pub async fn enable_row_level_security(
         }
     }
     Ok(())
+}
+
+/// A statement under construction, with placeholders in the backend's style (`$1` on
+/// PostgreSQL, `?` on SQLite): for hand-written SQL such as multi-row INSERTs.
+pub struct Sql {
+    backend: DbBackend,
+    text: String,
+    values: Vec<Value>,
+}
+
+impl Sql {
+    /// A statement starting with `text`.
+    pub fn new(backend: DbBackend, text: &str) -> Self {
+        Self {
+            backend,
+            text: text.to_owned(),
+            values: Vec::new(),
+        }
+    }
+
+    /// Appends `text`.
+    pub fn push(&mut self, text: &str) -> &mut Self {
+        self.text.push_str(text);
+        self
+    }
+
+    /// Appends a placeholder bound to `value`.
+    pub fn bind(&mut self, value: impl Into<Value>) -> &mut Self {
+        self.values.push(value.into());
+        if self.backend == DbBackend::Postgres {
+            self.text.push('$');
+            self.text.push_str(&self.values.len().to_string());
+        } else {
+            self.text.push('?');
+        }
+        self
+    }
+
+    /// Appends `(v1, v2, …)`.
+    pub fn bind_list<V: Into<Value>>(&mut self, values: impl IntoIterator<Item = V>) -> &mut Self {
+        self.push("(");
+        for (i, value) in values.into_iter().enumerate() {
+            if i > 0 {
+                self.push(", ");
+            }
+            self.bind(value);
+        }
+        self.push(")")
+    }
+
+    /// The statement.
+    pub fn build(self) -> Statement {
+        Statement::from_sql_and_values(self.backend, self.text, self.values)
+    }
 }
 
 /// A migration written in each backend's own SQL: runs `postgres` or `sqlite`, in order.
