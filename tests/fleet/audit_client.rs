@@ -29,7 +29,7 @@ fn datakey(tenant: Uuid) -> keys_pb::GenerateDataKeyRequest {
     }
 }
 
-async fn all_events(
+pub(crate) async fn all_events(
     audit: &mut AuditServiceClient<tonic::transport::Channel>,
     admin: &str,
     tenant: Uuid,

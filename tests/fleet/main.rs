@@ -14,6 +14,7 @@ mod ip_blocks;
 mod isolation;
 mod keys;
 mod mfa;
+mod monitor;
 mod platform;
 mod service_tokens;
 mod sessions;

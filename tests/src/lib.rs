@@ -259,6 +259,7 @@ pub struct TestFleetBuilder {
     auth: bool,
     audit: bool,
     audit_checkpoint_every: Option<u64>,
+    monitor_rules: Option<penny_audit::monitor::rules::RuleSet>,
     concurrency_limit: Option<usize>,
     tls: Option<penny_platform::server::TlsMaterial>,
     signing_key_rotation: Option<Duration>,
@@ -313,6 +314,12 @@ impl TestFleetBuilder {
     pub fn with_audit(mut self) -> Self {
         self.audit = true;
         self.authz = true;
+        self
+    }
+
+    /// Run audit's monitor with these rules (instead of the guide's defaults).
+    pub fn monitor_rules(mut self, rules: penny_audit::monitor::rules::RuleSet) -> Self {
+        self.monitor_rules = Some(rules);
         self
     }
 
@@ -513,16 +520,20 @@ impl TestFleetBuilder {
             Some(listener) => {
                 let database = fresh_database(data_dir.path(), "audit").await;
                 let key = Arc::new(SigningKey::generate().expect("checkpoint key"));
-                Some(
-                    start_audit_on(
-                        &config,
-                        database,
-                        key,
-                        self.audit_checkpoint_every.unwrap_or(1000),
-                        listener,
-                    )
-                    .await,
-                )
+                // With auth and tenants to act through, the monitor runs the guide's
+                // rules (or the test's); without them, only the test's.
+                let monitor_rules = self.monitor_rules.clone().or_else(|| {
+                    (auth.is_some() && tenants.is_some())
+                        .then(penny_audit::monitor::rules::RuleSet::defaults)
+                });
+                let settings = AuditSettings {
+                    checkpoint_every: self.audit_checkpoint_every.unwrap_or(1000),
+                    monitor_rules,
+                    tenants_url: tenants
+                        .as_ref()
+                        .map(|t| format!("http://{}", t.server.addr)),
+                };
+                Some(start_audit_on(&config, database, key, settings, listener).await)
             }
             None => None,
         };
@@ -723,11 +734,26 @@ impl TestFleet {
                 &self.config,
                 old.database.clone(),
                 old.checkpoint_key.clone(),
-                old.checkpoint_every,
+                old.settings.clone(),
                 listener,
             )
             .await,
         );
+    }
+
+    /// A second audit server on the same database, with the same key and rules (as
+    /// replicas behind a balancer).
+    pub async fn start_audit_replica(&self) -> AuditServer {
+        let audit = self.audit();
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        start_audit_on(
+            &self.config,
+            audit.database.clone(),
+            audit.checkpoint_key.clone(),
+            audit.settings.clone(),
+            listener,
+        )
+        .await
     }
 
     /// The echo server; panics when it was not started.
@@ -858,21 +884,31 @@ pub struct AuditServer {
     pub database: TestDatabase,
     /// The key that signs its checkpoints.
     pub checkpoint_key: Arc<SigningKey>,
+    settings: AuditSettings,
+}
+
+/// How a test fleet's audit service is set up (kept to restart it, or start a replica).
+#[derive(Debug, Clone)]
+struct AuditSettings {
     checkpoint_every: u64,
+    monitor_rules: Option<penny_audit::monitor::rules::RuleSet>,
+    tenants_url: Option<String>,
 }
 
 async fn start_audit_on(
     config: &ServeConfig,
     database: TestDatabase,
     checkpoint_key: Arc<SigningKey>,
-    every: u64,
+    settings: AuditSettings,
     listener: TcpListener,
 ) -> AuditServer {
     let mut audit_config =
         penny_audit::AuditConfig::new(database.url.clone(), checkpoint_key.clone());
     audit_config.migration_database_url = database.migration_url.clone();
-    audit_config.checkpoint_every = every;
-    let audit = penny_audit::build(audit_config)
+    audit_config.checkpoint_every = settings.checkpoint_every;
+    audit_config.monitor_rules = settings.monitor_rules.clone();
+    audit_config.tenants_url = settings.tenants_url.clone();
+    let audit = penny_audit::build(audit_config, config)
         .await
         .expect("build audit service");
     let bundle = penny_audit::bundle(audit, config);
@@ -886,7 +922,7 @@ async fn start_audit_on(
         server,
         database,
         checkpoint_key,
-        checkpoint_every: every,
+        settings,
     }
 }
 

@@ -9,6 +9,8 @@ use anyhow::Context as _;
 use penny_platform::principal::Jwks;
 use penny_platform::signing::SigningKey;
 
+use crate::monitor::rules::RuleSet;
+
 /// `penny serve audit` flags.
 #[derive(Debug, Clone, clap::Args)]
 pub struct Args {
@@ -53,6 +55,16 @@ pub struct Args {
     #[arg(long = "audit-checkpoint-interval-secs", env = "PENNY_AUDIT_CHECKPOINT_INTERVAL_SECS",
           default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=86_400))]
     pub checkpoint_interval_secs: u64,
+    /// The security monitor's rules (JSON; see docs/operations.md). Without it, the
+    /// guide's defaults; `{"rules": []}` switches the monitor off.
+    #[arg(
+        long = "audit-monitor-rules-file",
+        env = "PENNY_AUDIT_MONITOR_RULES_FILE"
+    )]
+    pub monitor_rules_file: Option<PathBuf>,
+    /// The tenants service (`http://host:port`), where the monitor suspends users.
+    #[arg(long = "audit-tenants-url", env = "PENNY_AUDIT_TENANTS_URL")]
+    pub tenants_url: Option<String>,
 }
 
 /// Everything the audit service needs.
@@ -70,6 +82,10 @@ pub struct AuditConfig {
     pub checkpoint_every: u64,
     /// …and at least this often for a chain that grew.
     pub checkpoint_interval: Duration,
+    /// The security monitor's rules; `None` runs no monitor.
+    pub monitor_rules: Option<RuleSet>,
+    /// The tenants service, where the monitor suspends users.
+    pub tenants_url: Option<String>,
 }
 
 impl AuditConfig {
@@ -82,6 +98,8 @@ impl AuditConfig {
             previous_checkpoint_keys: Jwks::default(),
             checkpoint_every: 1000,
             checkpoint_interval: Duration::from_secs(60),
+            monitor_rules: None,
+            tenants_url: None,
         }
     }
 }
@@ -118,6 +136,20 @@ impl Args {
             }
             None => Jwks::default(),
         };
+        let rules = match &self.monitor_rules_file {
+            Some(path) => {
+                let bytes = std::fs::read(path).with_context(|| {
+                    format!(
+                        "PENNY_AUDIT_MONITOR_RULES_FILE: cannot read {}",
+                        path.display()
+                    )
+                })?;
+                RuleSet::parse(&bytes).map_err(|e| {
+                    anyhow::anyhow!("PENNY_AUDIT_MONITOR_RULES_FILE {}: {e}", path.display())
+                })?
+            }
+            None => RuleSet::defaults(),
+        };
         Ok(AuditConfig {
             database_url: self.database_url,
             migration_database_url: self.migration_database_url,
@@ -125,6 +157,8 @@ impl Args {
             previous_checkpoint_keys: previous,
             checkpoint_every: self.checkpoint_every,
             checkpoint_interval: Duration::from_secs(self.checkpoint_interval_secs),
+            monitor_rules: Some(rules),
+            tenants_url: self.tenants_url,
         })
     }
 }

@@ -37,6 +37,9 @@ pub(crate) fn policy() -> AccessPolicy {
         ("VerifyChain", Permission("audit:read")),
         ("GetCheckpoint", Permission("audit:read")),
         ("Redact", Permission("audit:redact")),
+        ("ListAlerts", Permission("alert:read")),
+        ("WatchAlerts", Permission("alert:read")),
+        ("AckAlert", Permission("alert:ack")),
     ]
     .into_iter()
     .fold(AccessPolicy::new(), |policy, (method, requirement)| {
@@ -75,6 +78,55 @@ struct AuditGrpc {
 }
 
 type ExportStream = Pin<Box<dyn Stream<Item = Result<pb::ExportResponse, Status>> + Send>>;
+type AlertStream = Pin<Box<dyn Stream<Item = Result<pb::WatchAlertsResponse, Status>> + Send>>;
+
+/// Most alerts one ListAlerts page holds.
+const MAX_ALERT_PAGE: u32 = 1000;
+/// Longest acknowledgement note.
+const MAX_NOTE_LEN: usize = 1024;
+
+/// The tenant an alert call names: empty means every tenant (`None`), which only fleet
+/// services and platform staff may ask for.
+fn alert_scope(
+    principal: &penny_platform::Principal,
+    v: &mut Violations,
+    tenant: &str,
+) -> Result<Option<Uuid>, Status> {
+    if tenant.is_empty() {
+        if principal.is_service() || principal.is_platform_admin() {
+            return Ok(None);
+        }
+        v.add(
+            "tenant_id",
+            "required: only platform staff see every tenant's alerts",
+        );
+        return Ok(None);
+    }
+    let tenant = v.uuid("tenant_id", tenant);
+    Ok(Some(tenant))
+}
+
+fn severity_filter(v: &mut Violations, value: i32) -> Option<i32> {
+    match pb::AlertSeverity::try_from(value) {
+        Ok(pb::AlertSeverity::Unspecified) => None,
+        Ok(severity) => Some(severity as i32),
+        Err(_) => {
+            v.add("min_severity", "must be an AlertSeverity");
+            None
+        }
+    }
+}
+
+fn alert_cursor(token: &str) -> Result<Option<(i64, Uuid)>, Status> {
+    let Some(cursor) = decode_page_token(token)? else {
+        return Ok(None);
+    };
+    cursor
+        .split_once(':')
+        .and_then(|(at, id)| Some((at.parse().ok()?, Uuid::try_parse(id).ok()?)))
+        .map(Some)
+        .ok_or_else(|| page_token_error().into())
+}
 
 fn failure_number(failure: Failure) -> pb::ChainFailure {
     match failure {
@@ -415,5 +467,149 @@ impl AuditService for AuditGrpc {
         Ok(Response::new(pb::RedactResponse {
             redacted_count: redacted,
         }))
+    }
+
+    async fn list_alerts(
+        &self,
+        request: Request<pb::ListAlertsRequest>,
+    ) -> Result<Response<pb::ListAlertsResponse>, Status> {
+        let principal = caller(&request)?.clone();
+        let request = request.into_inner();
+        let mut v = Violations::new();
+        let tenant = alert_scope(&principal, &mut v, &request.tenant_id)?;
+        let state = match pb::AlertState::try_from(request.state) {
+            Ok(pb::AlertState::Unspecified) => None,
+            Ok(state) => Some(state as i32),
+            Err(_) => {
+                v.add("state", "must be an AlertState");
+                None
+            }
+        };
+        let min_severity = severity_filter(&mut v, request.min_severity);
+        let start = request.start_time.as_ref().map(micros);
+        let end = request.end_time.as_ref().map(micros);
+        if matches!(start, Some(None)) {
+            v.add("start_time", "must be a valid time");
+        }
+        if matches!(end, Some(None)) {
+            v.add("end_time", "must be a valid time");
+        }
+        let limit = page_size(&mut v, request.page_size, DEFAULT_PAGE_SIZE, MAX_ALERT_PAGE);
+        v.finish()?;
+        let cursor = alert_cursor(&request.page_token)?;
+        let tenant = tenant
+            .map(|tenant| tenant_scope(&principal, tenant))
+            .transpose()?;
+        let filter = crate::monitor::AlertFilter {
+            tenant,
+            state,
+            min_severity,
+            start_micros: start.flatten(),
+            end_micros: end.flatten(),
+        };
+        let mut alerts = self
+            .audit
+            .monitor()
+            .list(&filter, cursor, u64::from(limit) + 1)
+            .await
+            .map_err(crate::error::AuditError::from)?;
+        let next_page_token = if alerts.len() > limit as usize {
+            alerts.truncate(limit as usize);
+            alerts
+                .last()
+                .map(|last| {
+                    let at = last.create_time.as_ref().and_then(micros).unwrap_or(0);
+                    encode_page_token(&format!("{at}:{}", last.id))
+                })
+                .unwrap_or_default()
+        } else {
+            String::new()
+        };
+        Ok(Response::new(pb::ListAlertsResponse {
+            alerts,
+            next_page_token,
+        }))
+    }
+
+    type WatchAlertsStream = AlertStream;
+
+    async fn watch_alerts(
+        &self,
+        request: Request<pb::WatchAlertsRequest>,
+    ) -> Result<Response<Self::WatchAlertsStream>, Status> {
+        let principal = caller(&request)?.clone();
+        let mut draining = draining(&request);
+        let request = request.into_inner();
+        let mut v = Violations::new();
+        let tenant = alert_scope(&principal, &mut v, &request.tenant_id)?;
+        let min_severity = severity_filter(&mut v, request.min_severity).unwrap_or(0);
+        v.finish()?;
+        let tenant = tenant
+            .map(|tenant| tenant_scope(&principal, tenant))
+            .transpose()?
+            .map(|t| t.to_string());
+        let mut feed = self.audit.monitor().subscribe();
+        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        tokio::spawn(async move {
+            loop {
+                let alert = tokio::select! {
+                    alert = feed.recv() => alert,
+                    () = tx.closed() => return,
+                    // The server is shutting down: end the stream; watchers reconnect.
+                    () = draining.started() => return,
+                };
+                let message = match alert {
+                    Ok(alert) => {
+                        if tenant.as_ref().is_some_and(|t| *t != alert.tenant_id)
+                            || alert.severity < min_severity
+                        {
+                            continue;
+                        }
+                        Ok(pb::WatchAlertsResponse {
+                            alert: Some((*alert).clone()),
+                        })
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => Err(ApiError::new(
+                        tonic::Code::ResourceExhausted,
+                        Reason::Overloaded,
+                        "this watcher fell behind the alert feed; list what it missed with ListAlerts and watch again",
+                    )
+                    .into()),
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                };
+                let last = message.is_err();
+                if tx.send(message).await.is_err() || last {
+                    return;
+                }
+            }
+        });
+        let stream = tokio_stream::wrappers::ReceiverStream::new(rx);
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn ack_alert(
+        &self,
+        request: Request<pb::AckAlertRequest>,
+    ) -> Result<Response<pb::AckAlertResponse>, Status> {
+        let principal = caller(&request)?.clone();
+        let request = request.into_inner();
+        let mut v = Violations::new();
+        let tenant = if request.tenant_id.is_empty() {
+            penny_platform::principal::PLATFORM_TENANT_ID
+        } else {
+            v.uuid("tenant_id", &request.tenant_id)
+        };
+        let alert = v.uuid("alert_id", &request.alert_id);
+        v.text("note", &request.note, 0, MAX_NOTE_LEN);
+        v.finish()?;
+        let tenant = tenant_scope(&principal, tenant)?;
+        let alert = self
+            .audit
+            .monitor()
+            .ack(&principal, tenant, alert, &request.note)
+            .await
+            .map_err(crate::error::AuditError::from)?
+            .ok_or_else(|| ApiError::not_found(Reason::NotFound, "no such alert"))?;
+        Ok(Response::new(pb::AckAlertResponse { alert: Some(alert) }))
     }
 }

@@ -19,6 +19,7 @@ pub mod error;
 pub mod export;
 mod grpc;
 pub mod migration;
+pub mod monitor;
 pub mod offline;
 pub mod service;
 pub mod store;
@@ -35,8 +36,9 @@ pub use service::Audit;
 pub const SERVICE_NAME: &str = "penny.audit.v1.AuditService";
 
 /// Connects the database (migrating it, and on PostgreSQL taking from the serving role
-/// every right to change a written event).
-pub async fn build(config: AuditConfig) -> anyhow::Result<Audit> {
+/// every right to change a written event), and starts the monitor, which acts through the
+/// auth service and the credential of `serve_config` and the tenants service of `config`.
+pub async fn build(config: AuditConfig, serve_config: &ServeConfig) -> anyhow::Result<Audit> {
     let db = penny_platform::db::open_limited::<migration::Migrator>(
         &config.database_url,
         config.migration_database_url.as_deref(),
@@ -50,8 +52,30 @@ pub async fn build(config: AuditConfig) -> anyhow::Result<Audit> {
     let trusted = checkpoint::TrustedKeys::default()
         .with(signer.key_id(), signer.public_key())
         .with_jwks(&config.previous_checkpoint_keys);
-    let store = store::Store::new(db, signer, config.checkpoint_every);
-    let audit = Audit::new(store, trusted);
+    let store = store::Store::new(db.clone(), signer, config.checkpoint_every);
+    let rules = config
+        .monitor_rules
+        .unwrap_or(monitor::rules::RuleSet { rules: Vec::new() });
+    let monitor = {
+        {
+            let tenants = config
+                .tenants_url
+                .as_ref()
+                .map(|url| {
+                    tonic::transport::Endpoint::from_shared(url.clone())
+                        .map_err(|_| anyhow::anyhow!("PENNY_AUDIT_TENANTS_URL: not a URL: {url}"))
+                        .map(|endpoint| endpoint.connect_lazy())
+                })
+                .transpose()?;
+            let enforcers = monitor::Enforcers {
+                auth: serve_config.auth.clone(),
+                tenants,
+                credential: serve_config.authorizer.clone(),
+            };
+            monitor::Monitor::new(db, store.clone(), rules, enforcers)?
+        }
+    };
+    let audit = Audit::new(store, trusted, monitor);
     audit.spawn_checkpoints(config.checkpoint_interval);
     Ok(audit)
 }
@@ -73,7 +97,7 @@ pub async fn serve(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    let audit = build(config).await?;
+    let audit = build(config, &serve_config).await?;
     let bundle = bundle(audit, &serve_config);
     penny_platform::serve(serve_config, bundle, listener, shutdown).await
 }

@@ -12,6 +12,7 @@ use uuid::Uuid;
 use crate::chain::{Broken, ChainCheck, Failure, GENESIS, Payload, Record, StoredEvent};
 use crate::checkpoint::{Checkpoint, TrustedKeys};
 use crate::error::AuditError;
+use crate::monitor::{Monitor, Seen};
 use crate::store::{Appended, Filter, NewEvent, REDACT_ACTION, RedactTarget, Store};
 
 /// Events per Append call.
@@ -34,6 +35,8 @@ pub struct Audit {
     store: Store,
     /// The keys checkpoints are checked against.
     trusted: TrustedKeys,
+    /// The security monitor (with no rules when it is switched off).
+    monitor: Monitor,
     /// Held by the service's clones, not by its background task: it ends when they do.
     lifetime: std::sync::Arc<()>,
 }
@@ -137,7 +140,7 @@ fn new_event(event: &pb::AuditEvent) -> Result<(Uuid, NewEvent), ApiError> {
     v.token("service", &event.service, 64);
     match pb::Outcome::try_from(event.outcome) {
         Ok(pb::Outcome::Unspecified) | Err(_) => {
-            v.add("outcome", "must be SUCCESS, FAILURE or DENIED");
+            v.add("outcome", "must be SUCCESS, FAILURE, DENIED or ATTEMPTED");
         }
         Ok(_) => {}
     }
@@ -289,12 +292,20 @@ pub struct Verification {
 
 impl Audit {
     /// The service over a migrated store, trusting checkpoints signed by `trusted`.
-    pub fn new(store: Store, trusted: TrustedKeys) -> Self {
+    pub fn new(store: Store, trusted: TrustedKeys, monitor: Monitor) -> Self {
+        let lifetime = std::sync::Arc::new(());
+        monitor.spawn(std::sync::Arc::downgrade(&lifetime));
         Self {
             store,
             trusted,
-            lifetime: std::sync::Arc::new(()),
+            monitor,
+            lifetime,
         }
+    }
+
+    /// The security monitor.
+    pub fn monitor(&self) -> &Monitor {
+        &self.monitor
     }
 
     /// Signs a checkpoint of every chain that grew, every `interval`, for as long as the
@@ -365,6 +376,23 @@ impl Audit {
         for (tenant, items) in by_tenant {
             let batch: Vec<NewEvent> = items.iter().map(|(_, e)| e.clone()).collect();
             let outcomes = self.store.append(tenant, &batch).await?;
+            {
+                // Each event is looked at once, when first stored; a monitor that cannot
+                // count does not lose the events, which are stored already.
+                let seen: Vec<Seen<'_>> = batch
+                    .iter()
+                    .zip(&outcomes)
+                    .filter(|(_, outcome)| matches!(outcome, Appended::New(_)))
+                    .map(|(event, _)| Seen {
+                        tenant,
+                        record: &event.record,
+                        payload: &event.payload,
+                    })
+                    .collect();
+                if let Err(err) = self.monitor.observe(&seen).await {
+                    tracing::error!(error = %err, events = seen.len(), "the security monitor could not evaluate appended events");
+                }
+            }
             for ((index, _), outcome) in items.iter().zip(outcomes) {
                 let result = &mut results[*index];
                 result.result = Some(match outcome {
@@ -610,6 +638,10 @@ impl Audit {
                 },
             }
         };
-        Ok(self.store.redact(tenant, target, record).await?)
+        let redacted = self.store.redact(tenant, target, record).await?;
+        if let RedactTarget::User(user) = target {
+            self.monitor.forget_user(tenant, user).await?;
+        }
+        Ok(redacted)
     }
 }

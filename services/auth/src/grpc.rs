@@ -122,6 +122,27 @@ struct AuthGrpc {
     auth: Auth,
 }
 
+impl AuthGrpc {
+    /// Stores the attempt of a security-critical change to `principal`'s own account
+    /// (its MFA), before it is made.
+    async fn critical(
+        &self,
+        principal: &penny_platform::Principal,
+        method: &str,
+    ) -> Result<penny_platform::CriticalAction, ApiError> {
+        penny_platform::CriticalAction::begin(
+            self.auth.audit.as_ref(),
+            "auth",
+            method,
+            principal,
+            principal.tenant_id,
+            ("user", principal.id.clone()),
+            &[],
+        )
+        .await
+    }
+}
+
 fn password_in(v: &mut Violations, field: &str, value: &str, required: bool) {
     let chars = value.chars().count();
     if required && chars == 0 {
@@ -943,7 +964,12 @@ impl AuthService for AuthGrpc {
         request: Request<pb::EnrollMfaRequest>,
     ) -> Result<Response<pb::EnrollMfaResponse>, Status> {
         let principal = caller(&request)?.clone();
-        let enrolment = self.auth.enroll_mfa(&principal).await?;
+        let audited = self
+            .critical(&principal, "/penny.auth.v1.AuthService/EnrollMfa")
+            .await?;
+        let enrolment = self.auth.enroll_mfa(&principal).await.map_err(Status::from);
+        audited.finish(&enrolment, &[]);
+        let enrolment = enrolment?;
         Ok(Response::new(pb::EnrollMfaResponse {
             secret: enrolment.secret.to_string(),
             otpauth_uri: enrolment.uri.to_string(),
@@ -961,7 +987,16 @@ impl AuthService for AuthGrpc {
         let mut v = Violations::new();
         v.length("totp_code", &code, 1, MAX_CODE_LEN);
         v.finish()?;
-        let (codes, upgraded) = self.auth.confirm_mfa(&principal, &code).await?;
+        let audited = self
+            .critical(&principal, "/penny.auth.v1.AuthService/ConfirmMfa")
+            .await?;
+        let confirmed = self
+            .auth
+            .confirm_mfa(&principal, &code)
+            .await
+            .map_err(Status::from);
+        audited.finish(&confirmed, &[]);
+        let (codes, upgraded) = confirmed?;
         tracing::info!(tenant = %principal.tenant_id, "MFA activated");
         Ok(Response::new(pb::ConfirmMfaResponse {
             recovery_codes: codes.iter().map(|c| c.to_string()).collect(),
@@ -1038,7 +1073,16 @@ impl AuthService for AuthGrpc {
         let Some(proof) = proof else {
             return Err(ApiError::invalid_field("proof", "required").into());
         };
-        self.auth.disable_mfa(&principal, proof).await?;
+        let audited = self
+            .critical(&principal, "/penny.auth.v1.AuthService/DisableMfa")
+            .await?;
+        let disabled = self
+            .auth
+            .disable_mfa(&principal, proof)
+            .await
+            .map_err(Status::from);
+        audited.finish(&disabled, &[]);
+        disabled?;
         tracing::info!(tenant = %principal.tenant_id, "MFA switched off");
         Ok(Response::new(pb::DisableMfaResponse {}))
     }

@@ -66,9 +66,12 @@ pub(crate) fn policy() -> AccessPolicy {
 
 pub(crate) fn bundle(authz: Authz, serve_config: &ServeConfig) -> ServiceBundle {
     let probe = authz.clone();
-    let server = AuthzServiceServer::new(AuthzGrpc { authz })
-        .max_decoding_message_size(serve_config.max_message_bytes)
-        .max_encoding_message_size(serve_config.max_message_bytes);
+    let server = AuthzServiceServer::new(AuthzGrpc {
+        authz,
+        audit: serve_config.audit.clone(),
+    })
+    .max_decoding_message_size(serve_config.max_message_bytes)
+    .max_encoding_message_size(serve_config.max_message_bytes);
     ServiceBundle {
         name: "authz",
         routes: tonic::service::Routes::new(server),
@@ -84,6 +87,28 @@ pub(crate) fn bundle(authz: Authz, serve_config: &ServeConfig) -> ServiceBundle 
 
 struct AuthzGrpc {
     authz: Authz,
+    /// Where role grants and revocations are audited before they are made.
+    audit: Option<penny_platform::AuditClient>,
+}
+
+/// What a grant or revocation is about, for its audit events.
+fn binding_attributes(
+    subject: &Subject,
+    role: &str,
+    workspace: Option<Uuid>,
+) -> Vec<(&'static str, String)> {
+    vec![
+        ("role", role.to_owned()),
+        (
+            "subject_kind",
+            format!("{:?}", subject.kind).to_ascii_lowercase(),
+        ),
+        ("subject_id", subject.id.clone()),
+        (
+            "workspace_id",
+            workspace.map(|w| w.to_string()).unwrap_or_default(),
+        ),
+    ]
 }
 
 fn actor(principal: &Principal) -> Actor {
@@ -584,7 +609,8 @@ impl AuthzService for AuthzGrpc {
         &self,
         request: Request<pb::GrantRoleRequest>,
     ) -> Result<Response<pb::GrantRoleResponse>, Status> {
-        let actor = actor(caller(&request)?);
+        let principal = caller(&request)?.clone();
+        let actor = actor(&principal);
         let request = request.into_inner();
         let (tenant, subject, workspace) = binding_target(
             &request.tenant_id,
@@ -592,10 +618,36 @@ impl AuthzService for AuthzGrpc {
             &request.role,
             &request.workspace_id,
         )?;
-        let (binding, created, privilege_change) = self
+        // A grant is security-critical: audited before it is made, or not made.
+        let audited = penny_platform::CriticalAction::begin(
+            self.audit.as_ref(),
+            "authz",
+            "/penny.authz.v1.AuthzService/GrantRole",
+            &principal,
+            tenant,
+            ("role_binding", String::new()),
+            &binding_attributes(&subject, &request.role, workspace),
+        )
+        .await?;
+        let granted = self
             .authz
             .grant(&actor, tenant, subject, &request.role, workspace)
-            .await?;
+            .await
+            .map_err(Status::from);
+        audited.finish(
+            &granted,
+            &granted
+                .as_ref()
+                .map(|(binding, created, privilege_change)| {
+                    vec![
+                        ("binding_id", binding.id.to_string()),
+                        ("created", created.to_string()),
+                        ("privilege_change", privilege_change.to_string()),
+                    ]
+                })
+                .unwrap_or_default(),
+        );
+        let (binding, created, privilege_change) = granted?;
         Ok(Response::new(pb::GrantRoleResponse {
             role_binding: Some(binding_out(&binding)),
             created,
@@ -607,7 +659,8 @@ impl AuthzService for AuthzGrpc {
         &self,
         request: Request<pb::RevokeRoleRequest>,
     ) -> Result<Response<pb::RevokeRoleResponse>, Status> {
-        let actor = actor(caller(&request)?);
+        let principal = caller(&request)?.clone();
+        let actor = actor(&principal);
         let request = request.into_inner();
         let (tenant, subject, workspace) = binding_target(
             &request.tenant_id,
@@ -615,10 +668,29 @@ impl AuthzService for AuthzGrpc {
             &request.role,
             &request.workspace_id,
         )?;
-        let binding = self
+        let audited = penny_platform::CriticalAction::begin(
+            self.audit.as_ref(),
+            "authz",
+            "/penny.authz.v1.AuthzService/RevokeRole",
+            &principal,
+            tenant,
+            ("role_binding", String::new()),
+            &binding_attributes(&subject, &request.role, workspace),
+        )
+        .await?;
+        let revoked = self
             .authz
             .revoke(&actor, tenant, &subject, &request.role, workspace)
-            .await?;
+            .await
+            .map_err(Status::from);
+        audited.finish(
+            &revoked,
+            &revoked
+                .as_ref()
+                .map(|binding| vec![("binding_id", binding.id.to_string())])
+                .unwrap_or_default(),
+        );
+        let binding = revoked?;
         Ok(Response::new(pb::RevokeRoleResponse {
             role_binding: Some(binding_out(&binding)),
         }))

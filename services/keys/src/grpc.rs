@@ -46,9 +46,12 @@ pub(crate) fn policy() -> AccessPolicy {
 
 pub(crate) fn bundle(keys: Keys, serve_config: &ServeConfig) -> ServiceBundle {
     let probe_keys = keys.clone();
-    let server = KeyServiceServer::new(KeyGrpc { keys })
-        .max_decoding_message_size(serve_config.max_message_bytes)
-        .max_encoding_message_size(serve_config.max_message_bytes);
+    let server = KeyServiceServer::new(KeyGrpc {
+        keys,
+        audit: serve_config.audit.clone(),
+    })
+    .max_decoding_message_size(serve_config.max_message_bytes)
+    .max_encoding_message_size(serve_config.max_message_bytes);
     ServiceBundle {
         name: "keys",
         routes: tonic::service::Routes::new(server),
@@ -64,6 +67,29 @@ pub(crate) fn bundle(keys: Keys, serve_config: &ServeConfig) -> ServiceBundle {
 
 struct KeyGrpc {
     keys: Keys,
+    /// Where rotations and deletions are audited before they are done.
+    audit: Option<penny_platform::AuditClient>,
+}
+
+impl KeyGrpc {
+    /// Stores the attempt of a security-critical call on `tenant`'s key.
+    async fn critical(
+        &self,
+        principal: &penny_platform::Principal,
+        tenant: Uuid,
+        method: &str,
+    ) -> Result<penny_platform::CriticalAction, ApiError> {
+        penny_platform::CriticalAction::begin(
+            self.audit.as_ref(),
+            "keys",
+            method,
+            principal,
+            tenant,
+            ("key", tenant.to_string()),
+            &[],
+        )
+        .await
+    }
 }
 
 fn key_to_pb(info: KeyInfo) -> pb::Key {
@@ -235,11 +261,24 @@ impl KeyService for KeyGrpc {
         &self,
         request: Request<pb::RotateKeyRequest>,
     ) -> Result<Response<pb::RotateKeyResponse>, Status> {
+        let principal = penny_platform::stack::caller(&request)?.clone();
         let request = request.into_inner();
         let mut v = Violations::new();
         let tenant = tenant(&mut v, &request.tenant_id);
         v.finish()?;
-        let info = self.keys.rotate_key(tenant).await?;
+        // Security-critical: audited before it is done, or not done.
+        let audited = self
+            .critical(&principal, tenant.0, "/penny.keys.v1.KeyService/RotateKey")
+            .await?;
+        let rotated = self.keys.rotate_key(tenant).await.map_err(Status::from);
+        audited.finish(
+            &rotated,
+            &rotated
+                .as_ref()
+                .map(|info| vec![("version", info.latest_version.to_string())])
+                .unwrap_or_default(),
+        );
+        let info = rotated?;
         tracing::info!(tenant = %tenant, version = info.latest_version, "key rotated");
         Ok(Response::new(pb::RotateKeyResponse {
             key: Some(key_to_pb(info)),
@@ -424,11 +463,17 @@ impl KeyService for KeyGrpc {
         &self,
         request: Request<pb::DeleteKeyRequest>,
     ) -> Result<Response<pb::DeleteKeyResponse>, Status> {
+        let principal = penny_platform::stack::caller(&request)?.clone();
         let request = request.into_inner();
         let mut v = Violations::new();
         let tenant = tenant(&mut v, &request.tenant_id);
         v.finish()?;
-        self.keys.delete_key(tenant).await?;
+        let audited = self
+            .critical(&principal, tenant.0, "/penny.keys.v1.KeyService/DeleteKey")
+            .await?;
+        let deleted = self.keys.delete_key(tenant).await.map_err(Status::from);
+        audited.finish(&deleted, &[]);
+        deleted?;
         tracing::warn!(tenant = %tenant, "tenant key deleted: its data is crypto-shredded");
         Ok(Response::new(pb::DeleteKeyResponse {}))
     }

@@ -79,7 +79,9 @@ fn event(tenant: Uuid, n: u64) -> pb::AuditEvent {
     pb::AuditEvent {
         id: Uuid::new_v4().to_string(),
         tenant_id: tenant.to_string(),
-        user_id: Uuid::new_v4().to_string(),
+        // A thousand users, as the monitor would see them.
+        user_id: Uuid::from_u128(0x5e11_0000_0000_4000_8000_0000_0000_0000 | u128::from(n % 1000))
+            .to_string(),
         principal_kind: penny_proto::common::v1::PrincipalKind::User as i32,
         action: "keys.generate_data_key".into(),
         resource: "key".into(),
@@ -300,7 +302,14 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<()> {
         Arc::new(SigningKey::generate()?),
     );
     audit_config.migration_database_url = database.owner_url.clone();
-    let audit = penny_audit::build(audit_config).await?;
+    // The monitor counts every event by the guide's rules, as in production; its actions
+    // are not carried out (nothing to carry them out here).
+    let mut rules = penny_audit::monitor::rules::RuleSet::defaults();
+    for rule in &mut rules.rules {
+        rule.dry_run = true;
+    }
+    audit_config.monitor_rules = Some(rules);
+    let audit = penny_audit::build(audit_config, &config).await?;
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?.to_string();
     let (stop, task) = spawn_server(

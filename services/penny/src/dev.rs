@@ -155,6 +155,9 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     );
     // Quick checkpoints, so a developer sees them within seconds.
     audit_config.checkpoint_interval = Duration::from_secs(5);
+    // The security monitor with the guide's rules, acting through auth and tenants.
+    audit_config.monitor_rules = Some(penny_audit::monitor::rules::RuleSet::defaults());
+    audit_config.tenants_url = Some(format!("http://{}:{TENANTS_PORT}", args.host));
     let listener = bind(&args.host, AUDIT_PORT, "audit").await?;
     running.push(Running {
         env_name: "PENNY_AUDIT_ADDR",

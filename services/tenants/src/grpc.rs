@@ -54,9 +54,12 @@ pub(crate) fn policy() -> AccessPolicy {
 
 pub(crate) fn bundle(tenants: Tenants, serve_config: &ServeConfig) -> ServiceBundle {
     let probe = tenants.clone();
-    let server = TenantServiceServer::new(TenantGrpc { tenants })
-        .max_decoding_message_size(serve_config.max_message_bytes)
-        .max_encoding_message_size(serve_config.max_message_bytes);
+    let server = TenantServiceServer::new(TenantGrpc {
+        tenants,
+        audit: serve_config.audit.clone(),
+    })
+    .max_decoding_message_size(serve_config.max_message_bytes)
+    .max_encoding_message_size(serve_config.max_message_bytes);
     ServiceBundle {
         name: "tenants",
         routes: tonic::service::Routes::new(server),
@@ -72,6 +75,8 @@ pub(crate) fn bundle(tenants: Tenants, serve_config: &ServeConfig) -> ServiceBun
 
 struct TenantGrpc {
     tenants: Tenants,
+    /// Where erasures are audited before they are done.
+    audit: Option<penny_platform::AuditClient>,
 }
 
 fn duration_out(value: Duration) -> prost_types::Duration {
@@ -411,15 +416,31 @@ impl TenantService for TenantGrpc {
         request: Request<pb::DeleteTenantRequest>,
     ) -> Result<Response<pb::DeleteTenantResponse>, Status> {
         let credential = caller_credential(&request)?;
+        let principal = penny_platform::stack::caller(&request)?.clone();
         let request = request.into_inner();
         let mut v = Violations::new();
         let tenant = v.uuid("tenant_id", &request.tenant_id);
         v.length("confirm_slug", &request.confirm_slug, 1, 63);
         v.finish()?;
-        let tenant = self
+        // Erasure is security-critical: audited before it is done, or not done. The event
+        // goes to the platform's chain, which outlives the tenant's.
+        let audited = penny_platform::CriticalAction::begin(
+            self.audit.as_ref(),
+            "tenants",
+            "/penny.tenants.v1.TenantService/DeleteTenant",
+            &principal,
+            penny_platform::principal::PLATFORM_TENANT_ID,
+            ("tenant", tenant.to_string()),
+            &[],
+        )
+        .await?;
+        let deleted = self
             .tenants
             .delete_tenant(tenant, &request.confirm_slug, &credential)
-            .await?;
+            .await
+            .map_err(Status::from);
+        audited.finish(&deleted, &[]);
+        let tenant = deleted?;
         Ok(Response::new(pb::DeleteTenantResponse {
             tenant: Some(tenant_out(&tenant)),
         }))

@@ -1,7 +1,9 @@
-//! The standard stack's record of calls: every mutating call, every refused call, and
-//! every call whose method is not plainly a read, becomes an audit event, queued through
-//! the server's [`AuditClient`] (batched, spooled while audit is unreachable). Reads
-//! (`Get…`, `List…`, `Check…`, `Query…`, `Watch…`, …) are recorded only when refused.
+//! The standard stack's record of calls: every mutating call, every refused call, every
+//! call whose method is not plainly a read, and every call a user or an API key makes,
+//! becomes an audit event, queued through the server's [`AuditClient`] (batched, spooled
+//! while audit is unreachable). Reads (`Get…`, `List…`, `Check…`, `Query…`, `Watch…`, …)
+//! by fleet services are recorded only when refused: they act for someone whose own call
+//! is recorded where it entered, and the monitor counts a person's requests, reads too.
 //!
 //! The layer sits outside authentication, so refusals are recorded too; the
 //! authentication layer tells it who the caller was through an [`AuditSlot`] in the
@@ -19,6 +21,7 @@ use tonic::body::Body;
 use tower::{Layer, Service};
 
 use crate::audit::AuditClient;
+use crate::error::ApiError;
 use crate::principal::{PLATFORM_TENANT_ID, Principal, PrincipalKind};
 
 type BoxFuture<T, E> = std::pin::Pin<Box<dyn std::future::Future<Output = Result<T, E>> + Send>>;
@@ -91,11 +94,7 @@ pub fn call_event(
         .trim_start_matches('/')
         .split_once('/')
         .unwrap_or(("", path));
-    let outcome = match code {
-        tonic::Code::Ok => pb::Outcome::Success,
-        tonic::Code::PermissionDenied | tonic::Code::Unauthenticated => pb::Outcome::Denied,
-        _ => pb::Outcome::Failure,
-    };
+    let outcome = outcome_of(code);
     let elapsed = started.elapsed();
     let mut attributes = std::collections::HashMap::new();
     // Ids that are not UUIDs (a service's `sub`) cannot be the event's user id.
@@ -140,6 +139,99 @@ pub fn call_event(
         trace_id: String::new(),
         attributes,
         ..Default::default()
+    }
+}
+
+/// A security-critical action (an MFA change, a role grant, a key rotation, an erasure),
+/// audited twice: its attempt is stored before anything is done, and the caller fails
+/// with UNAVAILABLE when it cannot be (so the action is never done unaudited); how it
+/// ended is queued when it ends (spooled while audit is down, never lost).
+#[derive(Debug)]
+#[must_use = "finish the action to record how it ended"]
+pub struct CriticalAction {
+    client: Option<AuditClient>,
+    event: pb::AuditEvent,
+    started: Instant,
+}
+
+impl CriticalAction {
+    /// Stores the attempt of `method` (`/penny.authz.v1.AuthzService/GrantRole`) of
+    /// `service` (`authz`) by `principal` on `resource` in `tenant`. Without an audit
+    /// client (a server run without audit) nothing is recorded.
+    pub async fn begin(
+        audit: Option<&AuditClient>,
+        service: &str,
+        method: &str,
+        principal: &Principal,
+        tenant: uuid::Uuid,
+        resource: (&str, String),
+        attributes: &[(&str, String)],
+    ) -> Result<Self, ApiError> {
+        let started = Instant::now();
+        let mut event = call_event(
+            service,
+            method,
+            Some(principal),
+            None,
+            "",
+            started,
+            tonic::Code::Ok,
+        );
+        event.tenant_id = tenant.to_string();
+        event.resource = resource.0.to_owned();
+        event.resource_id = resource.1;
+        for (name, value) in attributes {
+            event.attributes.insert((*name).to_owned(), value.clone());
+        }
+        event.outcome = pb::Outcome::Attempted as i32;
+        if let Some(metadata) = &mut event.metadata {
+            metadata.duration = None;
+        }
+        if let Some(client) = audit {
+            client.record_critical(event.clone()).await?;
+        }
+        Ok(Self {
+            client: audit.cloned(),
+            event,
+            started,
+        })
+    }
+
+    /// Records how the action ended, with `attributes` learnt on the way.
+    pub fn finish<T>(self, result: &Result<T, tonic::Status>, attributes: &[(&str, String)]) {
+        let Some(client) = self.client else {
+            return;
+        };
+        let code = result
+            .as_ref()
+            .map_or_else(|s| s.code(), |_| tonic::Code::Ok);
+        let mut event = self.event;
+        event
+            .attributes
+            .insert("attempt_id".to_owned(), event.id.clone());
+        for (name, value) in attributes {
+            event.attributes.insert((*name).to_owned(), value.clone());
+        }
+        event.id = uuid::Uuid::now_v7().to_string();
+        event.outcome = outcome_of(code) as i32;
+        event.event_time = Some(crate::wire::timestamp(time::OffsetDateTime::now_utc()));
+        if let Some(metadata) = &mut event.metadata {
+            let elapsed = self.started.elapsed();
+            metadata.duration = Some(prost_types::Duration {
+                seconds: i64::try_from(elapsed.as_secs()).unwrap_or(i64::MAX),
+                nanos: i32::try_from(elapsed.subsec_nanos()).unwrap_or(0),
+            });
+            metadata.status = code as i32;
+        }
+        client.record(event);
+    }
+}
+
+fn outcome_of(code: tonic::Code) -> pb::Outcome {
+    match code {
+        tonic::Code::Ok => pb::Outcome::Success,
+        tonic::Code::PermissionDenied | tonic::Code::Unauthenticated => pb::Outcome::Denied,
+        _ => pb::Outcome::Failure,
     }
 }
 
@@ -229,7 +321,11 @@ where
                 code,
                 tonic::Code::PermissionDenied | tonic::Code::Unauthenticated
             );
-            if refused || !is_read(method) {
+            let by_person = slot
+                .0
+                .get()
+                .is_some_and(|p| matches!(p.kind, PrincipalKind::User | PrincipalKind::ApiKey));
+            if refused || by_person || !is_read(method) {
                 layer.client.record(call_event(
                     layer.service,
                     &path,

@@ -31,6 +31,7 @@ pub mod wire;
 
 pub use access::{AccessPolicy, Requirement};
 pub use audit::AuditClient;
+pub use audit_layer::CriticalAction;
 pub use authorizer::Authorizer;
 pub use credential::ServiceCredential;
 pub use error::{ApiError, Reason};

@@ -4,6 +4,7 @@ use sea_orm_migration::prelude::*;
 
 pub mod m20261205_000001_create_audit;
 pub mod m20261205_000002_checkpoints;
+pub mod m20261205_000003_monitor;
 
 /// What the serving role may not do, per table (revoked after the platform's grant of
 /// row access, and checked at start).
@@ -25,6 +26,7 @@ impl MigratorTrait for Migrator {
         vec![
             Box::new(m20261205_000001_create_audit::Migration),
             Box::new(m20261205_000002_checkpoints::Migration),
+            Box::new(m20261205_000003_monitor::Migration),
         ]
     }
 
