@@ -289,9 +289,22 @@ async fn every_sign_in_outcome_is_audited_and_sign_in_fails_closed_without_audit
 
     let admin = h.admin.clone();
     let mut audit = AuditServiceClient::new(h.fleet.audit().server.channel().await);
-    let sign_ins = all_events(&mut audit, &admin, acme.tenant, "auth.sign_in").await;
-    assert_eq!(sign_ins.len(), 2, "both attempts, at once (not batched)");
-    let (ok, failed) = (&sign_ins[0], &sign_ins[1]);
+    let recorded = all_events(&mut audit, &admin, acme.tenant, "auth.sign_in").await;
+    assert_eq!(
+        recorded.len(),
+        4,
+        "each attempt before it was checked, and how it ended, at once (not batched)"
+    );
+    let (attempts, sign_ins): (Vec<_>, Vec<_>) = recorded
+        .iter()
+        .partition(|e| e.outcome == pb::Outcome::Attempted as i32);
+    assert_eq!(attempts.len(), 2);
+    for (attempt, ended) in attempts.iter().zip(&sign_ins) {
+        assert_eq!(ended.attributes["attempt_id"], attempt.id);
+        assert!(attempt.sequence < ended.sequence);
+        assert!(attempt.user_id.is_empty(), "not known before the check");
+    }
+    let (ok, failed) = (sign_ins[0], sign_ins[1]);
     assert_eq!(ok.outcome, pb::Outcome::Success as i32);
     assert_eq!(ok.user_id, acme.user.to_string());
     assert_eq!(ok.attributes["result"], "signed_in");

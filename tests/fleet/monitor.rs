@@ -256,6 +256,30 @@ async fn a_thousand_requests_in_an_hour_suspend_the_user() {
         1,
         "one alert per window"
     );
+    // Erasing the user takes them out of the alert too; the alert stays.
+    audit
+        .redact(with_token(
+            pb::RedactRequest {
+                tenant_id: acme.tenant.to_string(),
+                user_id: acme.user.to_string(),
+                reason: "erasure request".into(),
+                ..Default::default()
+            },
+            &admin,
+        ))
+        .await
+        .unwrap();
+    let erased = alerts(
+        &mut audit,
+        &admin,
+        &acme.tenant.to_string(),
+        "dataExfiltration",
+    )
+    .await;
+    assert_eq!(erased.len(), 1);
+    assert_eq!(erased[0].key, "");
+    assert!(!erased[0].message.contains(&acme.user.to_string()));
+    assert_eq!(erased[0].action_status, pb::ActionStatus::Executed as i32);
 }
 
 #[tokio::test]

@@ -362,6 +362,37 @@ fn sign_in_event(
         }
         Err(_) => (None, None, "error", audit_pb::Outcome::Failure),
     };
+    sign_in_record(tenant, user, session, result, ended, ip, user_agent)
+}
+
+/// The audit record of a sign-in that is about to be checked.
+fn sign_in_attempt(
+    tenant: Uuid,
+    ip: std::net::IpAddr,
+    user_agent: &str,
+) -> penny_proto::audit::v1::AuditEvent {
+    use penny_proto::audit::v1 as audit_pb;
+    sign_in_record(
+        tenant,
+        None,
+        None,
+        "attempt",
+        audit_pb::Outcome::Attempted,
+        ip,
+        user_agent,
+    )
+}
+
+fn sign_in_record(
+    tenant: Uuid,
+    user: Option<Uuid>,
+    session: Option<Uuid>,
+    result: &str,
+    ended: penny_proto::audit::v1::Outcome,
+    ip: std::net::IpAddr,
+    user_agent: &str,
+) -> penny_proto::audit::v1::AuditEvent {
+    use penny_proto::audit::v1 as audit_pb;
     let now = time::OffsetDateTime::now_utc();
     audit_pb::AuditEvent {
         id: Uuid::now_v7().to_string(),
@@ -922,6 +953,18 @@ impl AuthService for AuthGrpc {
             return Err(Status::invalid_argument("ip_address"));
         };
         let user_agent = request.user_agent.clone();
+        // The attempt is stored before anything is checked, so no session is ever made
+        // unaudited; how it ended is stored before it is answered. Either failing fails
+        // the sign-in closed.
+        let attempt = match &self.auth.audit {
+            Some(audit) => {
+                let attempt = sign_in_attempt(tenant, ip, &user_agent);
+                let id = attempt.id.clone();
+                audit.record_critical(attempt).await?;
+                Some(id)
+            }
+            None => None,
+        };
         let signed_in = self
             .auth
             .login(LoginAttempt {
@@ -932,12 +975,12 @@ impl AuthService for AuthGrpc {
                 user_agent: request.user_agent,
             })
             .await;
-        // Every outcome is audited before it is answered; when audit cannot store it, the
-        // sign-in fails closed.
         if let Some(audit) = &self.auth.audit {
-            audit
-                .record_critical(sign_in_event(tenant, &signed_in, ip, &user_agent))
-                .await?;
+            let mut event = sign_in_event(tenant, &signed_in, ip, &user_agent);
+            if let Some(attempt) = attempt {
+                event.attributes.insert("attempt_id".to_owned(), attempt);
+            }
+            audit.record_critical(event).await?;
         }
         let result = match signed_in? {
             SignInOutcome::SignedIn(signed_in) => {

@@ -39,6 +39,11 @@ pub enum Scenario {
     KeysDatakey,
     /// `KeyService.Decrypt` of one wrapped data key (local engine), after a baseline phase.
     KeysDecrypt,
+    /// `keys-datakey` on two keys servers in this process, one after the other: one
+    /// without audit (the ceiling), and one that records every call through the platform's
+    /// audit client into an audit service, also in this process (SQLite, the monitor's
+    /// default rules in dry run). The ratio is what the audit layer costs.
+    KeysDatakeyAudited,
     /// `AuthzService.Check` of a viewer's permission (a decision from the cache), after a
     /// baseline phase.
     AuthzCheck,
@@ -86,9 +91,19 @@ pub struct BenchArgs {
     /// Fail unless the scenario's p99 is at most this many microseconds.
     #[arg(long)]
     pub max_p99_us: Option<u64>,
-    /// audit-append: a PostgreSQL admin URL; the bench makes a fresh database on it.
+    /// audit-append and keys-datakey-audited: a PostgreSQL admin URL; the bench makes a
+    /// fresh database for audit on it (else audit uses SQLite).
     #[arg(long, env = "PENNY_BENCH_DATABASE_URL")]
     pub database_url: Option<String>,
+    /// keys-datakey-audited: run the audit process on this CPU only (through `taskset`), so
+    /// that, with this process pinned to the others (`taskset -c 0 penny bench …`), audit's
+    /// own work does not take the CPU the measured server runs on, as on separate machines.
+    #[arg(long)]
+    pub audit_cpu: Option<u32>,
+    /// audit-append: run audit without the security monitor (by default its rules run, in
+    /// dry run), to see what the monitor costs.
+    #[arg(long)]
+    pub without_monitor: bool,
     /// audit-append: events per Append call (and per plain INSERT).
     #[arg(long, default_value_t = 500, value_parser = clap::value_parser!(u32).range(1..=1000))]
     pub batch: u32,
@@ -154,9 +169,18 @@ pub struct PhaseReport {
     errors: BTreeMap<String, u64>,
     elapsed: Duration,
     latency_us: Histogram<u64>,
+    /// CPU time this process spent during the measured part (all its threads).
+    cpu: Option<Duration>,
 }
 
 impl PhaseReport {
+    /// CPU time of this process per call, in microseconds.
+    fn cpu_per_call_us(&self) -> Option<f64> {
+        let total = self.ok + self.errors.values().sum::<u64>();
+        self.cpu
+            .map(|cpu| cpu.as_secs_f64() * 1e6 / (total.max(1) as f64))
+    }
+
     fn throughput(&self) -> f64 {
         let total = self.ok + self.errors.values().sum::<u64>();
         total as f64 / self.elapsed.as_secs_f64().max(f64::EPSILON)
@@ -188,6 +212,9 @@ impl PhaseReport {
             self.latency_us.max(),
             errors
         );
+        if let Some(cpu) = self.cpu_per_call_us() {
+            println!("{:<14} cpu {cpu:.1}us per call (this process)", self.name);
+        }
     }
 }
 
@@ -214,7 +241,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let (addr, server) = match &args.target {
         Some(target) => (target.clone(), None),
         None => {
-            let (addr, server) = start_server(args.scenario).await?;
+            let (addr, server) = start_server(&args).await?;
             (addr, Some(server))
         }
     };
@@ -247,6 +274,49 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         report.print();
         print_ratio(&report, &ceiling);
         check_targets(&args, &report, &ceiling)?;
+    } else if let Some(server) = &server
+        && args.scenario == Scenario::KeysDatakeyAudited
+    {
+        // The ceiling is the same call on a keys server without audit, in this run.
+        let plain = keys_phase(
+            Scenario::KeysDatakey,
+            server,
+            &channels,
+            args.concurrency,
+            warmup,
+            limit,
+        )
+        .await?;
+        plain.print();
+        let (audited_addr, audit_addr) = server
+            .audited_addr
+            .as_ref()
+            .context("no audited keys server")?;
+        let audited_channels = connect(audited_addr, args.connections).await?;
+        let mut audited = keys_phase(
+            Scenario::KeysDatakey,
+            server,
+            &audited_channels,
+            args.concurrency,
+            warmup,
+            limit,
+        )
+        .await?;
+        audited.name = "keys-datakey-audited";
+        audited.print();
+        print_ratio(&audited, &plain);
+        // The calls really were recorded: audit's trail (the platform tenant's chain, where
+        // a service's calls go) holds them once the client has sent its last batch.
+        let stored = audited_events(server, audit_addr).await?;
+        println!(
+            "audit stored {stored} events; the audited phase made {} calls (plus its warm-up and the key's creation)",
+            audited.ok
+        );
+        anyhow::ensure!(
+            stored >= audited.ok,
+            "audit stored fewer events than calls were made"
+        );
+        check_targets(&args, &audited, &plain)?;
     } else if let Some(server) = &server
         && args.scenario != Scenario::Baseline
     {
@@ -302,6 +372,12 @@ struct BenchServer {
     signing: SigningKey,
     /// The tenants service, when the scenario runs one.
     tenants_addr: Option<String>,
+    /// The keys server that records its calls in audit, and that audit service, when the
+    /// scenario runs them.
+    audited_addr: Option<(String, String)>,
+    /// A service run as its own process (audit, in keys-datakey-audited), killed at stop,
+    /// and its database, dropped then.
+    child: Option<(std::process::Child, crate::bench_audit::Database)>,
     _data_dir: TempDir,
 }
 
@@ -312,6 +388,11 @@ impl BenchServer {
         }
         for task in self.tasks {
             task.await.context("bench server task")??;
+        }
+        if let Some((mut child, database)) = self.child {
+            let _ = child.kill();
+            let _ = child.wait();
+            database.drop_database().await?;
         }
         Ok(())
     }
@@ -431,12 +512,15 @@ async fn start_auth_fleet(
             tasks,
             signing,
             tenants_addr: Some(addrs[2].clone()),
+            audited_addr: None,
+            child: None,
             _data_dir: data_dir,
         },
     ))
 }
 
-async fn start_server(scenario: Scenario) -> anyhow::Result<(String, BenchServer)> {
+async fn start_server(args: &BenchArgs) -> anyhow::Result<(String, BenchServer)> {
+    let scenario = args.scenario;
     let data_dir = TempDir::new()?;
     let signing = SigningKey::load_or_create(&data_dir.0)?;
     let verifier = TokenVerifier::new(&signing.jwks())?;
@@ -446,6 +530,19 @@ async fn start_server(scenario: Scenario) -> anyhow::Result<(String, BenchServer
     }
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?.to_string();
+    let mut stops = Vec::new();
+    let mut tasks = Vec::new();
+    let mut child = None;
+    let audited_addr = if scenario == Scenario::KeysDatakeyAudited {
+        let (addr, audit_addr, audit, keys_stop, keys_task) =
+            start_audited_keys(args, &data_dir, &signing, &config).await?;
+        stops.push(keys_stop);
+        tasks.push(keys_task);
+        child = Some(audit);
+        Some((addr, audit_addr))
+    } else {
+        None
+    };
     let bundle = match scenario {
         Scenario::AuditAppend => anyhow::bail!("audit-append starts its own server"),
         Scenario::Baseline => ServiceBundle {
@@ -456,7 +553,7 @@ async fn start_server(scenario: Scenario) -> anyhow::Result<(String, BenchServer
             descriptors: Vec::new(),
             readiness: always_ready(),
         },
-        Scenario::KeysDatakey | Scenario::KeysDecrypt => {
+        Scenario::KeysDatakey | Scenario::KeysDecrypt | Scenario::KeysDatakeyAudited => {
             let hex = MasterKey::generate_hex();
             let keys = penny_keys::build(KeysConfig {
                 database_url: penny_platform::db::sqlite_url(&data_dir.0, "keys"),
@@ -480,16 +577,156 @@ async fn start_server(scenario: Scenario) -> anyhow::Result<(String, BenchServer
         Scenario::AuthLogin => anyhow::bail!("auth-login starts a fleet"),
     };
     let (stop, task) = spawn_server(config, bundle, listener);
+    stops.insert(0, stop);
+    tasks.insert(0, task);
     Ok((
         addr,
         BenchServer {
-            stops: vec![stop],
-            tasks: vec![task],
+            stops,
+            tasks,
             signing,
             tenants_addr: None,
+            audited_addr,
+            child,
             _data_dir: data_dir,
         },
     ))
+}
+
+/// An audit service and a keys server that records its calls there, on ephemeral ports:
+/// the keys server's address, and how to stop each.
+async fn start_audited_keys(
+    args: &BenchArgs,
+    data_dir: &TempDir,
+    signing: &SigningKey,
+    config: &ServeConfig,
+) -> anyhow::Result<(
+    String,
+    String,
+    (std::process::Child, crate::bench_audit::Database),
+    oneshot::Sender<()>,
+    tokio::task::JoinHandle<anyhow::Result<()>>,
+)> {
+    // Audit runs as its own process (`penny serve audit`), as in production, so that this
+    // process's CPU time is the keys server's and the load's alone.
+    crate::audit::load_or_create_checkpoint_key(&data_dir.0)?;
+    let jwks = data_dir.0.join("bench-jwks.json");
+    std::fs::write(&jwks, serde_json::to_vec(&signing.jwks())?)?;
+    let rules = data_dir.0.join("bench-monitor-rules.json");
+    std::fs::write(&rules, br#"{"rules": []}"#)?;
+    let port = {
+        let probe = std::net::TcpListener::bind("127.0.0.1:0")?;
+        probe.local_addr()?.port()
+    };
+    let audit_addr = format!("127.0.0.1:{port}");
+    // With --database-url, audit's trail is a fresh PostgreSQL database, as in production.
+    let database = crate::bench_audit::fresh_database(args, data_dir).await?;
+    let mut command = match args.audit_cpu {
+        Some(cpu) => {
+            let mut taskset = std::process::Command::new("taskset");
+            taskset
+                .arg("-c")
+                .arg(cpu.to_string())
+                .arg(std::env::current_exe()?);
+            taskset
+        }
+        None => std::process::Command::new(std::env::current_exe()?),
+    };
+    if let Some(owner) = &database.owner_url {
+        command.env("PENNY_AUDIT_MIGRATION_DATABASE_URL", owner);
+    }
+    let child = command
+        .args(["serve", "audit"])
+        .env("PENNY_AUDIT_LISTEN", &audit_addr)
+        .env("PENNY_AUDIT_DATABASE_URL", &database.serve_url)
+        .env(
+            "PENNY_AUDIT_CHECKPOINT_KEY_FILE",
+            data_dir.0.join("audit-checkpoint.pk8"),
+        )
+        .env("PENNY_AUDIT_MONITOR_RULES_FILE", &rules)
+        .env("PENNY_JWKS_FILE", &jwks)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::from(std::fs::File::create(
+            data_dir.0.join("audit.log"),
+        )?))
+        .spawn()
+        .context("cannot start `penny serve audit`")?;
+    let mut ready = false;
+    for _ in 0..100 {
+        if let Ok(channels) = connect(&audit_addr, 1).await
+            && HealthClient::new(channels[0].clone())
+                .check(HealthCheckRequest {
+                    service: String::new(),
+                })
+                .await
+                .is_ok()
+        {
+            ready = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    anyhow::ensure!(ready, "`penny serve audit` did not start");
+    let token = signing.mint(&TokenGrant {
+        subject: "svc-bench-keys".to_owned(),
+        tenant_id: PLATFORM_TENANT_ID,
+        roles: Vec::new(),
+        kind: PrincipalKind::Service,
+        session_id: None,
+        lifetime: Duration::from_secs(3600),
+    })?;
+    let mut keys_config = config.clone();
+    keys_config.audit = Some(penny_platform::AuditClient::new(
+        Endpoint::from_shared(format!("http://{audit_addr}"))?.connect_lazy(),
+        penny_platform::ServiceCredential::fixed(token),
+        data_dir.0.join("audit-spool"),
+    )?);
+    let hex = MasterKey::generate_hex();
+    let keys = penny_keys::build(KeysConfig {
+        database_url: penny_platform::db::sqlite_url(&data_dir.0, "keys-audited"),
+        migration_database_url: None,
+        backend: BackendConfig::Local(
+            MasterKey::parse(&hex).map_err(|why| anyhow::anyhow!("master key: {why}"))?,
+        ),
+    })
+    .await?;
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?.to_string();
+    let bundle = penny_keys::bundle(keys, &keys_config);
+    let (keys_stop, keys_task) = spawn_server(keys_config, bundle, listener);
+    Ok((addr, audit_addr, (child, database), keys_stop, keys_task))
+}
+
+/// How many events audit's platform chain holds, once it has stopped growing (the audit
+/// client sends a batch every 50 ms).
+async fn audited_events(server: &BenchServer, audit_addr: &str) -> anyhow::Result<u64> {
+    let token = bench_service_token(server)?;
+    let channel = connect(audit_addr, 1).await?.remove(0);
+    let mut last = u64::MAX;
+    loop {
+        let reply =
+            penny_proto::audit::v1::audit_service_client::AuditServiceClient::new(channel.clone())
+                .verify_chain(authorized(
+                    penny_proto::audit::v1::VerifyChainRequest {
+                        tenant_id: PLATFORM_TENANT_ID.to_string(),
+                        ..Default::default()
+                    },
+                    &token,
+                )?)
+                .await
+                .map_err(|s| anyhow::anyhow!("verify chain: {s:?}"))?
+                .into_inner();
+        anyhow::ensure!(
+            reply.valid,
+            "audit's chain did not verify: {}",
+            reply.message
+        );
+        if reply.verified_count == last {
+            return Ok(last);
+        }
+        last = reply.verified_count;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
 }
 
 pub(crate) async fn connect(addr: &str, connections: u32) -> anyhow::Result<Vec<Channel>> {
@@ -541,7 +778,7 @@ async fn keys_phase(
         Scenario::Baseline | Scenario::AuthzCheck | Scenario::AuthLogin | Scenario::AuditAppend => {
             anyhow::bail!("not a keys scenario")
         }
-        Scenario::KeysDatakey => {
+        Scenario::KeysDatakey | Scenario::KeysDatakeyAudited => {
             phase(
                 "keys-datakey",
                 channels,
@@ -756,6 +993,7 @@ async fn argon2_phase(warmup: Duration, limit: Limit) -> anyhow::Result<PhaseRep
         errors,
         elapsed,
         latency_us,
+        cpu: None,
     })
 }
 
@@ -895,8 +1133,13 @@ where
         drive(channels, concurrency, Limit::Duration(warmup), call.clone()).await?;
     }
     let started = Instant::now();
+    let cpu_before = process_cpu();
     let (ok, errors, latency_us) = drive(channels, concurrency, limit, call).await?;
+    let cpu = process_cpu()
+        .zip(cpu_before)
+        .map(|(after, before)| after.saturating_sub(before));
     Ok(PhaseReport {
+        cpu,
         name,
         concurrency,
         ok,
@@ -977,6 +1220,18 @@ fn new_histogram() -> anyhow::Result<Histogram<u64>> {
 }
 
 /// Peak resident set size of this process, in KiB (Linux).
+/// CPU time (user and system) of this process so far, from `/proc/self/stat` (in clock
+/// ticks of 10 ms, Linux's USER_HZ).
+fn process_cpu() -> Option<Duration> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // Fields after the command name (which may hold spaces): state is the first, utime the
+    // 12th and stime the 13th.
+    let rest = stat.rsplit_once(')')?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    Some(Duration::from_millis(ticks * 10))
+}
+
 pub(crate) fn peak_rss_kib() -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
     status

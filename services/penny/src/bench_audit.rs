@@ -25,13 +25,27 @@ use crate::bench::{BenchArgs, TempDir, connect, spawn_server};
 /// The unprivileged role the bench serves PostgreSQL through.
 const BENCH_APP_ROLE: &str = "penny_bench_app";
 
-struct Database {
+pub(crate) struct Database {
     /// The PostgreSQL admin URL and the fresh database's name, to drop it at the end.
     admin: Option<(String, String)>,
     /// The serving role's URL.
-    serve_url: String,
+    pub(crate) serve_url: String,
     /// The owner's URL (PostgreSQL), for migrations and the plain-insert ceiling.
-    owner_url: Option<String>,
+    pub(crate) owner_url: Option<String>,
+}
+
+impl Database {
+    /// Drops the fresh PostgreSQL database (nothing on SQLite).
+    pub(crate) async fn drop_database(&self) -> anyhow::Result<()> {
+        if let Some((admin_url, name)) = &self.admin {
+            let admin = penny_platform::db::connect(admin_url).await?;
+            admin
+                .execute_unprepared(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"))
+                .await?;
+            admin.close().await.ok();
+        }
+        Ok(())
+    }
 }
 
 fn with_path_and_user(admin: &str, database: &str, user: Option<&str>) -> anyhow::Result<String> {
@@ -46,7 +60,7 @@ fn with_path_and_user(admin: &str, database: &str, user: Option<&str>) -> anyhow
     Ok(url.to_string())
 }
 
-async fn fresh_database(args: &BenchArgs, dir: &TempDir) -> anyhow::Result<Database> {
+pub(crate) async fn fresh_database(args: &BenchArgs, dir: &TempDir) -> anyhow::Result<Database> {
     let Some(admin_url) = &args.database_url else {
         return Ok(Database {
             admin: None,
@@ -308,7 +322,7 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<()> {
     for rule in &mut rules.rules {
         rule.dry_run = true;
     }
-    audit_config.monitor_rules = Some(rules);
+    audit_config.monitor_rules = (!args.without_monitor).then_some(rules);
     let audit = penny_audit::build(audit_config, &config).await?;
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?.to_string();
@@ -441,13 +455,7 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<()> {
     let _ = stop.send(());
     task.await.context("audit server")??;
     owner.close().await.ok();
-    if let Some((admin_url, name)) = &database.admin {
-        let admin = penny_platform::db::connect(admin_url).await?;
-        admin
-            .execute_unprepared(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"))
-            .await?;
-        admin.close().await.ok();
-    }
+    database.drop_database().await?;
     if let Some(rss) = crate::bench::peak_rss_kib() {
         println!(
             "peak RSS {:.1} MiB (one process: server and load generator together)",

@@ -40,6 +40,8 @@ const CLAIM: Duration = Duration::from_secs(30);
 /// replicas).
 const FEED_POLL: Duration = Duration::from_millis(250);
 const FEED_LOOKBACK_MICROS: i64 = 5_000_000;
+/// Alerts read per poll of the feed.
+const FEED_PAGE: usize = 1000;
 /// Alerts a watcher may fall behind by before its stream ends.
 const FEED_CAPACITY: usize = 1024;
 /// Actions of the monitor's own events, which it never counts.
@@ -835,6 +837,9 @@ impl Monitor {
                     continue;
                 }
             };
+            // A full page may hide more changes within the lookback: the next poll starts
+            // at the last one seen, so a burst never stalls the feed.
+            let full = changed.len() >= FEED_PAGE;
             let mut latest = since;
             for stored in changed {
                 latest = latest.max(stored.update_micros);
@@ -850,7 +855,11 @@ impl Monitor {
                 );
                 let _ = self.inner.feed.send(Arc::new(stored.alert));
             }
-            since = since.max(latest - FEED_LOOKBACK_MICROS);
+            since = if full {
+                since.max(latest)
+            } else {
+                since.max(latest - FEED_LOOKBACK_MICROS)
+            };
             announced.retain(|_, (_, at)| *at >= since);
         }
     }
@@ -861,7 +870,8 @@ impl Monitor {
         sql.push(ALERT_COLUMNS)
             .push(" FROM monitor_alerts WHERE update_micros >= ")
             .bind(since)
-            .push(" ORDER BY update_micros LIMIT 1000");
+            .push(" ORDER BY update_micros LIMIT ")
+            .bind(i64::try_from(FEED_PAGE).unwrap_or(1000));
         let rows = txn.query_all_raw(sql.build()).await?;
         txn.commit().await?;
         rows.iter().map(read_alert).collect()
@@ -1006,7 +1016,9 @@ impl Monitor {
         txn.commit().await
     }
 
-    /// Forgets what the monitor learnt about a user (networks, hours): GDPR erasure.
+    /// Forgets what the monitor learnt about a user (networks, hours) and takes the user
+    /// out of the alerts about them (their id, and the message naming it and a network):
+    /// GDPR erasure. The alerts stay, with their rule, time and action.
     pub async fn forget_user(&self, tenant: Uuid, user: &str) -> Result<(), DbErr> {
         let txn = penny_platform::db::begin_tenant(&self.inner.db, tenant).await?;
         for table in ["monitor_networks", "monitor_hours"] {
@@ -1019,6 +1031,19 @@ impl Monitor {
                 .bind(user.to_owned());
             txn.execute_raw(sql.build()).await?;
         }
+        let mut sql = Sql::new(
+            self.backend(),
+            "UPDATE monitor_alerts SET key = '', message = '(redacted)', \
+             revision = revision + 1, update_micros = ",
+        );
+        sql.bind(now_micros())
+            .push(" WHERE tenant_id = ")
+            .bind(tenant)
+            .push(" AND key_kind = ")
+            .bind(pb::KeyKind::User as i32)
+            .push(" AND key = ")
+            .bind(user.to_owned());
+        txn.execute_raw(sql.build()).await?;
         txn.commit().await
     }
 }

@@ -214,7 +214,8 @@ pub struct RuleSet {
 const DEFAULT_RULES: &str = r#"{
   "rules": [
     { "name": "suspiciousLogin", "kind": "threshold",
-      "match": { "actions": ["auth.sign_in"], "outcomes": ["failure"] },
+      "match": { "actions": ["auth.sign_in"], "outcomes": ["failure"],
+                 "attributes": { "result": ["invalid_credentials"] } },
       "key": "ip", "threshold": 5, "window_secs": 300,
       "action": "block_ip", "block_secs": 3600, "severity": "high" },
     { "name": "dataExfiltration", "kind": "threshold",
@@ -419,10 +420,15 @@ mod tests {
         assert_eq!(set.rules.len(), 6);
         let login = &set.rules[0];
         let failed = record("auth.sign_in", pb::Outcome::Failure, PbKind::Unspecified);
-        let payload = Payload {
+        let mut payload = Payload {
             ip_address: "::ffff:203.0.113.7".into(),
             ..Payload::default()
         };
+        // A sign-in that failed for another reason (a dependency down) is no guess.
+        assert!(!login.matches.matches(&failed, &payload));
+        payload
+            .attributes
+            .insert("result".into(), "invalid_credentials".into());
         assert!(login.matches.matches(&failed, &payload));
         assert_eq!(
             login.key_of(&failed, &payload).as_deref(),
