@@ -431,14 +431,7 @@ async fn start_auth_fleet(
         .iter()
         .map(|l| l.local_addr().map(|a| a.to_string()))
         .collect::<Result<_, _>>()?;
-    let service_token = signing.mint(&TokenGrant {
-        subject: "svc-bench".to_owned(),
-        tenant_id: PLATFORM_TENANT_ID,
-        roles: Vec::new(),
-        kind: PrincipalKind::Service,
-        session_id: None,
-        lifetime: Duration::from_secs(3600),
-    })?;
+    let service_token = service_token(&signing, "svc-bench")?;
     config.authorizer = Some(penny_platform::Authorizer::new(
         Endpoint::from_shared(format!("http://{}", addrs[1]))?.connect_lazy(),
         penny_platform::ServiceCredential::fixed(service_token),
@@ -449,15 +442,7 @@ async fn start_auth_fleet(
         tenants_listener,
         auth_listener,
     ] = listeners;
-    let hex = MasterKey::generate_hex();
-    let keys = penny_keys::build(KeysConfig {
-        database_url: penny_platform::db::sqlite_url(&data_dir.0, "keys"),
-        migration_database_url: None,
-        backend: BackendConfig::Local(
-            MasterKey::parse(&hex).map_err(|why| anyhow::anyhow!("master key: {why}"))?,
-        ),
-    })
-    .await?;
+    let keys = local_keys(&data_dir, "keys").await?;
     let authz = penny_authz::build(penny_authz::AuthzConfig {
         database_url: penny_platform::db::sqlite_url(&data_dir.0, "authz"),
         migration_database_url: None,
@@ -554,15 +539,7 @@ async fn start_server(args: &BenchArgs) -> anyhow::Result<(String, BenchServer)>
             readiness: always_ready(),
         },
         Scenario::KeysDatakey | Scenario::KeysDecrypt | Scenario::KeysDatakeyAudited => {
-            let hex = MasterKey::generate_hex();
-            let keys = penny_keys::build(KeysConfig {
-                database_url: penny_platform::db::sqlite_url(&data_dir.0, "keys"),
-                migration_database_url: None,
-                backend: BackendConfig::Local(
-                    MasterKey::parse(&hex).map_err(|why| anyhow::anyhow!("master key: {why}"))?,
-                ),
-            })
-            .await?;
+            let keys = local_keys(&data_dir, "keys").await?;
             penny_keys::bundle(keys, &config)
         }
         Scenario::AuthzCheck => {
@@ -667,29 +644,14 @@ async fn start_audited_keys(
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     anyhow::ensure!(ready, "`penny serve audit` did not start");
-    let token = signing.mint(&TokenGrant {
-        subject: "svc-bench-keys".to_owned(),
-        tenant_id: PLATFORM_TENANT_ID,
-        roles: Vec::new(),
-        kind: PrincipalKind::Service,
-        session_id: None,
-        lifetime: Duration::from_secs(3600),
-    })?;
+    let token = service_token(signing, "svc-bench-keys")?;
     let mut keys_config = config.clone();
     keys_config.audit = Some(penny_platform::AuditClient::new(
         Endpoint::from_shared(format!("http://{audit_addr}"))?.connect_lazy(),
         penny_platform::ServiceCredential::fixed(token),
         data_dir.0.join("audit-spool"),
     )?);
-    let hex = MasterKey::generate_hex();
-    let keys = penny_keys::build(KeysConfig {
-        database_url: penny_platform::db::sqlite_url(&data_dir.0, "keys-audited"),
-        migration_database_url: None,
-        backend: BackendConfig::Local(
-            MasterKey::parse(&hex).map_err(|why| anyhow::anyhow!("master key: {why}"))?,
-        ),
-    })
-    .await?;
+    let keys = local_keys(data_dir, "keys-audited").await?;
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?.to_string();
     let bundle = penny_keys::bundle(keys, &keys_config);
@@ -841,14 +803,33 @@ async fn keys_phase(
 }
 
 fn bench_service_token(server: &BenchServer) -> anyhow::Result<Arc<String>> {
-    Ok(Arc::new(server.signing.mint(&TokenGrant {
-        subject: "svc-bench".to_owned(),
+    Ok(Arc::new(service_token(&server.signing, "svc-bench")?))
+}
+
+/// A fleet service's token for `subject`, valid for an hour.
+pub(crate) fn service_token(signing: &SigningKey, subject: &str) -> anyhow::Result<String> {
+    Ok(signing.mint(&TokenGrant {
+        subject: subject.to_owned(),
         tenant_id: PLATFORM_TENANT_ID,
         roles: Vec::new(),
         kind: PrincipalKind::Service,
         session_id: None,
         lifetime: Duration::from_secs(3600),
-    })?))
+    })?)
+}
+
+/// The keys service on the local engine with a fresh master key, its SQLite file `name` in
+/// `data_dir`.
+async fn local_keys(data_dir: &TempDir, name: &str) -> anyhow::Result<penny_keys::Keys> {
+    let hex = MasterKey::generate_hex();
+    penny_keys::build(KeysConfig {
+        database_url: penny_platform::db::sqlite_url(&data_dir.0, name),
+        migration_database_url: None,
+        backend: BackendConfig::Local(
+            MasterKey::parse(&hex).map_err(|why| anyhow::anyhow!("master key: {why}"))?,
+        ),
+    })
+    .await
 }
 
 /// Grants a viewer role, then measures `Check` of a permission the role grants, as the

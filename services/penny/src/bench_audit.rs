@@ -11,9 +11,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use penny_platform::db::Sql;
-use penny_platform::principal::{PLATFORM_TENANT_ID, PrincipalKind, TokenVerifier};
+use penny_platform::principal::TokenVerifier;
 use penny_platform::server::ServeConfig;
-use penny_platform::signing::{SigningKey, TokenGrant};
+use penny_platform::signing::SigningKey;
 use penny_proto::audit::v1 as pb;
 use penny_proto::audit::v1::audit_service_client::AuditServiceClient;
 use sea_orm::{ConnectionTrait, DatabaseConnection, DbBackend, TransactionTrait, Value};
@@ -331,14 +331,7 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<()> {
         penny_audit::bundle(audit, &config),
         listener,
     );
-    let token = signing.mint(&TokenGrant {
-        subject: "svc-bench".to_owned(),
-        tenant_id: PLATFORM_TENANT_ID,
-        roles: Vec::new(),
-        kind: PrincipalKind::Service,
-        session_id: None,
-        lifetime: Duration::from_secs(3600),
-    })?;
+    let token = crate::bench::service_token(&signing, "svc-bench")?;
     let channels = connect(&addr, args.connections).await?;
 
     // The ceiling: the same rows, plainly inserted.
