@@ -656,15 +656,39 @@ impl Store {
         limit: u64,
     ) -> Result<Vec<StoredEvent>, DbErr> {
         let txn = penny_platform::db::begin_tenant(&self.db, tenant).await?;
+        let (from, to) = (
+            i64::try_from(from).unwrap_or(i64::MAX),
+            i64::try_from(to).unwrap_or(i64::MAX),
+        );
+        // The range is given for each table, so that PostgreSQL can read the three in
+        // step (a merge of three range scans) rather than probe two indexes per event.
         let mut sql = Sql::new(self.backend(), "SELECT ");
         sql.push(EVENT_COLUMNS)
-            .push(EVENT_FROM)
+            .push(
+                " FROM audit_events e \
+                 LEFT JOIN audit_payloads p ON p.tenant_id = e.tenant_id AND p.sequence = e.sequence \
+                 AND p.tenant_id = ",
+            )
+            .bind(tenant)
+            .push(" AND p.sequence >= ")
+            .bind(from)
+            .push(" AND p.sequence <= ")
+            .bind(to)
+            .push(
+                " LEFT JOIN audit_redactions r ON r.tenant_id = e.tenant_id AND r.sequence = e.sequence \
+                 AND r.tenant_id = ",
+            )
+            .bind(tenant)
+            .push(" AND r.sequence >= ")
+            .bind(from)
+            .push(" AND r.sequence <= ")
+            .bind(to)
             .push(" WHERE e.tenant_id = ")
             .bind(tenant)
             .push(" AND e.sequence >= ")
-            .bind(i64::try_from(from).unwrap_or(i64::MAX))
+            .bind(from)
             .push(" AND e.sequence <= ")
-            .bind(i64::try_from(to).unwrap_or(i64::MAX))
+            .bind(to)
             .push(" ORDER BY e.sequence LIMIT ")
             .bind(i64::try_from(limit).unwrap_or(i64::MAX));
         let rows = txn.query_all_raw(sql.build()).await?;

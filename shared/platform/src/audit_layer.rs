@@ -113,7 +113,7 @@ pub fn call_event(
         attributes.insert("session_id".to_owned(), session.clone());
     }
     pb::AuditEvent {
-        id: uuid::Uuid::now_v7().to_string(),
+        id: new_event_id(),
         tenant_id: principal
             .map_or(PLATFORM_TENANT_ID, |p| p.tenant_id)
             .to_string(),
@@ -212,7 +212,7 @@ impl CriticalAction {
         for (name, value) in attributes {
             event.attributes.insert((*name).to_owned(), value.clone());
         }
-        event.id = uuid::Uuid::now_v7().to_string();
+        event.id = new_event_id();
         event.outcome = outcome_of(code) as i32;
         event.event_time = Some(crate::wire::timestamp(time::OffsetDateTime::now_utc()));
         if let Some(metadata) = &mut event.metadata {
@@ -225,6 +225,20 @@ impl CriticalAction {
         }
         client.record(event);
     }
+}
+
+/// A new event id: a UUIDv7 whose random bits come from the thread's generator, not a
+/// system call per event (`Uuid::now_v7` asks the kernel each time). Ids need only be
+/// unique; the chain orders events by sequence.
+fn new_event_id() -> String {
+    let millis = u64::try_from(time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000)
+        .unwrap_or(0);
+    let random = rand::random::<u128>().to_le_bytes();
+    let mut bits = [0u8; 10];
+    bits.copy_from_slice(&random[..10]);
+    uuid::Builder::from_unix_timestamp_millis(millis, &bits)
+        .into_uuid()
+        .to_string()
 }
 
 fn outcome_of(code: tonic::Code) -> pb::Outcome {
@@ -344,6 +358,16 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn event_ids_are_distinct_version_7_uuids() {
+        let ids: std::collections::HashSet<String> = (0..1000).map(|_| new_event_id()).collect();
+        assert_eq!(ids.len(), 1000);
+        for id in &ids {
+            let id = uuid::Uuid::try_parse(id).unwrap();
+            assert_eq!(id.get_version_num(), 7);
+        }
+    }
 
     #[test]
     fn names_and_reads() {

@@ -225,9 +225,13 @@ async fn check_unprivileged(db: &DatabaseConnection, role: &str) -> Result<(), O
 /// Row level security on a tenant-scoped table: rows are visible and writable only when
 /// `app.current_tenant` names their tenant, or in a platform-scope transaction; an unset or
 /// empty setting matches nothing. The SQL for a PostgreSQL migration; SQLite has no RLS.
+///
+/// Each setting is read in a scalar subquery, which PostgreSQL evaluates once per
+/// statement: read in the predicate itself, it would be looked up and cast for every row a
+/// statement touches.
 pub fn row_level_security_sql(table: &str) -> Vec<String> {
-    let predicate = "tenant_id = NULLIF(current_setting('app.current_tenant', true), '')::uuid \
-                     OR current_setting('app.platform_scope', true) = 'on'";
+    let predicate = "tenant_id = (SELECT NULLIF(current_setting('app.current_tenant', true), '')::uuid) \
+                     OR (SELECT current_setting('app.platform_scope', true)) = 'on'";
     vec![
         format!("ALTER TABLE {table} ENABLE ROW LEVEL SECURITY"),
         format!("ALTER TABLE {table} FORCE ROW LEVEL SECURITY"),

@@ -136,6 +136,11 @@ pub const TABLES: &[&str] = &[
 impl MigrationTrait for Migration {
     async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
         penny_platform::db::execute_per_backend(manager, POSTGRES, SQLITE).await?;
-        penny_platform::db::enable_row_level_security(manager, TABLES).await
+        penny_platform::db::enable_row_level_security(manager, TABLES).await?;
+        // The trail's own tables again, with the policy that reads its settings once per
+        // statement rather than once per row (verification reads every row).
+        let mut trail = super::m20261205_000001_create_audit::TENANT_TABLES.to_vec();
+        trail.push("audit_checkpoints");
+        penny_platform::db::enable_row_level_security(manager, &trail).await
     }
 }
