@@ -21,8 +21,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::Bytes;
 use penny_proto::audit::v1 as pb;
-use penny_proto::audit::v1::audit_service_client::AuditServiceClient;
 use prost::Message as _;
 use tokio::sync::mpsc;
 use tonic::transport::Channel;
@@ -48,9 +48,10 @@ pub struct AuditClient {
 }
 
 struct Inner {
-    client: AuditServiceClient<Channel>,
+    client: tonic::client::Grpc<Channel>,
     credential: ServiceCredential,
-    queue: mpsc::Sender<pb::AuditEvent>,
+    /// Encoded `AuditEvent`s.
+    queue: mpsc::Sender<Vec<u8>>,
     spool: Arc<Spool>,
     /// Asks the task to put what is queued on disk (a count of requests).
     flush: tokio::sync::watch::Sender<u64>,
@@ -89,7 +90,7 @@ impl AuditClient {
     ) -> std::io::Result<Self> {
         let spool = Arc::new(Spool::open(spool_dir)?);
         let (queue, events) = mpsc::channel(QUEUE);
-        let client = AuditServiceClient::new(channel);
+        let client = tonic::client::Grpc::new(channel);
         let (flush, flush_rx) = tokio::sync::watch::channel(0);
         let (flushed_tx, flushed) = tokio::sync::watch::channel(0);
         tokio::spawn(run(
@@ -126,6 +127,11 @@ impl AuditClient {
 
     /// Queues `event` (batched; spooled while audit is unreachable). Never blocks.
     pub fn record(&self, event: pb::AuditEvent) {
+        self.record_encoded(event.encode_to_vec());
+    }
+
+    /// [`Self::record`] for an event already encoded (the audit layer's hot path).
+    pub(crate) fn record_encoded(&self, event: Vec<u8>) {
         match self.inner.queue.try_send(event) {
             Ok(()) => {}
             Err(
@@ -133,9 +139,7 @@ impl AuditClient {
             ) => {
                 // Behind the queue in time, and written now: order within what is spooled
                 // is kept, and nothing is lost.
-                if let Err(err) = self.inner.spool.push(&pb::AppendRequest {
-                    events: vec![event],
-                }) {
+                if let Err(err) = self.inner.spool.push(&Batch::encode(vec![event])) {
                     tracing::error!(error = %err, "audit spool is not writable; an event is lost");
                 }
             }
@@ -145,10 +149,8 @@ impl AuditClient {
     /// Appends `event` now and waits until audit has stored it; UNAVAILABLE
     /// (`AUDIT_UNAVAILABLE`) when it cannot, and the caller must then fail too.
     pub async fn record_critical(&self, event: pb::AuditEvent) -> Result<(), ApiError> {
-        let request = pb::AppendRequest {
-            events: vec![event],
-        };
-        match send(&self.inner.client, &self.inner.credential, &request).await {
+        let batch = Batch::encode(vec![event.encode_to_vec()]);
+        match send(&self.inner.client, &self.inner.credential, &batch).await {
             Ok(()) => Ok(()),
             Err(SendError::Unavailable | SendError::Refused(_)) => Err(ApiError::unavailable(
                 Reason::AuditUnavailable,
@@ -164,18 +166,109 @@ impl AuditClient {
     }
 }
 
-/// Appends one request; `Ok` once audit stored every event (or knew it already).
+/// A batch of events encoded once as an `AppendRequest`: sent (and, when audit cannot
+/// take it, spooled and sent again) from the same bytes, without copying the events.
+#[derive(Clone, Debug, Default)]
+struct Batch {
+    bytes: Bytes,
+    events: usize,
+}
+
+impl Batch {
+    /// The `AppendRequest` of these encoded `AuditEvent`s (field 1, repeated).
+    fn encode(events: Vec<Vec<u8>>) -> Self {
+        use prost::encoding::{WireType, encode_key, encode_varint, encoded_len_varint};
+        let len: usize = events
+            .iter()
+            .map(|e| 1 + encoded_len_varint(e.len() as u64) + e.len())
+            .sum();
+        let mut bytes = Vec::with_capacity(len);
+        for event in &events {
+            encode_key(1, WireType::LengthDelimited, &mut bytes);
+            encode_varint(event.len() as u64, &mut bytes);
+            bytes.extend_from_slice(event);
+        }
+        Self {
+            bytes: bytes.into(),
+            events: events.len(),
+        }
+    }
+
+    /// A spooled batch read back; `None` when the bytes are not an `AppendRequest`.
+    fn decode(bytes: Vec<u8>) -> Option<Self> {
+        let events = pb::AppendRequest::decode(bytes.as_slice())
+            .ok()?
+            .events
+            .len();
+        Some(Self {
+            bytes: bytes.into(),
+            events,
+        })
+    }
+}
+
+/// Written as the `AppendRequest` it holds; never decoded (replies are [`AppendErrors`]).
+impl prost::Message for Batch {
+    fn encode_raw(&self, buf: &mut impl bytes::BufMut) {
+        buf.put_slice(&self.bytes);
+    }
+
+    fn merge_field(
+        &mut self,
+        tag: u32,
+        wire_type: prost::encoding::WireType,
+        buf: &mut impl bytes::Buf,
+        ctx: prost::encoding::DecodeContext,
+    ) -> Result<(), prost::DecodeError> {
+        prost::encoding::skip_field(wire_type, tag, buf, ctx)
+    }
+
+    fn encoded_len(&self) -> usize {
+        self.bytes.len()
+    }
+
+    fn clear(&mut self) {
+        *self = Self::default();
+    }
+}
+
+/// The part of an `AppendResponse` the client acts on: which events audit refused. The
+/// ids and sequence numbers of the stored ones are skipped while decoding.
+#[derive(Clone, PartialEq, prost::Message)]
+struct AppendErrors {
+    #[prost(message, repeated, tag = "1")]
+    results: Vec<ResultError>,
+}
+
+/// `AppendResult` without its id, sequence and duplicate flag.
+#[derive(Clone, PartialEq, prost::Message)]
+struct ResultError {
+    #[prost(message, optional, tag = "3")]
+    error: Option<penny_proto::common::v1::BatchItemError>,
+}
+
+const APPEND_PATH: &str = "/penny.audit.v1.AuditService/Append";
+
+/// Appends one batch; `Ok` once audit stored every event (or knew it already).
 async fn send(
-    client: &AuditServiceClient<Channel>,
+    client: &tonic::client::Grpc<Channel>,
     credential: &ServiceCredential,
-    request: &pb::AppendRequest,
+    batch: &Batch,
 ) -> Result<(), SendError> {
     let mut call = credential
-        .request(request.clone())
+        .request(batch.clone())
         .await
         .map_err(|_| SendError::Unavailable)?;
     call.set_timeout(APPEND_TIMEOUT);
-    let reply = match client.clone().append(call).await {
+    call.extensions_mut().insert(tonic::GrpcMethod::new(
+        "penny.audit.v1.AuditService",
+        "Append",
+    ));
+    let mut client = client.clone();
+    client.ready().await.map_err(|_| SendError::Unavailable)?;
+    let codec = tonic_prost::ProstCodec::<Batch, AppendErrors>::default();
+    let path = http::uri::PathAndQuery::from_static(APPEND_PATH);
+    let reply = match client.unary(call, path, codec).await {
         Ok(reply) => reply.into_inner(),
         Err(status) if crate::error::is_transient(&status) => return Err(SendError::Unavailable),
         // A malformed request as a whole cannot be fixed by sending it again.
@@ -191,13 +284,14 @@ async fn send(
     };
     // An event audit refused on its own (invalid, or its id reused with other content)
     // cannot be fixed by sending it again: it is reported, and the rest are stored.
-    for result in &reply.results {
-        if let Some(pb::append_result::Result::Error(error)) = &result.result {
+    for (position, result) in reply.results.iter().enumerate() {
+        if let Some(error) = &result.error {
             tracing::error!(
-                event_id = %result.event_id,
+                position,
+                events = batch.events,
                 field = %error.field,
                 reason = error.reason,
-                "audit refused an event"
+                "audit refused an event of a batch"
             );
         }
     }
@@ -206,10 +300,10 @@ async fn send(
 
 /// The task behind a client: batches the queue, sends, spools, replays.
 async fn run(
-    client: AuditServiceClient<Channel>,
+    client: tonic::client::Grpc<Channel>,
     credential: ServiceCredential,
     spool: Arc<Spool>,
-    mut events: mpsc::Receiver<pb::AuditEvent>,
+    mut events: mpsc::Receiver<Vec<u8>>,
     (mut flush, flushed): (
         tokio::sync::watch::Receiver<u64>,
         tokio::sync::watch::Sender<u64>,
@@ -238,8 +332,8 @@ async fn run(
         }
         // Replay first: the oldest spooled batch goes before anything newer.
         let audit_may_answer = retry_at.is_none_or(|at| tokio::time::Instant::now() >= at);
-        if audit_may_answer && let Some((path, request)) = spool.oldest() {
-            match send(&client, &credential, &request).await {
+        if audit_may_answer && let Some((path, batch)) = spool.oldest() {
+            match send(&client, &credential, &batch).await {
                 Ok(()) => {
                     spool.remove(&path);
                     retry_at = None;
@@ -248,7 +342,7 @@ async fn run(
                 Err(SendError::Refused(code)) => {
                     tracing::error!(
                         ?code,
-                        events = request.events.len(),
+                        events = batch.events,
                         "audit refused a spooled batch as malformed; removed"
                     );
                     spool.remove(&path);
@@ -265,7 +359,8 @@ async fn run(
             break;
         }
         // Collect a batch: the first event (or a wake-up to retry), then what else comes
-        // within the linger time.
+        // within the linger time. Events that arrive while the task lingers do not wake
+        // it: they are taken from the queue together afterwards.
         let wait = retry_at.map_or(Duration::from_secs(3600), |at| {
             at.saturating_duration_since(tokio::time::Instant::now())
         });
@@ -278,27 +373,24 @@ async fn run(
             open = false;
             continue;
         };
-        let mut batch = vec![first];
-        let linger = tokio::time::sleep(LINGER);
-        tokio::pin!(linger);
-        while batch.len() < BATCH {
+        let mut events_batch = vec![first];
+        open = take_queued(&mut events, &mut events_batch);
+        if open && events_batch.len() < BATCH {
             tokio::select! {
-                event = events.recv() => match event {
-                    Some(event) => batch.push(event),
-                    None => { open = false; break; }
-                },
-                () = &mut linger => break,
+                () = tokio::time::sleep(LINGER) => {}
+                _ = flush.changed() => {}
             }
+            open = take_queued(&mut events, &mut events_batch);
         }
-        let request = pb::AppendRequest { events: batch };
+        let batch = Batch::encode(events_batch);
         let direct = spool.is_empty() && retry_at.is_none();
         if direct {
-            match send(&client, &credential, &request).await {
+            match send(&client, &credential, &batch).await {
                 Ok(()) => continue,
                 Err(SendError::Refused(code)) => {
                     tracing::error!(
                         ?code,
-                        events = request.events.len(),
+                        events = batch.events,
                         "audit refused a batch as malformed; dropped"
                     );
                     continue;
@@ -308,14 +400,27 @@ async fn run(
                 }
             }
         }
-        if let Err(err) = spool.push(&request) {
-            tracing::error!(error = %err, events = request.events.len(), "audit spool is not writable; events are lost");
+        if let Err(err) = spool.push(&batch) {
+            tracing::error!(error = %err, events = batch.events, "audit spool is not writable; events are lost");
         }
     }
 }
 
+/// Moves what is queued into `batch`, up to [`BATCH`] events; `false` once every sender
+/// is gone and the queue is empty.
+fn take_queued(events: &mut mpsc::Receiver<Vec<u8>>, batch: &mut Vec<Vec<u8>>) -> bool {
+    while batch.len() < BATCH {
+        match events.try_recv() {
+            Ok(event) => batch.push(event),
+            Err(mpsc::error::TryRecvError::Empty) => return true,
+            Err(mpsc::error::TryRecvError::Disconnected) => return false,
+        }
+    }
+    true
+}
+
 /// Writes everything queued so far to the spool, in batches, in order (shutdown).
-fn spool_queue(spool: &Spool, events: &mut mpsc::Receiver<pb::AuditEvent>) {
+fn spool_queue(spool: &Spool, events: &mut mpsc::Receiver<Vec<u8>>) {
     let mut batch = Vec::new();
     while let Ok(event) = events.try_recv() {
         batch.push(event);
@@ -328,9 +433,9 @@ fn spool_queue(spool: &Spool, events: &mut mpsc::Receiver<pb::AuditEvent>) {
     }
 }
 
-fn push_or_report(spool: &Spool, events: Vec<pb::AuditEvent>) {
+fn push_or_report(spool: &Spool, events: Vec<Vec<u8>>) {
     let count = events.len();
-    if let Err(err) = spool.push(&pb::AppendRequest { events }) {
+    if let Err(err) = spool.push(&Batch::encode(events)) {
         tracing::error!(error = %err, events = count, "audit spool is not writable; events are lost");
     }
 }
@@ -405,13 +510,13 @@ impl Spool {
     }
 
     /// Writes a batch behind the others, durably.
-    fn push(&self, request: &pb::AppendRequest) -> std::io::Result<()> {
+    fn push(&self, batch: &Batch) -> std::io::Result<()> {
         let mut state = self.lock();
         let number = state.next;
         state.next += 1;
         let path = self.dir.join(format!("{number:020}.{SPOOL_SUFFIX}"));
         let tmp = self.dir.join(format!("{number:020}.tmp"));
-        write_synced(&tmp, &request.encode_to_vec())?;
+        write_synced(&tmp, &batch.bytes)?;
         std::fs::rename(&tmp, &path)?;
         sync_dir(&self.dir);
         state.files.push_back((number, path));
@@ -420,14 +525,11 @@ impl Spool {
 
     /// The oldest batch, read back. A file that cannot be read is set aside (renamed
     /// `.bad`) and reported, not replayed forever.
-    fn oldest(&self) -> Option<(PathBuf, pb::AppendRequest)> {
+    fn oldest(&self) -> Option<(PathBuf, Batch)> {
         loop {
             let path = self.lock().files.front().map(|(_, p)| p.clone())?;
-            match std::fs::read(&path)
-                .ok()
-                .and_then(|bytes| pb::AppendRequest::decode(bytes.as_slice()).ok())
-            {
-                Some(request) => return Some((path, request)),
+            match std::fs::read(&path).ok().and_then(Batch::decode) {
+                Some(batch) => return Some((path, batch)),
                 None => {
                     tracing::error!(file = %path.display(), "audit spool file is unreadable; set aside");
                     let _ = std::fs::rename(&path, path.with_extension("bad"));
@@ -465,5 +567,36 @@ fn write_synced(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 fn sync_dir(dir: &Path) {
     if let Ok(dir) = std::fs::File::open(dir) {
         let _ = dir.sync_all();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(n: usize) -> pb::AuditEvent {
+        pb::AuditEvent {
+            id: format!("event-{n}"),
+            action: "keys.rotate_key".into(),
+            user_agent: "x".repeat(n * 40),
+            ..Default::default()
+        }
+    }
+
+    /// A batch is the `AppendRequest` of its events, however long each one is.
+    #[test]
+    fn a_batch_is_the_append_request_of_its_events() {
+        let events: Vec<pb::AuditEvent> = (0..10).map(event).collect();
+        let batch = Batch::encode(events.iter().map(prost::Message::encode_to_vec).collect());
+        assert_eq!(batch.events, 10);
+        let decoded = pb::AppendRequest::decode(batch.bytes.as_ref()).unwrap();
+        assert_eq!(decoded.events, events);
+        assert_eq!(
+            batch.bytes.as_ref(),
+            pb::AppendRequest { events }.encode_to_vec()
+        );
+        let read_back = Batch::decode(batch.bytes.to_vec()).unwrap();
+        assert_eq!(read_back.events, 10);
+        assert!(Batch::decode(vec![0xff, 0xff]).is_none());
     }
 }
