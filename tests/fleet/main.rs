@@ -10,6 +10,7 @@ mod auth;
 mod authz;
 mod db;
 mod enforcement;
+mod files;
 mod ip_blocks;
 mod isolation;
 mod keys;

@@ -9,6 +9,7 @@
 #![forbid(unsafe_code)]
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+pub mod clamd;
 pub mod echo;
 pub mod tls;
 pub mod tokens;
@@ -265,9 +266,26 @@ pub struct TestFleetBuilder {
     signing_key_rotation: Option<Duration>,
     service_token_lifetime: Option<Duration>,
     service_clients: Vec<penny_auth::service_tokens::ClientSpec>,
+    files: bool,
+    files_quarantine: bool,
 }
 
 impl TestFleetBuilder {
+    /// Start the files service (with the keys and authz services it calls, and a clamd
+    /// of its own).
+    pub fn with_files(mut self) -> Self {
+        self.files = true;
+        self.keys = true;
+        self.authz = true;
+        self
+    }
+
+    /// Let files keep unscannable uploads in quarantine instead of refusing them.
+    pub fn files_quarantine_unscannable(mut self) -> Self {
+        self.files_quarantine = true;
+        self
+    }
+
     /// Start the test-only echo service on the standard stack.
     pub fn with_echo(mut self) -> Self {
         self.echo = true;
@@ -537,6 +555,21 @@ impl TestFleetBuilder {
             }
             None => None,
         };
+        let files = match &keys {
+            Some(keys) if self.files => {
+                let settings = FilesSettings {
+                    keys_url: format!("http://{}", keys.server.addr),
+                    storage_dir: data_dir.path().join("files-storage"),
+                    quarantine_unscannable: self.files_quarantine,
+                };
+                let database = fresh_database(data_dir.path(), "files").await;
+                let clamd = tokio::task::spawn_blocking(clamd::TestClamd::start)
+                    .await
+                    .expect("clamd");
+                Some(start_files(&config, database, clamd, settings).await)
+            }
+            _ => None,
+        };
         let echo = if self.echo {
             let config = config.clone();
             Some(
@@ -560,6 +593,7 @@ impl TestFleetBuilder {
             tenants,
             auth,
             audit,
+            files,
             data_dir,
         }
     }
@@ -586,6 +620,8 @@ pub struct TestFleet {
     pub auth: Option<AuthServer>,
     /// The audit server, when started.
     pub audit: Option<AuditServer>,
+    /// The files server, when started.
+    pub files: Option<FilesServer>,
     /// The fleet's data directory (databases, keys).
     pub data_dir: TempDir,
 }
@@ -759,6 +795,94 @@ impl TestFleet {
     /// The echo server; panics when it was not started.
     pub fn echo(&self) -> &RunningServer {
         self.echo.as_ref().expect("fleet started without echo")
+    }
+
+    /// The files server.
+    pub fn files(&self) -> &FilesServer {
+        self.files.as_ref().expect("fleet started without files")
+    }
+
+    /// The files server, to stop its clamd.
+    pub fn files_mut(&mut self) -> &mut FilesServer {
+        self.files.as_mut().expect("fleet started without files")
+    }
+
+    /// Stops the files server and starts it again on the same database, storage and clamd
+    /// (as after a crash: what it left is swept at start).
+    pub async fn restart_files(&mut self) {
+        let old = self.files.take().expect("fleet started without files");
+        let FilesServer {
+            mut server,
+            database,
+            clamd,
+            settings,
+        } = old;
+        server.shutdown().await.expect("stop files");
+        self.files = Some(start_files(&self.config, database, clamd, settings).await);
+    }
+}
+
+/// The files service of a test fleet.
+#[derive(Debug)]
+pub struct FilesServer {
+    /// The server.
+    pub server: RunningServer,
+    /// Its database.
+    pub database: TestDatabase,
+    /// Its clamd.
+    pub clamd: clamd::TestClamd,
+    settings: FilesSettings,
+}
+
+impl FilesServer {
+    /// Where its sealed objects are.
+    pub fn storage_dir(&self) -> &Path {
+        &self.settings.storage_dir
+    }
+}
+
+#[derive(Debug, Clone)]
+struct FilesSettings {
+    keys_url: String,
+    storage_dir: PathBuf,
+    quarantine_unscannable: bool,
+}
+
+async fn start_files(
+    config: &ServeConfig,
+    database: TestDatabase,
+    clamd: clamd::TestClamd,
+    settings: FilesSettings,
+) -> FilesServer {
+    let clamd_addr = penny_files::scan::ClamdAddr::parse(&clamd.url()).expect("clamd address");
+    let files = penny_files::build(
+        penny_files::FilesConfig {
+            database_url: database.url.clone(),
+            migration_database_url: database.migration_url.clone(),
+            keys_url: settings.keys_url.clone(),
+            storage: penny_files::StorageConfig::Filesystem(settings.storage_dir.clone()),
+            scanner: penny_files::ScannerConfig::Clamd(clamd_addr, Duration::from_secs(10)),
+            quarantine_unscannable: settings.quarantine_unscannable,
+            // Tests restart files to show what a crash leaves is swept: at once.
+            stale_after: Duration::ZERO,
+        },
+        config,
+    )
+    .await
+    .expect("build files service");
+    let bundle = penny_files::bundle(files, config);
+    let config = config.clone();
+    let server = RunningServer::start(move |listener, stopped| {
+        penny_platform::serve(config, bundle, listener, async move {
+            let _ = stopped.await;
+        })
+    })
+    .await;
+    FilesServer {
+        server,
+        database,
+        clamd,
+        settings,
     }
 }
 

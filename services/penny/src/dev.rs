@@ -29,6 +29,10 @@ pub struct DevArgs {
     /// Log format.
     #[arg(long, env = "PENNY_LOG_FORMAT", value_enum, default_value_t)]
     pub log_format: LogFormat,
+    /// clamd for the files service (`tcp://host:port` or `unix:///path`); without it
+    /// uploads are not scanned, and files says so at start.
+    #[arg(long, env = "PENNY_FILES_CLAMD")]
+    pub files_clamd: Option<String>,
 }
 
 /// The developer's token lives this long.
@@ -188,6 +192,38 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         stop(),
     ));
 
+    // files: uploads sealed under data keys from keys, in a directory of the data dir;
+    // scanned by clamd when one is named, else (dev only) not at all.
+    let scanner = match &args.files_clamd {
+        Some(addr) => penny_files::ScannerConfig::Clamd(
+            penny_files::scan::ClamdAddr::parse(addr).with_context(|| {
+                format!("PENNY_FILES_CLAMD: {addr:?} is not tcp://host:port or unix:///path")
+            })?,
+            Duration::from_secs(60),
+        ),
+        None => penny_files::ScannerConfig::None,
+    };
+    let files_config = penny_files::FilesConfig {
+        database_url: penny_platform::db::sqlite_url(&args.data_dir, "files"),
+        migration_database_url: None,
+        keys_url: format!("http://{}:{KEYS_PORT}", args.host),
+        storage: penny_files::StorageConfig::Filesystem(args.data_dir.join("files")),
+        scanner,
+        quarantine_unscannable: false,
+        stale_after: penny_files::service::DEFAULT_STALE_AFTER,
+    };
+    let listener = bind(&args.host, FILES_PORT, "files").await?;
+    running.push(Running {
+        env_name: "PENNY_FILES_ADDR",
+        addr: listener.local_addr()?,
+    });
+    tasks.spawn(penny_files::serve(
+        files_config,
+        serve_config.clone(),
+        listener,
+        stop(),
+    ));
+
     // auth: signs with keys it seals through the keys service above; every service here
     // trusts them through auth's JWKS (serve_config.auth).
     let (client_secret, client_secret_hash) = penny_auth::service_tokens::new_client_secret();
@@ -271,6 +307,8 @@ const KEYS_PORT: u16 = 50052;
 const AUTHZ_PORT: u16 = 50053;
 /// The fixed dev port of the audit service.
 const AUDIT_PORT: u16 = 50054;
+/// The fixed dev port of the files service.
+const FILES_PORT: u16 = 50055;
 /// The fixed dev port of the tenants service.
 const TENANTS_PORT: u16 = 50056;
 

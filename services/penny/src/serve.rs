@@ -43,6 +43,15 @@ pub enum ServeCommand {
         #[command(flatten)]
         tenants: penny_tenants::Args,
     },
+    /// Files (`penny.files.v1.FileService`): uploads scanned by clamd and sealed under
+    /// keys from the keys service. Needs keys, clamd and, through the standard settings,
+    /// the authz service.
+    Files {
+        #[command(flatten)]
+        server: ServerArgs,
+        #[command(flatten)]
+        files: penny_files::Args,
+    },
 }
 
 pub async fn run(command: ServeCommand) -> anyhow::Result<()> {
@@ -123,6 +132,22 @@ pub async fn run(command: ServeCommand) -> anyhow::Result<()> {
                 .map_err(|e| anyhow::anyhow!("PENNY_TENANTS_LISTEN {listen}: {e}"))?;
             penny_tenants::serve(
                 tenants.into_config(),
+                serve_config,
+                listener,
+                penny_platform::shutdown_signal(),
+            )
+            .await
+        }
+        ServeCommand::Files { server, files } => {
+            let _telemetry = telemetry::init(server.log_format, "penny-files")?;
+            let serve_config = server.serve_config()?;
+            let listen = files.listen;
+            let config = files.into_config()?;
+            let listener = tokio::net::TcpListener::bind(listen)
+                .await
+                .map_err(|e| anyhow::anyhow!("PENNY_FILES_LISTEN {listen}: {e}"))?;
+            penny_files::serve(
+                config,
                 serve_config,
                 listener,
                 penny_platform::shutdown_signal(),

@@ -1,0 +1,110 @@
+//! The files service's settings: `--files-*` flags with `PENNY_FILES_*` fallbacks.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context as _;
+
+use crate::scan::ClamdAddr;
+
+/// `penny serve files` flags.
+#[derive(Debug, Clone, clap::Args)]
+pub struct Args {
+    /// Address to listen on.
+    #[arg(
+        long = "files-listen",
+        env = "PENNY_FILES_LISTEN",
+        default_value = "0.0.0.0:50055"
+    )]
+    pub listen: SocketAddr,
+    /// Database URL (`sqlite://…?mode=rwc` or `postgres://…`). On PostgreSQL its role must
+    /// own nothing and have neither SUPERUSER nor BYPASSRLS.
+    #[arg(long = "files-database-url", env = "PENNY_FILES_DATABASE_URL")]
+    pub database_url: String,
+    /// PostgreSQL: the owner's URL, used only to migrate and to grant the serving role.
+    #[arg(
+        long = "files-migration-database-url",
+        env = "PENNY_FILES_MIGRATION_DATABASE_URL"
+    )]
+    pub migration_database_url: Option<String>,
+    /// The keys service (`http://host:port`), which makes each file's data key.
+    #[arg(long = "files-keys-url", env = "PENNY_KEYS_URL")]
+    pub keys_url: String,
+    /// The directory holding the sealed objects.
+    #[arg(long = "files-storage-dir", env = "PENNY_FILES_STORAGE_DIR")]
+    pub storage_dir: PathBuf,
+    /// clamd: `tcp://host:port` or `unix:///path/to/clamd.sock`. Required: only
+    /// `penny dev` may run without a scanner.
+    #[arg(long = "files-clamd", env = "PENNY_FILES_CLAMD")]
+    pub clamd: String,
+    /// Seconds each clamd step (connect, a write, the verdict) may take.
+    #[arg(long = "files-scan-timeout-secs", env = "PENNY_FILES_SCAN_TIMEOUT_SECS", default_value_t = 60,
+          value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub scan_timeout_secs: u64,
+    /// Keep files that could not be scanned, in quarantine (never downloadable), instead
+    /// of refusing them.
+    #[arg(
+        long = "files-quarantine-unscannable",
+        env = "PENNY_FILES_QUARANTINE_UNSCANNABLE"
+    )]
+    pub quarantine_unscannable: bool,
+}
+
+/// How files are scanned.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ScannerConfig {
+    /// clamd, each step bounded by the timeout.
+    Clamd(ClamdAddr, Duration),
+    /// No scanning (every file taken as clean): `penny dev` and benchmarks only.
+    None,
+}
+
+/// Object storage.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StorageConfig {
+    /// Files under a directory.
+    Filesystem(PathBuf),
+}
+
+/// Everything the files service needs besides the standard server settings (which must
+/// name the authz service: files checks permissions there and calls keys with its
+/// credential).
+#[derive(Debug, Clone)]
+pub struct FilesConfig {
+    /// Where the files database is (the serving role).
+    pub database_url: String,
+    /// The owner's URL for migrations (PostgreSQL).
+    pub migration_database_url: Option<String>,
+    /// The keys service.
+    pub keys_url: String,
+    /// Where objects go.
+    pub storage: StorageConfig,
+    /// The scanner.
+    pub scanner: ScannerConfig,
+    /// Keep unscannable files in quarantine instead of refusing them.
+    pub quarantine_unscannable: bool,
+    /// Incoming objects and unfinished commits older than this are removed at start.
+    pub stale_after: Duration,
+}
+
+impl Args {
+    /// The configuration; fails naming the setting that is wrong.
+    pub fn into_config(self) -> anyhow::Result<FilesConfig> {
+        let clamd = ClamdAddr::parse(&self.clamd).with_context(|| {
+            format!(
+                "PENNY_FILES_CLAMD: {:?} is not tcp://host:port or unix:///path (only penny dev runs without a scanner)",
+                self.clamd
+            )
+        })?;
+        Ok(FilesConfig {
+            database_url: self.database_url,
+            migration_database_url: self.migration_database_url,
+            keys_url: self.keys_url,
+            storage: StorageConfig::Filesystem(self.storage_dir),
+            scanner: ScannerConfig::Clamd(clamd, Duration::from_secs(self.scan_timeout_secs)),
+            quarantine_unscannable: self.quarantine_unscannable,
+            stale_after: crate::service::DEFAULT_STALE_AFTER,
+        })
+    }
+}

@@ -1,0 +1,114 @@
+//! Penny files: streaming upload with limits, content sniffing, ClamAV scanning and
+//! encryption at rest.
+//!
+//! Every byte of an upload goes through one pass — size limit, type detection, SHA-256,
+//! clamd `INSTREAM`, AES-256-GCM sealing under a data key of the file's own — into an
+//! incoming object; only a clean, complete file is recorded and moved to its final key.
+//! Its metadata row holds the wrapped data key, never the key; the object holds no
+//! plaintext. Downloads open the object segment by segment and stop at the first one that
+//! fails its integrity check.
+
+#![forbid(unsafe_code)]
+
+pub mod config;
+pub mod content;
+pub mod domain;
+mod grpc;
+pub mod migration;
+pub mod scan;
+pub mod seal;
+pub mod service;
+pub mod storage;
+pub mod store;
+
+use std::future::Future;
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use penny_platform::{ServeConfig, ServiceBundle};
+use tokio::net::TcpListener;
+
+pub use config::{Args, FilesConfig, ScannerConfig, StorageConfig};
+pub use service::Files;
+
+/// The gRPC name of the service.
+pub const SERVICE_NAME: &str = "penny.files.v1.FileService";
+
+/// Connects the database (migrating it), the storage, the scanner and the keys service,
+/// and sweeps what interrupted uploads left. The serve configuration must carry an
+/// authorizer: files checks permissions through it and calls keys with its credential.
+pub async fn build(config: FilesConfig, serve_config: &ServeConfig) -> anyhow::Result<Files> {
+    let authorizer = serve_config.authorizer.clone().context(
+        "files needs the authz service: set PENNY_AUTHZ_URL and PENNY_SERVICE_TOKEN_FILE",
+    )?;
+    let keys = tonic::transport::Endpoint::from_shared(config.keys_url.clone())
+        .with_context(|| format!("PENNY_KEYS_URL: not a URL: {}", config.keys_url))?
+        .connect_lazy();
+    let db = penny_platform::db::open::<migration::Migrator>(
+        &config.database_url,
+        config.migration_database_url.as_deref(),
+    )
+    .await
+    .map_err(|e| {
+        anyhow::anyhow!("PENNY_FILES_DATABASE_URL: cannot open the files database: {e}")
+    })?;
+    let storage: Arc<dyn storage::ObjectStorage> = match &config.storage {
+        StorageConfig::Filesystem(dir) => {
+            Arc::new(storage::FsStorage::open(dir).with_context(|| {
+                format!("PENNY_FILES_STORAGE_DIR: cannot use {}", dir.display())
+            })?)
+        }
+    };
+    let scanner = match &config.scanner {
+        ScannerConfig::Clamd(addr, timeout) => scan::Scanner::clamd(addr.clone(), *timeout),
+        ScannerConfig::None => {
+            tracing::warn!(
+                "files: NO MALWARE SCANNING (scanner = none); every upload is taken as clean. Only for penny dev and benchmarks"
+            );
+            scan::Scanner::none()
+        }
+    };
+    let files = Files::new(service::Parts {
+        store: store::Store::new(db),
+        storage,
+        scanner,
+        keys,
+        authorizer,
+        audit: serve_config.audit.clone(),
+        quarantine_unscannable: config.quarantine_unscannable,
+    });
+    let (objects, rows) = files
+        .sweep(config.stale_after)
+        .await
+        .context("files: cannot sweep interrupted uploads")?;
+    if objects + rows > 0 {
+        tracing::info!(
+            objects,
+            rows,
+            "files: removed what interrupted uploads left"
+        );
+    }
+    Ok(files)
+}
+
+/// Who may call which RPC of this service (the table the standard stack enforces).
+pub fn access_policy() -> penny_platform::AccessPolicy {
+    grpc::policy()
+}
+
+/// The service on the standard stack.
+pub fn bundle(files: Files, serve_config: &ServeConfig) -> ServiceBundle {
+    grpc::bundle(files, serve_config)
+}
+
+/// Builds and serves the files service until `shutdown` resolves.
+pub async fn serve(
+    config: FilesConfig,
+    serve_config: ServeConfig,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let files = build(config, &serve_config).await?;
+    let bundle = bundle(files, &serve_config);
+    penny_platform::serve(serve_config, bundle, listener, shutdown).await
+}

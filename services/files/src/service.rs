@@ -1,0 +1,894 @@
+//! The files service's operations: the upload pipeline (limit, sniff, hash, scan, seal in
+//! one pass; commit only clean, complete files), reads, downloads and deletion.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use penny_platform::error::reason_name;
+use penny_platform::{ApiError, AuditClient, Authorizer, Principal, Reason};
+use penny_proto::audit::v1 as audit_pb;
+use penny_proto::keys::v1 as keys_pb;
+use penny_proto::keys::v1::key_service_client::KeyServiceClient;
+use sha2::{Digest, Sha256};
+use time::OffsetDateTime;
+use tonic::transport::Channel;
+use uuid::Uuid;
+use zeroize::Zeroizing;
+
+use crate::content::{ContentRefusal, ContentType, Sniffer};
+use crate::domain::{MAX_FILE_BYTES, ScanStatus, StoredFile, display_name, storage_key};
+use crate::scan::{ScanSession, Scanner, Verdict};
+use crate::seal::{Opener, SealError, Sealer};
+use crate::storage::{IncomingObject, ObjectStorage, StorageError};
+use crate::store::{ListFilter, Store};
+
+/// The encryption context purpose of file data keys.
+pub const KEY_PURPOSE: &str = "file";
+/// Sealed bytes gathered before a write to storage.
+const WRITE_BUFFER: usize = 1 << 20;
+/// Plaintext bytes per Download message.
+pub const DOWNLOAD_CHUNK: usize = 256 * 1024;
+/// How old an interrupted commit or incoming object must be before the sweep removes it.
+pub const DEFAULT_STALE_AFTER: Duration = Duration::from_secs(3600);
+
+/// The files service: cheap to clone.
+#[derive(Clone, Debug)]
+pub struct Files {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    store: Store,
+    storage: Arc<dyn ObjectStorage>,
+    scanner: Scanner,
+    keys: KeyServiceClient<Channel>,
+    authorizer: Authorizer,
+    audit: Option<AuditClient>,
+    quarantine_unscannable: bool,
+}
+
+/// What the service is built from.
+#[derive(Debug)]
+pub struct Parts {
+    /// The metadata database.
+    pub store: Store,
+    /// Where sealed objects go.
+    pub storage: Arc<dyn ObjectStorage>,
+    /// clamd, or none.
+    pub scanner: Scanner,
+    /// The keys service (data keys).
+    pub keys: Channel,
+    /// Permission decisions, and this service's own credential.
+    pub authorizer: Authorizer,
+    /// Where per-file events go.
+    pub audit: Option<AuditClient>,
+    /// Keep unscannable files (as UNSCANNABLE, never downloadable) instead of refusing them.
+    pub quarantine_unscannable: bool,
+}
+
+/// The declared part of one file of an upload, validated.
+#[derive(Debug, Clone)]
+pub struct Header {
+    /// The tenant.
+    pub tenant: Uuid,
+    /// The workspace, if any.
+    pub workspace: Option<Uuid>,
+    /// The filename as sent (1..1024 bytes).
+    pub filename: String,
+    /// The declared type, when it is an allowed one.
+    pub declared: Option<ContentType>,
+    /// The declared type as sent.
+    pub declared_text: String,
+    /// The SHA-256 the client expects, if any.
+    pub expected_sha256: Option<[u8; 32]>,
+}
+
+/// How one file of an upload ended.
+#[derive(Debug)]
+pub struct FileResult {
+    /// The filename from the header.
+    pub filename: String,
+    /// The stored file, or why it was refused (with the file's metadata when it was
+    /// quarantined).
+    pub outcome: Result<StoredFile, (Reason, String)>,
+}
+
+fn dependency(service: &str, status: &tonic::Status) -> ApiError {
+    if penny_platform::error::is_transient(status) {
+        unavailable(service)
+    } else {
+        ApiError::internal(&format!("{service} answered {:?}", status.code()))
+    }
+}
+
+fn unavailable(what: &str) -> ApiError {
+    ApiError::unavailable(
+        Reason::DependencyUnavailable,
+        format!("{what} is unavailable; nothing from this request was stored; retry later"),
+        Duration::from_secs(1),
+    )
+}
+
+fn storage_failure(err: &StorageError) -> ApiError {
+    tracing::error!(error = %err, "file storage failed");
+    unavailable("file storage")
+}
+
+fn db_failure(err: &sea_orm::DbErr) -> ApiError {
+    ApiError::internal(err)
+}
+
+/// A data key for one file: the raw key (zeroized on drop) and its wrapped form.
+struct DataKey {
+    plaintext: Zeroizing<Vec<u8>>,
+    wrapped: String,
+    version: u32,
+}
+
+/// One file going through the pipeline.
+struct Ingest {
+    header: Header,
+    id: Uuid,
+    size: u64,
+    stage: Stage,
+}
+
+enum Stage {
+    /// Refused from its header (a type not allowed): its bytes are only counted.
+    Refused(Reason, String),
+    /// Flowing through the checks into storage.
+    Flowing(Box<Flow>),
+}
+
+struct Flow {
+    declared: ContentType,
+    sniffer: Sniffer,
+    sha: Sha256,
+    scan: ScanSession,
+    sealer: Sealer,
+    object: Box<dyn IncomingObject>,
+    out: Vec<u8>,
+    key: DataKey,
+}
+
+/// A file ready to commit.
+struct Staged {
+    file: StoredFile,
+    object: Box<dyn IncomingObject>,
+}
+
+impl Files {
+    /// The service over its parts.
+    pub fn new(parts: Parts) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                store: parts.store,
+                storage: parts.storage,
+                scanner: parts.scanner,
+                keys: KeyServiceClient::new(parts.keys),
+                authorizer: parts.authorizer,
+                audit: parts.audit,
+                quarantine_unscannable: parts.quarantine_unscannable,
+            }),
+        }
+    }
+
+    /// Whether the database and the scanner answer (readiness).
+    pub async fn ready(&self) -> bool {
+        self.inner.store.ping().await && self.inner.scanner.version().await.is_ok()
+    }
+
+    /// Whether uploads are scanned.
+    pub fn scans(&self) -> bool {
+        self.inner.scanner.scans()
+    }
+
+    /// Removes what interrupted uploads and commits left (older than `age`): incoming
+    /// objects, and rows recorded but never made visible, with their objects.
+    pub async fn sweep(&self, age: Duration) -> anyhow::Result<(u64, u64)> {
+        let objects = self.inner.storage.sweep_incoming(age).await?;
+        let cutoff = OffsetDateTime::now_utc() - age;
+        let mut rows = 0;
+        loop {
+            let stale = self.inner.store.stale_uncommitted(cutoff, 500).await?;
+            if stale.is_empty() {
+                break;
+            }
+            for file in &stale {
+                self.inner.storage.delete(&file.storage_key).await?;
+                self.inner
+                    .store
+                    .delete_uncommitted(file.tenant_id, &[file.id])
+                    .await?;
+                rows += 1;
+            }
+        }
+        Ok((objects, rows))
+    }
+
+    async fn data_key(&self, tenant: Uuid, file: Uuid) -> Result<DataKey, ApiError> {
+        let request = self
+            .inner
+            .authorizer
+            .service_request(keys_pb::GenerateDataKeyRequest {
+                tenant_id: tenant.to_string(),
+                context: Some(keys_pb::EncryptionContext {
+                    purpose: KEY_PURPOSE.into(),
+                    object_id: file.to_string(),
+                }),
+                key_bits: 256,
+            })
+            .await?;
+        let reply = match self.inner.keys.clone().generate_data_key(request).await {
+            Ok(reply) => reply.into_inner(),
+            Err(status) if status.code() == tonic::Code::NotFound => {
+                return Err(ApiError::failed_precondition(
+                    Reason::FailedPrecondition,
+                    "the tenant has no key to encrypt files with",
+                ));
+            }
+            Err(status) => return Err(dependency("the keys service", &status)),
+        };
+        Ok(DataKey {
+            plaintext: Zeroizing::new(reply.plaintext_key),
+            wrapped: reply.wrapped_key,
+            version: reply.key_version,
+        })
+    }
+
+    async fn open_key(&self, file: &StoredFile) -> Result<Zeroizing<Vec<u8>>, ApiError> {
+        let request = self
+            .inner
+            .authorizer
+            .service_request(keys_pb::DecryptRequest {
+                tenant_id: file.tenant_id.to_string(),
+                items: vec![keys_pb::DecryptItem {
+                    ciphertext: file.wrapped_key.clone(),
+                    context: Some(keys_pb::EncryptionContext {
+                        purpose: KEY_PURPOSE.into(),
+                        object_id: file.id.to_string(),
+                    }),
+                }],
+            })
+            .await?;
+        let reply = self
+            .inner
+            .keys
+            .clone()
+            .decrypt(request)
+            .await
+            .map_err(|s| dependency("the keys service", &s))?
+            .into_inner();
+        match reply.results.into_iter().next().and_then(|r| r.result) {
+            Some(keys_pb::decrypt_result::Result::Plaintext(key)) => Ok(Zeroizing::new(key)),
+            Some(keys_pb::decrypt_result::Result::Error(error)) => {
+                tracing::error!(file = %file.id, reason = error.reason, "the keys service would not unwrap a file's data key");
+                Err(ApiError::failed_precondition(
+                    Reason::FailedPrecondition,
+                    "the file's key cannot be opened (its key version may be below the tenant's minimum)",
+                ))
+            }
+            None => Err(ApiError::internal(&"keys answered no result")),
+        }
+    }
+
+    /// Starts a file of an upload.
+    async fn begin(&self, header: Header) -> Result<Ingest, ApiError> {
+        let id = Uuid::now_v7();
+        let Some(declared) = header.declared else {
+            let message = format!(
+                "{} is not an allowed type; allowed: {}",
+                header.declared_text,
+                ContentType::ALL.map(ContentType::mime).join(", ")
+            );
+            return Ok(Ingest {
+                header,
+                id,
+                size: 0,
+                stage: Stage::Refused(Reason::FileTypeNotAllowed, message),
+            });
+        };
+        let key = self.data_key(header.tenant, id).await?;
+        let sealer = Sealer::new(&key.plaintext, id)
+            .map_err(|e| ApiError::internal(&format!("data key: {e}")))?;
+        let object = self
+            .inner
+            .storage
+            .create()
+            .await
+            .map_err(|e| storage_failure(&e))?;
+        let scan = self.inner.scanner.start().await;
+        Ok(Ingest {
+            header,
+            id,
+            size: 0,
+            stage: Stage::Flowing(Box::new(Flow {
+                declared,
+                sniffer: Sniffer::new(declared),
+                sha: Sha256::new(),
+                scan,
+                sealer,
+                object,
+                out: Vec::with_capacity(WRITE_BUFFER + 128 * 1024),
+                key,
+            })),
+        })
+    }
+
+    /// The next bytes of a file; RESOURCE_EXHAUSTED once it passes the limit.
+    async fn feed(&self, ingest: &mut Ingest, bytes: &[u8]) -> Result<(), ApiError> {
+        ingest.size += bytes.len() as u64;
+        if ingest.size > MAX_FILE_BYTES {
+            return Err(too_large());
+        }
+        let Stage::Flowing(flow) = &mut ingest.stage else {
+            return Ok(());
+        };
+        flow.sniffer.update(bytes);
+        flow.sha.update(bytes);
+        flow.scan.update(bytes).await;
+        flow.sealer
+            .update(bytes, &mut flow.out)
+            .map_err(|e| ApiError::internal(&e))?;
+        if flow.out.len() >= WRITE_BUFFER {
+            flow.object
+                .write(&flow.out)
+                .await
+                .map_err(|e| storage_failure(&e))?;
+            flow.out.clear();
+        }
+        Ok(())
+    }
+
+    /// Ends a file: decides, from the scan, the content and the checksum, whether it is
+    /// kept.
+    async fn end(
+        &self,
+        caller: &Principal,
+        ingest: Ingest,
+        scanner_version: &str,
+    ) -> Result<(FileResult, Option<Staged>), ApiError> {
+        let Ingest {
+            header,
+            id,
+            size,
+            stage,
+        } = ingest;
+        let mut flow = match stage {
+            Stage::Refused(reason, message) => {
+                return Ok((
+                    FileResult {
+                        filename: header.filename,
+                        outcome: Err((reason, message)),
+                    },
+                    None,
+                ));
+            }
+            Stage::Flowing(flow) => flow,
+        };
+        let verdict = flow.scan.finish().await;
+        let scan_time = now_micros();
+        let sealer = flow.sealer;
+        sealer
+            .finish(&mut flow.out)
+            .map_err(|e| ApiError::internal(&e))?;
+        flow.object
+            .write(&flow.out)
+            .await
+            .map_err(|e| storage_failure(&e))?;
+        flow.out = Vec::new();
+        let content = flow.sniffer.finish();
+        let sha256: [u8; 32] = flow.sha.finalize().into();
+        let refusal: Option<(Reason, String)> = match (&verdict, &content) {
+            (Verdict::Infected(signature), _) => Some((
+                Reason::FileInfected,
+                format!("malware found ({signature}); the file was not stored"),
+            )),
+            (_, Err(ContentRefusal::Empty)) => {
+                Some((Reason::FileEmpty, "the file is empty".into()))
+            }
+            (_, Err(ContentRefusal::NotAllowed)) => Some((
+                Reason::FileTypeNotAllowed,
+                "the content is not of an allowed type".into(),
+            )),
+            (_, Err(ContentRefusal::Mismatch { detected })) => Some((
+                Reason::FileTypeMismatch,
+                format!("declared {}, but the content is {detected}", flow.declared),
+            )),
+            (_, Err(ContentRefusal::NotJson)) => Some((
+                Reason::FileTypeMismatch,
+                "declared application/json, but the content does not parse as JSON".into(),
+            )),
+            _ if header
+                .expected_sha256
+                .is_some_and(|expected| !bool::from(constant_time_eq(&expected, &sha256))) =>
+            {
+                Some((
+                    Reason::FileChecksumMismatch,
+                    "the content's SHA-256 is not the expected one".into(),
+                ))
+            }
+            (Verdict::Unscannable(_), _) if !self.inner.quarantine_unscannable => Some((
+                Reason::FileUnscannable,
+                "the file could not be scanned for malware, so it was not stored; retry later"
+                    .into(),
+            )),
+            _ => None,
+        };
+        let (status, signature) = match &verdict {
+            Verdict::Clean => (ScanStatus::Clean, String::new()),
+            Verdict::Infected(signature) => (ScanStatus::Infected, signature.clone()),
+            Verdict::Unscannable(why) => {
+                tracing::warn!(file = %id, reason = %why, "a file could not be scanned");
+                (ScanStatus::Unscannable, String::new())
+            }
+        };
+        let content_type = content.as_ref().map_or(flow.declared, |t| *t);
+        let file = StoredFile {
+            id,
+            tenant_id: header.tenant,
+            workspace_id: header.workspace,
+            owner_id: caller.id.clone(),
+            display_name: display_name(&header.filename),
+            content_type: content_type.mime().to_owned(),
+            size_bytes: size,
+            sha256,
+            scan_status: status,
+            scan_signature: signature,
+            scanner_version: scanner_version.to_owned(),
+            scan_time: Some(scan_time),
+            key_version: flow.key.version,
+            wrapped_key: flow.key.wrapped.clone(),
+            storage_key: storage_key(
+                header.tenant,
+                &caller.id,
+                scan_time,
+                content_type.extension(),
+            ),
+            created_at: scan_time,
+        };
+        if let Some(refusal) = refusal {
+            self.record_refusal(caller, &file, &header.filename, &refusal.0);
+            return Ok((
+                FileResult {
+                    filename: header.filename,
+                    outcome: Err(refusal),
+                },
+                None,
+            ));
+        }
+        flow.object
+            .complete()
+            .await
+            .map_err(|e| storage_failure(&e))?;
+        let result = if status == ScanStatus::Unscannable {
+            Err((
+                Reason::FileUnscannable,
+                "the file could not be scanned for malware; it is kept in quarantine and cannot be downloaded".into(),
+            ))
+        } else {
+            Ok(file.clone())
+        };
+        Ok((
+            FileResult {
+                filename: header.filename,
+                outcome: result,
+            },
+            Some(Staged {
+                file,
+                object: flow.object,
+            }),
+        ))
+    }
+
+    /// Takes an upload stream to its end: each file through the pipeline, then, if the
+    /// stream ended cleanly, the accepted files are committed together. Any stream-level
+    /// failure leaves nothing stored.
+    pub async fn upload<S>(
+        &self,
+        caller: &Principal,
+        parts: &mut S,
+    ) -> Result<Vec<FileResult>, ApiError>
+    where
+        S: UploadParts,
+    {
+        let started = Instant::now();
+        let scanner_version = if self.inner.scanner.scans() {
+            match self.inner.scanner.version().await {
+                Ok(version) => version,
+                // The files will be unscannable; the scan of each says why.
+                Err(_) => "unavailable".to_owned(),
+            }
+        } else {
+            "none".to_owned()
+        };
+        let mut results = Vec::new();
+        let mut staged: Vec<Staged> = Vec::new();
+        let mut current: Option<Ingest> = None;
+        let outcome: Result<(), ApiError> = async {
+            while let Some(part) = parts.next_part().await? {
+                match part {
+                    UploadPart::Header(header) => {
+                        if let Some(done) = current.take() {
+                            let (result, ready) = self.end(caller, done, &scanner_version).await?;
+                            results.push(result);
+                            staged.extend(ready);
+                        }
+                        current = Some(self.begin(header).await?);
+                    }
+                    UploadPart::Chunk(bytes) => {
+                        let Some(ingest) = current.as_mut() else {
+                            return Err(ApiError::invalid_field(
+                                "chunk",
+                                "the first message of an upload must be a header",
+                            ));
+                        };
+                        if let Err(err) = self.feed(ingest, &bytes).await {
+                            if err.reason() == Reason::FileTooLarge {
+                                self.record_too_large(caller, ingest);
+                            }
+                            return Err(err);
+                        }
+                    }
+                }
+            }
+            if let Some(done) = current.take() {
+                let (result, ready) = self.end(caller, done, &scanner_version).await?;
+                results.push(result);
+                staged.extend(ready);
+            }
+            Ok(())
+        }
+        .await;
+        // On failure the incoming objects are dropped, which removes them.
+        outcome?;
+        if results.is_empty() {
+            return Err(ApiError::invalid_field(
+                "header",
+                "an upload must hold at least one file",
+            ));
+        }
+        self.commit(staged).await?;
+        tracing::debug!(files = results.len(), took = ?started.elapsed(), "upload done");
+        Ok(results)
+    }
+
+    /// Records the files, moves their objects into place, then makes them visible; on any
+    /// failure undoes what was done.
+    async fn commit(&self, staged: Vec<Staged>) -> Result<(), ApiError> {
+        let Some(tenant) = staged.first().map(|s| s.file.tenant_id) else {
+            return Ok(());
+        };
+        let files: Vec<StoredFile> = staged.iter().map(|s| s.file.clone()).collect();
+        let ids: Vec<Uuid> = files.iter().map(|f| f.id).collect();
+        self.inner
+            .store
+            .insert_uncommitted(tenant, &files)
+            .await
+            .map_err(|e| db_failure(&e))?;
+        let mut published: Vec<String> = Vec::new();
+        for Staged { file, object } in staged {
+            if let Err(err) = object.publish(&file.storage_key).await {
+                for key in &published {
+                    let _ = self.inner.storage.delete(key).await;
+                }
+                let _ = self.inner.store.delete_uncommitted(tenant, &ids).await;
+                return Err(storage_failure(&err));
+            }
+            published.push(file.storage_key.clone());
+        }
+        if let Err(err) = self.inner.store.mark_committed(tenant, &ids).await {
+            for key in &published {
+                let _ = self.inner.storage.delete(key).await;
+            }
+            let _ = self.inner.store.delete_uncommitted(tenant, &ids).await;
+            return Err(db_failure(&err));
+        }
+        for file in &files {
+            self.record_stored(file);
+        }
+        Ok(())
+    }
+
+    /// A visible file of `tenant`.
+    pub async fn get(&self, tenant: Uuid, id: Uuid) -> Result<StoredFile, ApiError> {
+        self.inner
+            .store
+            .get(tenant, id)
+            .await
+            .map_err(|e| db_failure(&e))?
+            .ok_or_else(not_found)
+    }
+
+    /// A page of `tenant`'s files, newest first.
+    pub async fn list(
+        &self,
+        tenant: Uuid,
+        filter: &ListFilter,
+        before: Option<Uuid>,
+        limit: u64,
+    ) -> Result<Vec<StoredFile>, ApiError> {
+        self.inner
+            .store
+            .list(tenant, filter, before, limit)
+            .await
+            .map_err(|e| db_failure(&e))
+    }
+
+    /// Deletes a file: its row, then its object.
+    pub async fn delete(&self, caller: &Principal, tenant: Uuid, id: Uuid) -> Result<(), ApiError> {
+        let file = self
+            .inner
+            .store
+            .delete(tenant, id)
+            .await
+            .map_err(|e| db_failure(&e))?
+            .ok_or_else(not_found)?;
+        if let Err(err) = self.inner.storage.delete(&file.storage_key).await {
+            // The row is gone, so nothing can reach the object; it only takes space.
+            tracing::error!(file = %id, error = %err, "a deleted file's object could not be removed");
+        }
+        self.record_file_event(
+            caller,
+            &file,
+            "files.file_deleted",
+            audit_pb::Outcome::Success,
+            vec![],
+        );
+        Ok(())
+    }
+
+    /// Opens a clean file for download: its metadata and a reader of its plaintext.
+    pub async fn open(
+        &self,
+        caller: &Principal,
+        tenant: Uuid,
+        id: Uuid,
+    ) -> Result<(StoredFile, PlainReader), ApiError> {
+        let file = self.get(tenant, id).await?;
+        if file.scan_status != ScanStatus::Clean {
+            return Err(ApiError::failed_precondition(
+                Reason::FileNotClean,
+                "only files scanned clean can be downloaded",
+            ));
+        }
+        let key = self.open_key(&file).await?;
+        let opener = Opener::new(&key, file.id).map_err(|e| ApiError::internal(&e))?;
+        let object = match self.inner.storage.read(&file.storage_key).await {
+            Ok(object) => object,
+            Err(StorageError::NotFound) => {
+                tracing::error!(file = %file.id, "a file's object is missing");
+                return Err(integrity_failed());
+            }
+            Err(err) => return Err(storage_failure(&err)),
+        };
+        self.record_file_event(
+            caller,
+            &file,
+            "files.file_downloaded",
+            audit_pb::Outcome::Success,
+            vec![],
+        );
+        Ok((
+            file,
+            PlainReader {
+                object,
+                opener: Some(opener),
+                buf: vec![0; DOWNLOAD_CHUNK],
+            },
+        ))
+    }
+
+    fn record_file_event(
+        &self,
+        caller: &Principal,
+        file: &StoredFile,
+        action: &str,
+        outcome: audit_pb::Outcome,
+        attributes: Vec<(&str, String)>,
+    ) {
+        let Some(audit) = &self.inner.audit else {
+            return;
+        };
+        let mut event = penny_platform::audit_layer::call_event(
+            "files",
+            "/penny.files.v1.FileService/Upload",
+            Some(caller),
+            None,
+            "",
+            Instant::now(),
+            tonic::Code::Ok,
+        );
+        event.tenant_id = file.tenant_id.to_string();
+        event.action = action.to_owned();
+        event.resource = "file".into();
+        event.resource_id = file.id.to_string();
+        event.outcome = outcome as i32;
+        event.metadata = None;
+        event
+            .attributes
+            .insert("content_type".into(), file.content_type.clone());
+        event
+            .attributes
+            .insert("size_bytes".into(), file.size_bytes.to_string());
+        event.attributes.insert("sha256".into(), hex(&file.sha256));
+        event
+            .attributes
+            .insert("scan_status".into(), file.scan_status.as_str().into());
+        if !file.scan_signature.is_empty() {
+            event
+                .attributes
+                .insert("scan_signature".into(), file.scan_signature.clone());
+        }
+        for (name, value) in attributes {
+            event.attributes.insert(name.to_owned(), value);
+        }
+        audit.record(event);
+    }
+
+    fn record_stored(&self, file: &StoredFile) {
+        let owner = Principal {
+            kind: penny_platform::PrincipalKind::User,
+            id: file.owner_id.clone(),
+            tenant_id: file.tenant_id,
+            roles: vec![],
+            session_id: None,
+            scopes: vec![],
+        };
+        self.record_file_event(
+            &owner,
+            file,
+            "files.file_stored",
+            audit_pb::Outcome::Success,
+            vec![],
+        );
+    }
+
+    fn record_refusal(
+        &self,
+        caller: &Principal,
+        file: &StoredFile,
+        filename: &str,
+        reason: &Reason,
+    ) {
+        self.record_file_event(
+            caller,
+            file,
+            "files.file_refused",
+            audit_pb::Outcome::Denied,
+            vec![
+                ("reason", reason_name(*reason).to_owned()),
+                ("display_name", display_name(filename)),
+            ],
+        );
+    }
+
+    fn record_too_large(&self, caller: &Principal, ingest: &Ingest) {
+        let file = StoredFile {
+            id: ingest.id,
+            tenant_id: ingest.header.tenant,
+            workspace_id: ingest.header.workspace,
+            owner_id: caller.id.clone(),
+            display_name: display_name(&ingest.header.filename),
+            content_type: String::new(),
+            size_bytes: ingest.size,
+            sha256: [0; 32],
+            scan_status: ScanStatus::Pending,
+            scan_signature: String::new(),
+            scanner_version: String::new(),
+            scan_time: None,
+            key_version: 0,
+            wrapped_key: String::new(),
+            storage_key: String::new(),
+            created_at: OffsetDateTime::now_utc(),
+        };
+        self.record_refusal(
+            caller,
+            &file,
+            &ingest.header.filename,
+            &Reason::FileTooLarge,
+        );
+    }
+}
+
+/// The parts of an upload stream, decoded and validated by the gRPC layer.
+#[derive(Debug)]
+pub enum UploadPart {
+    /// A new file.
+    Header(Header),
+    /// The current file's next bytes.
+    Chunk(bytes::Bytes),
+}
+
+/// A source of upload parts.
+#[async_trait::async_trait]
+pub trait UploadParts: Send {
+    /// The next part; `None` at the end of the stream.
+    async fn next_part(&mut self) -> Result<Option<UploadPart>, ApiError>;
+}
+
+/// A clean file's plaintext, authenticated segment by segment as it is read.
+pub struct PlainReader {
+    object: crate::storage::ObjectReader,
+    opener: Option<Opener>,
+    buf: Vec<u8>,
+}
+
+impl std::fmt::Debug for PlainReader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PlainReader").finish_non_exhaustive()
+    }
+}
+
+impl PlainReader {
+    /// The next plaintext bytes (empty when a read completed no segment); `None` at the
+    /// end. DATA_LOSS when the object fails its integrity check.
+    pub async fn next(&mut self) -> Option<Result<Vec<u8>, ApiError>> {
+        use tokio::io::AsyncReadExt as _;
+        let opener = self.opener.as_mut()?;
+        let mut out = Vec::new();
+        match self.object.read(&mut self.buf).await {
+            Ok(0) => {
+                let opener = self.opener.take()?;
+                Some(
+                    opener
+                        .finish(&mut out)
+                        .map(|()| out)
+                        .map_err(|_| integrity_failed()),
+                )
+            }
+            Ok(n) => match opener.update(&self.buf[..n], &mut out) {
+                Ok(()) => Some(Ok(out)),
+                Err(SealError::Integrity | SealError::KeyLength | SealError::TooLarge) => {
+                    self.opener = None;
+                    Some(Err(integrity_failed()))
+                }
+            },
+            Err(err) => {
+                self.opener = None;
+                Some(Err(storage_failure(&StorageError::Io(err))))
+            }
+        }
+    }
+}
+
+/// Now, to the microsecond: what PostgreSQL stores, so an upload's answer and later reads
+/// agree.
+fn now_micros() -> OffsetDateTime {
+    let now = OffsetDateTime::now_utc();
+    now.replace_nanosecond(now.nanosecond() / 1000 * 1000)
+        .unwrap_or(now)
+}
+
+fn too_large() -> ApiError {
+    ApiError::new(
+        tonic::Code::ResourceExhausted,
+        Reason::FileTooLarge,
+        format!(
+            "a file passed the {MAX_FILE_BYTES}-byte limit; nothing from this upload was stored"
+        ),
+    )
+}
+
+fn not_found() -> ApiError {
+    ApiError::not_found(Reason::NotFound, "file not found")
+}
+
+fn integrity_failed() -> ApiError {
+    ApiError::new(
+        tonic::Code::DataLoss,
+        Reason::FileIntegrityFailed,
+        "the stored file failed its integrity check; discard what was received",
+    )
+}
+
+fn constant_time_eq(a: &[u8; 32], b: &[u8; 32]) -> subtle::Choice {
+    use subtle::ConstantTimeEq as _;
+    a.ct_eq(b)
+}
+
+/// Lower-case hex.
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}

@@ -1,0 +1,798 @@
+//! The files service: streaming upload with limits, content sniffing, a real clamd,
+//! encryption at rest, downloads that catch tampering, and nothing left behind by a
+//! refused, aborted or interrupted upload.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use penny_proto::audit::v1 as audit_pb;
+use penny_proto::audit::v1::audit_service_client::AuditServiceClient;
+use penny_proto::authz::v1 as authz_pb;
+use penny_proto::authz::v1::authz_service_client::AuthzServiceClient;
+use penny_proto::common::v1::PrincipalKind;
+use penny_proto::files::v1 as pb;
+use penny_proto::files::v1::file_service_client::FileServiceClient;
+use penny_proto::keys::v1 as keys_pb;
+use penny_proto::keys::v1::key_service_client::KeyServiceClient;
+use penny_tests::clamd::{EICAR, EICAR_SIGNATURE};
+use penny_tests::{TestFleet, TestFleetBuilder, assert_eventually, error_reason, with_token};
+use sha2::Digest as _;
+use tonic::Code;
+use tonic::transport::Channel;
+use uuid::Uuid;
+
+const PNG: &[u8] =
+    b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR\0\0\0\x01\0\0\0\x01\x08\x06\0\0\0\x1f\x15\xc4\x89";
+const PDF: &[u8] =
+    b"%PDF-1.4\n1 0 obj << /Type /Catalog >> endobj\ntrailer << /Root 1 0 R >>\n%%EOF\n";
+const MB: usize = 1024 * 1024;
+
+struct Harness {
+    fleet: TestFleet,
+    files: FileServiceClient<Channel>,
+    tenant: Uuid,
+    user: Uuid,
+    /// A member and viewer of `tenant`: may upload and read.
+    token: String,
+}
+
+async fn bind(fleet: &TestFleet, tenant: Uuid, user: Uuid, roles: &[&str]) {
+    let mut authz = AuthzServiceClient::new(fleet.authz().server.channel().await);
+    for role in roles {
+        authz
+            .grant_role(with_token(
+                authz_pb::GrantRoleRequest {
+                    tenant_id: tenant.to_string(),
+                    subject: Some(authz_pb::Subject {
+                        kind: PrincipalKind::User as i32,
+                        id: user.to_string(),
+                        tenant_id: tenant.to_string(),
+                    }),
+                    role: (*role).into(),
+                    workspace_id: String::new(),
+                },
+                &fleet.service_token(),
+            ))
+            .await
+            .unwrap();
+    }
+}
+
+fn token_of(fleet: &TestFleet, tenant: Uuid, user: Uuid) -> String {
+    fleet.token(&penny_platform::signing::TokenGrant {
+        subject: user.to_string(),
+        tenant_id: tenant,
+        roles: vec![],
+        kind: penny_platform::PrincipalKind::User,
+        session_id: Some(Uuid::new_v4().to_string()),
+        lifetime: Duration::from_secs(600),
+    })
+}
+
+/// A fleet with files, a tenant with its key, and a user who may upload and read.
+async fn harness(builder: TestFleetBuilder) -> Harness {
+    let fleet = builder.with_files().start().await;
+    let tenant = Uuid::new_v4();
+    let user = Uuid::now_v7();
+    let mut keys = KeyServiceClient::new(fleet.keys().server.channel().await);
+    keys.create_key(with_token(
+        keys_pb::CreateKeyRequest {
+            tenant_id: tenant.to_string(),
+        },
+        &fleet.service_token(),
+    ))
+    .await
+    .unwrap();
+    bind(&fleet, tenant, user, &["member", "viewer"]).await;
+    let token = token_of(&fleet, tenant, user);
+    let mut files = FileServiceClient::new(fleet.files().server.channel().await);
+    assert_eventually!(
+        Duration::from_secs(5),
+        files
+            .list_files(with_token(list(tenant), &token))
+            .await
+            .is_ok()
+    );
+    Harness {
+        fleet,
+        files,
+        tenant,
+        user,
+        token,
+    }
+}
+
+fn list(tenant: Uuid) -> pb::ListFilesRequest {
+    pb::ListFilesRequest {
+        tenant_id: tenant.to_string(),
+        ..Default::default()
+    }
+}
+
+fn header(tenant: Uuid, filename: &str, declared: &str) -> pb::UploadRequest {
+    pb::UploadRequest {
+        part: Some(pb::upload_request::Part::Header(pb::FileHeader {
+            tenant_id: tenant.to_string(),
+            filename: filename.into(),
+            declared_content_type: declared.into(),
+            ..Default::default()
+        })),
+    }
+}
+
+fn chunk(bytes: &[u8]) -> pb::UploadRequest {
+    pb::UploadRequest {
+        part: Some(pb::upload_request::Part::Chunk(bytes.to_vec())),
+    }
+}
+
+/// The messages of an upload of `files` (name, declared type, content), in 64 KiB chunks.
+fn messages(tenant: Uuid, files: &[(&str, &str, &[u8])]) -> Vec<pb::UploadRequest> {
+    let mut out = Vec::new();
+    for (name, declared, content) in files {
+        out.push(header(tenant, name, declared));
+        for part in content.chunks(64 * 1024) {
+            out.push(chunk(part));
+        }
+    }
+    out
+}
+
+impl Harness {
+    async fn upload(
+        &self,
+        files: &[(&str, &str, &[u8])],
+    ) -> Result<Vec<pb::UploadResult>, tonic::Status> {
+        self.upload_messages(messages(self.tenant, files)).await
+    }
+
+    async fn upload_messages(
+        &self,
+        messages: Vec<pb::UploadRequest>,
+    ) -> Result<Vec<pb::UploadResult>, tonic::Status> {
+        self.files
+            .clone()
+            .upload(with_token(tokio_stream::iter(messages), &self.token))
+            .await
+            .map(|r| r.into_inner().results)
+    }
+
+    async fn download(&self, file: &str) -> Result<Vec<u8>, tonic::Status> {
+        let mut stream = self
+            .files
+            .clone()
+            .download(with_token(
+                pb::DownloadRequest {
+                    tenant_id: self.tenant.to_string(),
+                    file_id: file.into(),
+                },
+                &self.token,
+            ))
+            .await?
+            .into_inner();
+        let mut content = Vec::new();
+        let mut first = true;
+        while let Some(message) = stream.message().await? {
+            match message.part {
+                Some(pb::download_response::Part::File(f)) => {
+                    assert!(first, "metadata comes first");
+                    assert_eq!(f.id, file);
+                }
+                Some(pb::download_response::Part::Chunk(bytes)) => {
+                    assert!(!first, "metadata comes first");
+                    assert!(bytes.len() <= MB);
+                    content.extend_from_slice(&bytes);
+                }
+                None => panic!("empty download message"),
+            }
+            first = false;
+        }
+        Ok(content)
+    }
+
+    async fn listed(&self) -> Vec<pb::File> {
+        self.files
+            .clone()
+            .list_files(with_token(list(self.tenant), &self.token))
+            .await
+            .unwrap()
+            .into_inner()
+            .files
+    }
+
+    fn storage(&self) -> PathBuf {
+        self.fleet.files().storage_dir().to_path_buf()
+    }
+}
+
+/// Every stored object (not the incoming area), relative to the storage root.
+fn objects(root: &Path) -> Vec<PathBuf> {
+    fn walk(dir: &Path, root: &Path, out: &mut Vec<PathBuf>) {
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                walk(&path, root, out);
+            } else {
+                out.push(path.strip_prefix(root).unwrap().to_path_buf());
+            }
+        }
+    }
+    let mut out = Vec::new();
+    walk(root, root, &mut out);
+    out.sort();
+    out
+}
+
+fn stored(root: &Path) -> Vec<PathBuf> {
+    objects(root)
+        .into_iter()
+        .filter(|p| !p.starts_with(".incoming"))
+        .collect()
+}
+
+fn file_of(result: &pb::UploadResult) -> &pb::File {
+    match &result.result {
+        Some(pb::upload_result::Result::File(file)) => file,
+        other => panic!("{} was refused: {other:?}", result.filename),
+    }
+}
+
+fn refusal_of(result: &pb::UploadResult) -> String {
+    match &result.result {
+        Some(pb::upload_result::Result::Error(error)) => {
+            penny_proto::common::v1::ErrorReason::try_from(error.reason)
+                .unwrap()
+                .as_str_name()
+                .trim_start_matches("ERROR_REASON_")
+                .to_owned()
+        }
+        other => panic!("{} was not refused: {other:?}", result.filename),
+    }
+}
+
+#[tokio::test]
+async fn uploads_are_sniffed_encrypted_at_rest_and_download_intact() {
+    let h = harness(TestFleet::builder()).await;
+    let text = "a recognisable sentence that must never be stored in the clear. ".repeat(4000);
+    let json = br#"{"messages": [{"role": "user", "content": "hello"}], "n": 1.5e3}"#;
+    let results = h
+        .upload(&[
+            ("picture.png", "image/png", PNG),
+            ("notes.txt", "text/plain", text.as_bytes()),
+            ("chat.json", "application/json", json),
+            ("doc.pdf", "application/pdf", PDF),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(results.len(), 4);
+    let names: Vec<&str> = results.iter().map(|r| r.filename.as_str()).collect();
+    assert_eq!(names, ["picture.png", "notes.txt", "chat.json", "doc.pdf"]);
+    let contents: [&[u8]; 4] = [PNG, text.as_bytes(), json, PDF];
+    let types = [
+        "image/png",
+        "text/plain",
+        "application/json",
+        "application/pdf",
+    ];
+    for ((result, content), content_type) in results.iter().zip(contents).zip(types) {
+        let file = file_of(result);
+        assert_eq!(file.content_type, content_type);
+        assert_eq!(file.size_bytes, content.len() as u64);
+        assert_eq!(file.sha256, sha2::Sha256::digest(content).to_vec());
+        assert_eq!(file.scan_status, pb::ScanStatus::Clean as i32);
+        assert!(
+            file.scanner_version.starts_with("ClamAV "),
+            "{}",
+            file.scanner_version
+        );
+        assert_eq!(file.owner_id, h.user.to_string());
+        assert_eq!(file.tenant_id, h.tenant.to_string());
+        assert!(file.key_version >= 1);
+        assert_eq!(h.download(&file.id).await.unwrap(), content);
+        let got = h
+            .files
+            .clone()
+            .get_file(with_token(
+                pb::GetFileRequest {
+                    tenant_id: h.tenant.to_string(),
+                    file_id: file.id.clone(),
+                },
+                &h.token,
+            ))
+            .await
+            .unwrap()
+            .into_inner()
+            .file
+            .unwrap();
+        assert_eq!(&got, file);
+    }
+    // Listed newest first.
+    let listed: Vec<String> = h.listed().await.into_iter().map(|f| f.id).collect();
+    let mut uploaded: Vec<String> = results.iter().map(|r| file_of(r).id.clone()).collect();
+    uploaded.reverse();
+    assert_eq!(listed, uploaded);
+    // Objects live at generated keys, `<tenant>/<yyyy>/<mm>/<user>/<random>.<ext>`, and
+    // hold no plaintext.
+    let root = h.storage();
+    let objects = stored(&root);
+    assert_eq!(objects.len(), 4);
+    let now = time::OffsetDateTime::now_utc();
+    for object in &objects {
+        let parts: Vec<String> = object
+            .components()
+            .map(|c| c.as_os_str().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(parts.len(), 5, "{object:?}");
+        assert_eq!(parts[0], h.tenant.to_string());
+        assert_eq!(parts[1], format!("{:04}", now.year()));
+        assert_eq!(parts[2], format!("{:02}", u8::from(now.month())));
+        assert_eq!(parts[3], h.user.to_string());
+        let bytes = std::fs::read(root.join(object)).unwrap();
+        for content in contents {
+            let probe = &content[..content.len().min(24)];
+            assert!(
+                !bytes.windows(probe.len()).any(|w| w == probe),
+                "plaintext in {object:?}"
+            );
+        }
+    }
+    assert!(
+        objects
+            .iter()
+            .any(|o| o.extension().is_some_and(|e| e == "png"))
+    );
+    assert!(
+        objects
+            .iter()
+            .any(|o| o.extension().is_some_and(|e| e == "json"))
+    );
+}
+
+#[tokio::test]
+async fn content_decides_the_type_and_filenames_are_never_paths() {
+    let h = harness(TestFleet::builder()).await;
+    let results = h
+        .upload(&[
+            ("picture.pdf", "application/pdf", PNG),
+            (
+                "../../etc/passwd",
+                "text/plain",
+                b"root:x:0:0:root:/root:/bin/bash\n",
+            ),
+            ("run.sh", "application/x-sh", b"#!/bin/sh\necho hi\n"),
+            ("binary.txt", "text/plain", b"\x7fELF\x02\x01\x01\0\0\0\0\0"),
+            ("broken.json", "application/json", b"{\"a\": [1, 2"),
+            ("empty.txt", "text/plain", b""),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(refusal_of(&results[0]), "FILE_TYPE_MISMATCH");
+    let passwd = file_of(&results[1]);
+    assert_eq!(passwd.display_name, "passwd");
+    assert_eq!(refusal_of(&results[2]), "FILE_TYPE_NOT_ALLOWED");
+    assert_eq!(refusal_of(&results[3]), "FILE_TYPE_NOT_ALLOWED");
+    assert_eq!(refusal_of(&results[4]), "FILE_TYPE_MISMATCH");
+    assert_eq!(refusal_of(&results[5]), "FILE_EMPTY");
+    // Only the accepted file is stored, under a generated key inside the storage root.
+    let root = h.storage();
+    let objects = stored(&root);
+    assert_eq!(objects.len(), 1);
+    assert!(objects[0].starts_with(h.tenant.to_string()));
+    assert!(!objects[0].to_string_lossy().contains("passwd"));
+    assert!(!root.parent().unwrap().join("etc").exists());
+    let listed = h.listed().await;
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0].id, passwd.id);
+}
+
+#[tokio::test]
+async fn eicar_is_refused_audited_and_leaves_nothing() {
+    let h = harness(TestFleet::builder().with_audit()).await;
+    let results = h
+        .upload(&[
+            ("eicar.txt", "text/plain", EICAR),
+            ("fine.txt", "text/plain", b"nothing to see here\n"),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(refusal_of(&results[0]), "FILE_INFECTED");
+    let Some(pb::upload_result::Result::Error(error)) = &results[0].result else {
+        unreachable!()
+    };
+    assert!(error.message.contains(EICAR_SIGNATURE), "{}", error.message);
+    let fine = file_of(&results[1]).clone();
+    assert_eq!(stored(&h.storage()).len(), 1);
+    assert!(
+        objects(&h.storage())
+            .iter()
+            .all(|o| !o.starts_with(".incoming"))
+    );
+    // The refusal and the stored file are in the tenant's audit trail.
+    let mut audit = AuditServiceClient::new(h.fleet.audit().server.channel().await);
+    let admin = h.fleet.admin_token();
+    let query = |action: &str| audit_pb::QueryRequest {
+        tenant_id: h.tenant.to_string(),
+        action: action.into(),
+        ..Default::default()
+    };
+    let mut refused: Vec<audit_pb::AuditEvent>;
+    assert_eventually!(Duration::from_secs(5), {
+        refused = audit
+            .query(with_token(query("files.file_refused"), &admin))
+            .await
+            .unwrap()
+            .into_inner()
+            .events;
+        !refused.is_empty()
+    });
+    assert_eq!(refused.len(), 1);
+    let event = &refused[0];
+    assert_eq!(event.attributes["reason"], "FILE_INFECTED");
+    assert_eq!(event.attributes["scan_signature"], EICAR_SIGNATURE);
+    assert_eq!(event.user_id, h.user.to_string());
+    assert_eq!(event.outcome, audit_pb::Outcome::Denied as i32);
+    let mut stored_events: Vec<audit_pb::AuditEvent>;
+    assert_eventually!(Duration::from_secs(5), {
+        stored_events = audit
+            .query(with_token(query("files.file_stored"), &admin))
+            .await
+            .unwrap()
+            .into_inner()
+            .events;
+        !stored_events.is_empty()
+    });
+    assert_eq!(stored_events[0].resource_id, fine.id);
+}
+
+#[tokio::test]
+async fn with_clamd_stopped_uploads_are_refused_never_accepted() {
+    let mut h = harness(TestFleet::builder()).await;
+    let clean = h
+        .upload(&[("a.txt", "text/plain", b"before")])
+        .await
+        .unwrap();
+    file_of(&clean[0]);
+    h.fleet.files_mut().clamd.stop();
+    let results = h
+        .upload(&[
+            ("b.txt", "text/plain", b"after clamd stopped"),
+            ("eicar.txt", "text/plain", EICAR),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(refusal_of(&results[0]), "FILE_UNSCANNABLE");
+    assert_eq!(refusal_of(&results[1]), "FILE_UNSCANNABLE");
+    assert_eq!(stored(&h.storage()).len(), 1);
+    assert_eq!(h.listed().await.len(), 1);
+}
+
+#[tokio::test]
+async fn quarantined_unscannable_files_are_kept_but_never_downloadable() {
+    let mut h = harness(TestFleet::builder().files_quarantine_unscannable()).await;
+    h.fleet.files_mut().clamd.stop();
+    let results = h
+        .upload(&[("b.txt", "text/plain", b"unscanned")])
+        .await
+        .unwrap();
+    assert_eq!(refusal_of(&results[0]), "FILE_UNSCANNABLE");
+    let listed = h.listed().await;
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0].scan_status, pb::ScanStatus::Unscannable as i32);
+    let status = h.download(&listed[0].id).await.unwrap_err();
+    assert_eq!(status.code(), Code::FailedPrecondition);
+    assert_eq!(error_reason(&status), "FILE_NOT_CLEAN");
+}
+
+#[tokio::test]
+async fn stream_limits_abort_the_whole_upload_and_store_nothing() {
+    let h = harness(TestFleet::builder()).await;
+    // 50 MB + 1 byte, behind a file that was fine: refused as soon as the limit is
+    // crossed (the client would go on sending forever), and nothing of either is kept.
+    let block = vec![b'a'; MB];
+    let endless = messages(h.tenant, &[("first.txt", "text/plain", b"fine")])
+        .into_iter()
+        .chain(std::iter::once(header(h.tenant, "big.txt", "text/plain")))
+        .chain(std::iter::repeat(chunk(&block)));
+    let status = h
+        .files
+        .clone()
+        .upload(with_token(tokio_stream::iter(endless), &h.token))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::ResourceExhausted);
+    assert_eq!(error_reason(&status), "FILE_TOO_LARGE");
+    // Exactly 50 MB is fine; one byte more is not.
+    let limit = 50 * MB;
+    let mut exact = vec![header(h.tenant, "exact.txt", "text/plain")];
+    exact.extend(std::iter::repeat_n(chunk(&block), 50));
+    let results = h.upload_messages(exact.clone()).await.unwrap();
+    assert_eq!(file_of(&results[0]).size_bytes, limit as u64);
+    let mut over = exact;
+    over.push(chunk(b"!"));
+    let status = h.upload_messages(over).await.unwrap_err();
+    assert_eq!(status.code(), Code::ResourceExhausted);
+    // Eleven files: refused, and the ten before it are not kept.
+    let eleven: Vec<(String, &str, &[u8])> = (0..11)
+        .map(|i| (format!("f{i}.txt"), "text/plain", &b"small"[..]))
+        .collect();
+    let refs: Vec<(&str, &str, &[u8])> = eleven
+        .iter()
+        .map(|(n, t, c)| (n.as_str(), *t, *c))
+        .collect();
+    let status = h.upload(&refs).await.unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert_eq!(error_reason(&status), "TOO_MANY_FILES");
+    assert!(h.upload(&refs[..10]).await.is_ok());
+    // A chunk before any header, and an empty stream.
+    let status = h.upload_messages(vec![chunk(b"x")]).await.unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+    let status = h.upload_messages(vec![]).await.unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+    // What is stored: the exact-limit file and the ten small ones; nothing incoming.
+    assert_eq!(h.listed().await.len(), 11);
+    assert_eq!(stored(&h.storage()).len(), 11);
+    assert!(
+        objects(&h.storage())
+            .iter()
+            .all(|o| !o.starts_with(".incoming"))
+    );
+}
+
+#[tokio::test]
+async fn a_changed_cut_or_reordered_object_fails_to_download() {
+    let h = harness(TestFleet::builder()).await;
+    let text: String = (0..20_000).map(|i| format!("line {i}\n")).collect();
+    let results = h
+        .upload(&[("long.txt", "text/plain", text.as_bytes())])
+        .await
+        .unwrap();
+    let file = file_of(&results[0]).clone();
+    assert_eq!(h.download(&file.id).await.unwrap(), text.as_bytes());
+    let root = h.storage();
+    let object = root.join(&stored(&root)[0]);
+    let original = std::fs::read(&object).unwrap();
+    let segment = penny_files::seal::SEGMENT + penny_files::seal::TAG;
+    let header = penny_files::seal::HEADER;
+    assert!(original.len() > header + 2 * segment);
+    let flipped = {
+        let mut bytes = original.clone();
+        bytes[header + segment + 10] ^= 0x01;
+        bytes
+    };
+    let truncated = original[..header + 2 * segment].to_vec();
+    let swapped = {
+        let mut bytes = original[..header].to_vec();
+        bytes.extend_from_slice(&original[header + segment..header + 2 * segment]);
+        bytes.extend_from_slice(&original[header..header + segment]);
+        bytes.extend_from_slice(&original[header + 2 * segment..]);
+        bytes
+    };
+    for (what, bytes) in [
+        ("flipped", flipped),
+        ("truncated", truncated),
+        ("swapped", swapped),
+    ] {
+        std::fs::write(&object, &bytes).unwrap();
+        let status = h.download(&file.id).await.unwrap_err();
+        assert_eq!(status.code(), Code::DataLoss, "{what}");
+        assert_eq!(error_reason(&status), "FILE_INTEGRITY_FAILED", "{what}");
+    }
+    std::fs::write(&object, &original).unwrap();
+    assert_eq!(h.download(&file.id).await.unwrap(), text.as_bytes());
+}
+
+#[tokio::test]
+async fn keys_down_mid_upload_fails_it_and_leaves_nothing() {
+    let mut h = harness(TestFleet::builder()).await;
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    let call = {
+        let mut files = h.files.clone();
+        let token = h.token.clone();
+        tokio::spawn(async move {
+            files
+                .upload(with_token(
+                    tokio_stream::wrappers::ReceiverStream::new(rx),
+                    &token,
+                ))
+                .await
+        })
+    };
+    for message in messages(h.tenant, &[("first.txt", "text/plain", &[b'x'; 300_000])]) {
+        tx.send(message).await.unwrap();
+    }
+    // The first file is under way (its data key made); keys goes down before the second.
+    assert_eventually!(
+        Duration::from_secs(5),
+        objects(&h.storage())
+            .iter()
+            .any(|o| o.starts_with(".incoming"))
+    );
+    h.fleet
+        .keys
+        .as_mut()
+        .unwrap()
+        .server
+        .shutdown()
+        .await
+        .unwrap();
+    for message in messages(h.tenant, &[("second.txt", "text/plain", b"more")]) {
+        let _ = tx.send(message).await;
+    }
+    drop(tx);
+    let status = call.await.unwrap().unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert_eq!(error_reason(&status), "DEPENDENCY_UNAVAILABLE");
+    assert!(h.listed().await.is_empty());
+    assert!(
+        objects(&h.storage()).is_empty(),
+        "{:?}",
+        objects(&h.storage())
+    );
+}
+
+#[tokio::test]
+async fn what_an_interrupted_upload_leaves_is_swept_at_start() {
+    let mut h = harness(TestFleet::builder()).await;
+    let kept = h
+        .upload(&[("kept.txt", "text/plain", b"kept")])
+        .await
+        .unwrap();
+    let kept = file_of(&kept[0]).clone();
+    let root = h.storage();
+    // A crash mid-upload leaves an incoming object; one mid-commit, a row not yet visible
+    // and its object.
+    std::fs::write(root.join(".incoming").join("crashed.part"), b"sealed bytes").unwrap();
+    let store = penny_files::store::Store::new(
+        sea_orm::Database::connect(h.fleet.files().database.owner_url())
+            .await
+            .unwrap(),
+    );
+    let id = Uuid::now_v7();
+    let key = format!("{}/2026/12/{}/{}.txt", h.tenant, h.user, id.simple());
+    std::fs::create_dir_all(root.join(&key).parent().unwrap()).unwrap();
+    std::fs::write(root.join(&key), b"sealed").unwrap();
+    let now = time::OffsetDateTime::now_utc();
+    store
+        .insert_uncommitted(
+            h.tenant,
+            &[penny_files::domain::StoredFile {
+                id,
+                tenant_id: h.tenant,
+                workspace_id: None,
+                owner_id: h.user.to_string(),
+                display_name: "half.txt".into(),
+                content_type: "text/plain".into(),
+                size_bytes: 4,
+                sha256: [0; 32],
+                scan_status: penny_files::domain::ScanStatus::Clean,
+                scan_signature: String::new(),
+                scanner_version: "test".into(),
+                scan_time: Some(now),
+                key_version: 1,
+                wrapped_key: "penny:v1:x".into(),
+                storage_key: key.clone(),
+                created_at: now,
+            }],
+        )
+        .await
+        .unwrap();
+    // Not visible before the sweep either.
+    assert_eq!(h.listed().await.len(), 1);
+    h.fleet.restart_files().await;
+    let h = Harness {
+        files: FileServiceClient::new(h.fleet.files().server.channel().await),
+        ..h
+    };
+    assert!(!root.join(&key).exists());
+    assert!(!root.join(".incoming").join("crashed.part").exists());
+    let listed = h.listed().await;
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0].id, kept.id);
+    assert_eq!(h.download(&kept.id).await.unwrap(), b"kept");
+}
+
+#[tokio::test]
+async fn permissions_and_tenants_keep_files_apart() {
+    let h = harness(TestFleet::builder()).await;
+    let results = h
+        .upload(&[("mine.txt", "text/plain", b"mine")])
+        .await
+        .unwrap();
+    let file = file_of(&results[0]).clone();
+    let get = |tenant: Uuid| pb::GetFileRequest {
+        tenant_id: tenant.to_string(),
+        file_id: file.id.clone(),
+    };
+    // A viewer reads but cannot upload; a member uploads but cannot read.
+    let viewer = Uuid::now_v7();
+    bind(&h.fleet, h.tenant, viewer, &["viewer"]).await;
+    let viewer_token = token_of(&h.fleet, h.tenant, viewer);
+    let member = Uuid::now_v7();
+    bind(&h.fleet, h.tenant, member, &["member"]).await;
+    let member_token = token_of(&h.fleet, h.tenant, member);
+    let mut files = h.files.clone();
+    assert_eventually!(
+        Duration::from_secs(5),
+        files
+            .get_file(with_token(get(h.tenant), &viewer_token))
+            .await
+            .is_ok()
+    );
+    let upload = |token: &str| {
+        with_token(
+            tokio_stream::iter(messages(h.tenant, &[("x.txt", "text/plain", b"x")])),
+            token,
+        )
+    };
+    let status = files.upload(upload(&viewer_token)).await.unwrap_err();
+    assert_eq!(status.code(), Code::PermissionDenied);
+    assert_eventually!(
+        Duration::from_secs(5),
+        files.upload(upload(&member_token)).await.is_ok()
+    );
+    let status = files
+        .get_file(with_token(get(h.tenant), &member_token))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::PermissionDenied);
+    // Deleting needs `file:delete`, which neither role holds.
+    let delete = pb::DeleteFileRequest {
+        tenant_id: h.tenant.to_string(),
+        file_id: file.id.clone(),
+    };
+    let status = files
+        .delete_file(with_token(delete.clone(), &h.token))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::PermissionDenied);
+    // Another tenant's reader finds nothing, with its own tenant id or with ours.
+    let other = Uuid::new_v4();
+    let outsider = Uuid::now_v7();
+    bind(&h.fleet, other, outsider, &["viewer"]).await;
+    let outsider_token = token_of(&h.fleet, other, outsider);
+    assert_eventually!(
+        Duration::from_secs(5),
+        files
+            .list_files(with_token(list(other), &outsider_token))
+            .await
+            .is_ok_and(|r| r.into_inner().files.is_empty())
+    );
+    for tenant in [h.tenant, other] {
+        let status = files
+            .get_file(with_token(get(tenant), &outsider_token))
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), Code::NotFound, "{tenant}");
+        let status = files
+            .download(with_token(
+                pb::DownloadRequest {
+                    tenant_id: tenant.to_string(),
+                    file_id: file.id.clone(),
+                },
+                &outsider_token,
+            ))
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), Code::NotFound, "{tenant}");
+    }
+    // Staff delete it: the row and the object go.
+    let before = stored(&h.storage()).len();
+    files
+        .delete_file(with_token(delete.clone(), &h.fleet.admin_token()))
+        .await
+        .unwrap();
+    assert_eq!(stored(&h.storage()).len(), before - 1);
+    let status = files
+        .get_file(with_token(get(h.tenant), &h.token))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::NotFound);
+    let status = files
+        .delete_file(with_token(delete, &h.fleet.admin_token()))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::NotFound);
+}
