@@ -796,3 +796,210 @@ async fn permissions_and_tenants_keep_files_apart() {
         .unwrap_err();
     assert_eq!(status.code(), Code::NotFound);
 }
+
+#[tokio::test]
+async fn signed_urls_serve_the_file_with_security_headers_and_refuse_any_alteration() {
+    let h = harness(TestFleet::builder().with_audit()).await;
+    let content = b"the signed download's content\n";
+    let results = h
+        .upload(&[
+            ("r\u{e9}sum\u{e9} \"final\".txt", "text/plain", content),
+            ("other.txt", "text/plain", b"another file"),
+        ])
+        .await
+        .unwrap();
+    let file = file_of(&results[0]).clone();
+    let other_file = file_of(&results[1]).clone();
+    let http = h.fleet.files().http_addr;
+    let sign = |ttl: Option<prost_types::Duration>, file: &str| pb::CreateSignedUrlRequest {
+        tenant_id: h.tenant.to_string(),
+        file_id: file.to_owned(),
+        ttl,
+    };
+    let mut files = h.files.clone();
+    let signed = files
+        .create_signed_url(with_token(sign(None, &file.id), &h.token))
+        .await
+        .unwrap()
+        .into_inner();
+    let prefix = format!("http://{http}");
+    assert!(
+        signed
+            .url
+            .starts_with(&format!("{prefix}/v1/files/{}/{}?", h.tenant, file.id)),
+        "{}",
+        signed.url
+    );
+    let expires =
+        signed.expire_time.unwrap().seconds - time::OffsetDateTime::now_utc().unix_timestamp();
+    assert!((3590..=3600).contains(&expires), "{expires}");
+    let target = signed.url.strip_prefix(&prefix).unwrap().to_owned();
+    let (status, headers, body) = penny_tests::http_request(http, "GET", &target).await;
+    assert_eq!(status, 200);
+    assert_eq!(body, content);
+    assert_eq!(headers["content-type"], "text/plain");
+    assert_eq!(headers["content-length"], content.len().to_string());
+    assert_eq!(
+        headers["content-disposition"],
+        "attachment; filename=\"r_sum_ _final_.txt\"; filename*=UTF-8''r%C3%A9sum%C3%A9%20%22final%22.txt"
+    );
+    for (name, value) in penny_platform::http::SECURITY_HEADERS {
+        assert_eq!(headers.get(name).map(String::as_str), Some(value), "{name}");
+    }
+    assert_eq!(headers["x-frame-options"], "DENY");
+    assert_eq!(headers["x-content-type-options"], "nosniff");
+    // Any alteration is 403, with nothing of the file in the answer.
+    let (path, query) = target.split_once('?').unwrap();
+    let sig = query.rsplit_once("sig=").unwrap().1;
+    let flipped_sig = {
+        let last = sig.chars().last().unwrap().to_digit(16).unwrap() ^ 1;
+        format!(
+            "{}{}",
+            &sig[..sig.len() - 1],
+            char::from_digit(last, 16).unwrap()
+        )
+    };
+    let other_tenant = Uuid::new_v4();
+    let forbidden = [
+        format!("{path}?{}", query.replace(sig, &flipped_sig)),
+        format!(
+            "{}?{query}",
+            path.replace(&h.tenant.to_string(), &other_tenant.to_string())
+        ),
+        format!("{}?{query}", path.replace(&file.id, &other_file.id)),
+        format!("{path}?{query}&{}", query.split('&').nth(1).unwrap()),
+        format!("{path}?{query}&download=1"),
+        format!("{path}?{}", query.replace("expires=", "expires=0")),
+        format!(
+            "{}?{query}",
+            path.replace("/v1/files/", "/v1/files/../files/")
+        ),
+        format!("{}?{query}", path.replace("/v1/files/", "/v1//files/")),
+        format!(
+            "{}?{query}",
+            path.replace(&file.id, &file.id.to_uppercase())
+        ),
+        format!("{}?{query}", path.replace('-', "%2D")),
+        path.to_owned(),
+        format!("{path}/?{query}"),
+    ];
+    for target in &forbidden {
+        let (status, _, body) = penny_tests::http_request(http, "GET", target).await;
+        assert_eq!(status, 403, "{target}");
+        assert_eq!(body, b"forbidden\n", "{target}");
+    }
+    let (status, headers, _) = penny_tests::http_request(http, "POST", &target).await;
+    assert_eq!(status, 405);
+    assert_eq!(headers["allow"], "GET");
+    // Lifetimes: at most 7 days, at least 1 s; an expired URL is refused.
+    for bad in [0, -1, 7 * 24 * 3600 + 1] {
+        let ttl = prost_types::Duration {
+            seconds: bad,
+            nanos: 0,
+        };
+        let status = files
+            .create_signed_url(with_token(sign(Some(ttl), &file.id), &h.token))
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), Code::InvalidArgument, "{bad}");
+    }
+    let week = prost_types::Duration {
+        seconds: 7 * 24 * 3600,
+        nanos: 0,
+    };
+    assert!(
+        files
+            .create_signed_url(with_token(sign(Some(week), &file.id), &h.token))
+            .await
+            .is_ok()
+    );
+    let short = files
+        .create_signed_url(with_token(
+            sign(
+                Some(prost_types::Duration {
+                    seconds: 1,
+                    nanos: 0,
+                }),
+                &file.id,
+            ),
+            &h.token,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let short_target = short.url.strip_prefix(&prefix).unwrap().to_owned();
+    assert_eventually!(
+        Duration::from_secs(5),
+        penny_tests::http_request(http, "GET", &short_target)
+            .await
+            .0
+            == 403
+    );
+    // Another tenant's reader cannot sign a URL for it.
+    let outsider = Uuid::now_v7();
+    bind(&h.fleet, other_tenant, outsider, &["viewer"]).await;
+    let outsider_token = token_of(&h.fleet, other_tenant, outsider);
+    assert_eventually!(Duration::from_secs(5), {
+        files
+            .create_signed_url(with_token(sign(None, &file.id), &outsider_token))
+            .await
+            .is_err_and(|s| s.code() == Code::NotFound)
+    });
+    // Deleting the file ends its URLs.
+    files
+        .delete_file(with_token(
+            pb::DeleteFileRequest {
+                tenant_id: h.tenant.to_string(),
+                file_id: file.id.clone(),
+            },
+            &h.fleet.admin_token(),
+        ))
+        .await
+        .unwrap();
+    assert_eq!(penny_tests::http_request(http, "GET", &target).await.0, 403);
+    // Creating, using and refusing URLs are in the audit trail.
+    let mut audit = AuditServiceClient::new(h.fleet.audit().server.channel().await);
+    let admin = h.fleet.admin_token();
+    let events = |tenant: Uuid, action: &'static str| audit_pb::QueryRequest {
+        tenant_id: tenant.to_string(),
+        action: action.into(),
+        ..Default::default()
+    };
+    assert_eventually!(Duration::from_secs(5), {
+        let used = audit
+            .query(with_token(
+                events(h.tenant, "files.file_downloaded"),
+                &admin,
+            ))
+            .await
+            .unwrap()
+            .into_inner()
+            .events;
+        let created = audit
+            .query(with_token(
+                events(h.tenant, "files.signed_url_created"),
+                &admin,
+            ))
+            .await
+            .unwrap()
+            .into_inner()
+            .events;
+        let refused = audit
+            .query(with_token(
+                events(
+                    penny_platform::principal::PLATFORM_TENANT_ID,
+                    "files.signed_url_refused",
+                ),
+                &admin,
+            ))
+            .await
+            .unwrap()
+            .into_inner()
+            .events;
+        used.iter().any(|e| {
+            e.attributes.get("via").is_some_and(|v| v == "signed_url")
+                && e.ip_address == "127.0.0.1"
+        }) && created.len() == 3
+            && refused.len() >= forbidden.len()
+    });
+}

@@ -89,41 +89,13 @@ async fn signing_keys_are_sealed_rotated_and_old_tokens_stay_valid_everywhere() 
     assert!(retired.contains(&first_kid), "{retired:?}");
 }
 
-/// One HTTP/1.1 request over a fresh connection: (status, lower-cased headers, body).
 async fn http_request(
     addr: std::net::SocketAddr,
     method: &str,
     path: &str,
 ) -> (u16, std::collections::HashMap<String, String>, String) {
-    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-    stream
-        .write_all(
-            format!(
-                "{method} {path} HTTP/1.1\r\nHost: penny.test\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-            )
-            .as_bytes(),
-        )
-        .await
-        .unwrap();
-    let mut raw = Vec::new();
-    stream.read_to_end(&mut raw).await.unwrap();
-    let text = String::from_utf8(raw).unwrap();
-    let (head, body) = text.split_once("\r\n\r\n").unwrap();
-    let mut lines = head.lines();
-    let status: u16 = lines
-        .next()
-        .unwrap()
-        .split(' ')
-        .nth(1)
-        .unwrap()
-        .parse()
-        .unwrap();
-    let headers = lines
-        .filter_map(|line| line.split_once(':'))
-        .map(|(name, value)| (name.to_ascii_lowercase(), value.trim().to_owned()))
-        .collect();
-    (status, headers, body.to_owned())
+    let (status, headers, body) = penny_tests::http_request(addr, method, path).await;
+    (status, headers, String::from_utf8(body).unwrap())
 }
 
 #[tokio::test]

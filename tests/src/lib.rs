@@ -561,6 +561,7 @@ impl TestFleetBuilder {
                     keys_url: format!("http://{}", keys.server.addr),
                     storage_dir: data_dir.path().join("files-storage"),
                     quarantine_unscannable: self.files_quarantine,
+                    url_key: rand_key(),
                 };
                 let database = fresh_database(data_dir.path(), "files").await;
                 let clamd = tokio::task::spawn_blocking(clamd::TestClamd::start)
@@ -816,6 +817,7 @@ impl TestFleet {
             database,
             clamd,
             settings,
+            ..
         } = old;
         server.shutdown().await.expect("stop files");
         self.files = Some(start_files(&self.config, database, clamd, settings).await);
@@ -831,6 +833,10 @@ pub struct FilesServer {
     pub database: TestDatabase,
     /// Its clamd.
     pub clamd: clamd::TestClamd,
+    /// Where its HTTP listener (signed downloads) is.
+    pub http_addr: SocketAddr,
+    /// Stops the HTTP listener when the server is dropped.
+    _http_stop: tokio::sync::oneshot::Sender<()>,
     settings: FilesSettings,
 }
 
@@ -846,6 +852,7 @@ struct FilesSettings {
     keys_url: String,
     storage_dir: PathBuf,
     quarantine_unscannable: bool,
+    url_key: [u8; 32],
 }
 
 async fn start_files(
@@ -855,6 +862,8 @@ async fn start_files(
     settings: FilesSettings,
 ) -> FilesServer {
     let clamd_addr = penny_files::scan::ClamdAddr::parse(&clamd.url()).expect("clamd address");
+    let http_listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let http_addr = http_listener.local_addr().expect("local addr");
     let files = penny_files::build(
         penny_files::FilesConfig {
             database_url: database.url.clone(),
@@ -865,11 +874,24 @@ async fn start_files(
             quarantine_unscannable: settings.quarantine_unscannable,
             // Tests restart files to show what a crash leaves is swept: at once.
             stale_after: Duration::ZERO,
+            signed_urls: penny_files::SignedUrlConfig {
+                key: zeroize::Zeroizing::new(settings.url_key.to_vec()),
+                public_url: format!("http://{http_addr}"),
+            },
         },
         config,
     )
     .await
     .expect("build files service");
+    let (http_stop, http_stopped) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(penny_platform::http::serve_http(
+        "files",
+        penny_files::http::router(files.clone()),
+        http_listener,
+        async move {
+            let _ = http_stopped.await;
+        },
+    ));
     let bundle = penny_files::bundle(files, config);
     let config = config.clone();
     let server = RunningServer::start(move |listener, stopped| {
@@ -882,8 +904,19 @@ async fn start_files(
         server,
         database,
         clamd,
+        http_addr,
+        _http_stop: http_stop,
         settings,
     }
+}
+
+fn rand_key() -> [u8; 32] {
+    let mut key = [0u8; 32];
+    for (i, chunk) in key.chunks_mut(16).enumerate() {
+        let random = Uuid::new_v4().as_u128() ^ (i as u128);
+        chunk.copy_from_slice(&random.to_le_bytes());
+    }
+    key
 }
 
 /// The keys service of a test fleet, with what tests need to inspect it.
@@ -1132,6 +1165,50 @@ async fn start_auth_on(
         http_addr,
         _http_stop: http_stop,
     }
+}
+
+/// One HTTP/1.1 request over a fresh connection: (status, lower-cased headers, body).
+/// The target is sent exactly as given, so tests can send what a client library would
+/// normalize away.
+pub async fn http_request(
+    addr: SocketAddr,
+    method: &str,
+    target: &str,
+) -> (u16, std::collections::HashMap<String, String>, Vec<u8>) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream
+        .write_all(
+            format!(
+                "{method} {target} HTTP/1.1\r\nHost: penny.test\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+            )
+            .as_bytes(),
+        )
+        .await
+        .unwrap();
+    let mut raw = Vec::new();
+    // A response cut short (a body that failed its check) still returns what came.
+    let _ = stream.read_to_end(&mut raw).await;
+    let split = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("a response head");
+    let head = String::from_utf8(raw[..split].to_vec()).unwrap();
+    let body = raw[split + 4..].to_vec();
+    let mut lines = head.lines();
+    let status: u16 = lines
+        .next()
+        .unwrap()
+        .split(' ')
+        .nth(1)
+        .unwrap()
+        .parse()
+        .unwrap();
+    let headers = lines
+        .filter_map(|line| line.split_once(':'))
+        .map(|(name, value)| (name.to_ascii_lowercase(), value.trim().to_owned()))
+        .collect();
+    (status, headers, body)
 }
 
 /// The `ErrorInfo.reason` of a failed call (`""` when it has none).

@@ -134,23 +134,12 @@ pub async fn serve(
     let auth = build(config, &serve_config).await?;
     let router = http::router(auth.clone());
     let bundle = bundle(auth, &serve_config);
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    tokio::spawn(async move {
-        shutdown.await;
-        let _ = stop_tx.send(true);
-    });
-    let stopped = move || {
-        let mut stop_rx = stop_rx.clone();
-        async move {
-            let _ = stop_rx.wait_for(|stopped| *stopped).await;
-        }
-    };
-    let grpc = penny_platform::serve(serve_config, bundle, listener, stopped());
-    match http_listener {
-        Some(http_listener) => {
-            let http = penny_platform::http::serve_http("auth", router, http_listener, stopped());
-            tokio::try_join!(grpc, http).map(|_| ())
-        }
-        None => grpc.await,
-    }
+    penny_platform::http::serve_with_http(
+        serve_config,
+        bundle,
+        listener,
+        http_listener.map(|l| (router, l)),
+        shutdown,
+    )
+    .await
 }

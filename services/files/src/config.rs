@@ -18,6 +18,24 @@ pub struct Args {
         default_value = "0.0.0.0:50055"
     )]
     pub listen: SocketAddr,
+    /// Address of the HTTP listener that serves signed download URLs.
+    #[arg(
+        long = "files-http-listen",
+        env = "PENNY_FILES_HTTP_LISTEN",
+        default_value = "0.0.0.0:50065"
+    )]
+    pub http_listen: SocketAddr,
+    /// How clients reach that listener, `http(s)://host[:port]` (no path): the base of
+    /// every signed URL.
+    #[arg(long = "files-public-url", env = "PENNY_FILES_PUBLIC_URL")]
+    pub public_url: String,
+    /// A file holding the key that signs download URLs (at least 32 random bytes, e.g.
+    /// `head -c 32 /dev/urandom`). Changing it ends every URL made before.
+    #[arg(
+        long = "files-url-signing-key-file",
+        env = "PENNY_FILES_URL_SIGNING_KEY_FILE"
+    )]
+    pub url_signing_key_file: PathBuf,
     /// Database URL (`sqlite://…?mode=rwc` or `postgres://…`). On PostgreSQL its role must
     /// own nothing and have neither SUPERUSER nor BYPASSRLS.
     #[arg(long = "files-database-url", env = "PENNY_FILES_DATABASE_URL")]
@@ -67,6 +85,23 @@ pub enum StorageConfig {
     Filesystem(PathBuf),
 }
 
+/// Signed download URLs: the key that signs them and the base they start with.
+#[derive(Clone)]
+pub struct SignedUrlConfig {
+    /// The HMAC key (at least 32 bytes).
+    pub key: zeroize::Zeroizing<Vec<u8>>,
+    /// `http(s)://host[:port]` of the HTTP listener, as clients reach it.
+    pub public_url: String,
+}
+
+impl std::fmt::Debug for SignedUrlConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SignedUrlConfig")
+            .field("public_url", &self.public_url)
+            .finish_non_exhaustive()
+    }
+}
+
 /// Everything the files service needs besides the standard server settings (which must
 /// name the authz service: files checks permissions there and calls keys with its
 /// credential).
@@ -86,6 +121,8 @@ pub struct FilesConfig {
     pub quarantine_unscannable: bool,
     /// Incoming objects and unfinished commits older than this are removed at start.
     pub stale_after: Duration,
+    /// Signed download URLs.
+    pub signed_urls: SignedUrlConfig,
 }
 
 impl Args {
@@ -97,6 +134,21 @@ impl Args {
                 self.clamd
             )
         })?;
+        let key = std::fs::read(&self.url_signing_key_file).with_context(|| {
+            format!(
+                "PENNY_FILES_URL_SIGNING_KEY_FILE: cannot read {}",
+                self.url_signing_key_file.display()
+            )
+        })?;
+        let signed_urls = SignedUrlConfig {
+            key: zeroize::Zeroizing::new(key),
+            public_url: self.public_url,
+        };
+        crate::signed::UrlSigner::new(&signed_urls.key, &signed_urls.public_url).map_err(
+            |why| {
+                anyhow::anyhow!("PENNY_FILES_URL_SIGNING_KEY_FILE / PENNY_FILES_PUBLIC_URL: {why}")
+            },
+        )?;
         Ok(FilesConfig {
             database_url: self.database_url,
             migration_database_url: self.migration_database_url,
@@ -105,6 +157,7 @@ impl Args {
             scanner: ScannerConfig::Clamd(clamd, Duration::from_secs(self.scan_timeout_secs)),
             quarantine_unscannable: self.quarantine_unscannable,
             stale_after: crate::service::DEFAULT_STALE_AFTER,
+            signed_urls,
         })
     }
 }

@@ -21,6 +21,7 @@ use crate::domain::{
     MAX_CHUNK_BYTES, MAX_FILE_BYTES, MAX_FILENAME_BYTES, MAX_FILES, ScanStatus, StoredFile,
 };
 use crate::service::{Files, Header, UploadPart, UploadParts};
+use crate::signed::{DEFAULT_TTL, MAX_TTL};
 use crate::store::ListFilter;
 
 const DEFAULT_PAGE_SIZE: u32 = 100;
@@ -28,8 +29,9 @@ const MAX_PAGE_SIZE: u32 = 1000;
 /// Longest declared content type read.
 const MAX_DECLARED_TYPE: usize = 255;
 
-/// Who may call what: uploads need `file:upload`, reads `file:read` (the guide's member
-/// and viewer roles), deletion `file:delete` (owners grant it through a custom role).
+/// Who may call what: uploads need `file:upload`, reads and signed URLs `file:read` (the
+/// guide's member and viewer roles), deletion `file:delete` (owners grant it through a
+/// custom role).
 /// Every handler then refuses other tenants' ids with NOT_FOUND.
 pub(crate) fn policy() -> AccessPolicy {
     use Requirement::Permission;
@@ -39,6 +41,7 @@ pub(crate) fn policy() -> AccessPolicy {
         ("ListFiles", Permission("file:read")),
         ("Download", Permission("file:read")),
         ("DeleteFile", Permission("file:delete")),
+        ("CreateSignedUrl", Permission("file:read")),
     ]
     .into_iter()
     .fold(AccessPolicy::new(), |policy, (method, requirement)| {
@@ -363,6 +366,42 @@ impl FileService for FileGrpc {
             }
         });
         Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    async fn create_signed_url(
+        &self,
+        request: Request<pb::CreateSignedUrlRequest>,
+    ) -> Result<Response<pb::CreateSignedUrlResponse>, Status> {
+        let principal = caller(&request)?;
+        let r = request.get_ref();
+        let mut v = Violations::new();
+        let tenant = v.uuid("tenant_id", &r.tenant_id);
+        let file = v.uuid("file_id", &r.file_id);
+        let ttl = match &r.ttl {
+            None => DEFAULT_TTL,
+            Some(ttl) => match u64::try_from(ttl.seconds) {
+                Ok(secs) if ttl.nanos == 0 && secs >= 1 && secs <= MAX_TTL.as_secs() => {
+                    std::time::Duration::from_secs(secs)
+                }
+                _ => {
+                    v.add(
+                        "ttl",
+                        format!("whole seconds from 1 to {} (7 days)", MAX_TTL.as_secs()),
+                    );
+                    DEFAULT_TTL
+                }
+            },
+        };
+        v.finish()?;
+        let tenant = tenant_scope(principal, tenant)?;
+        let (url, expire_time) = self
+            .files
+            .create_signed_url(principal, tenant, file, ttl)
+            .await?;
+        Ok(Response::new(pb::CreateSignedUrlResponse {
+            url,
+            expire_time: Some(timestamp(expire_time)),
+        }))
     }
 
     async fn delete_file(

@@ -14,10 +14,12 @@ pub mod config;
 pub mod content;
 pub mod domain;
 mod grpc;
+pub mod http;
 pub mod migration;
 pub mod scan;
 pub mod seal;
 pub mod service;
+pub mod signed;
 pub mod storage;
 pub mod store;
 
@@ -28,7 +30,7 @@ use anyhow::Context as _;
 use penny_platform::{ServeConfig, ServiceBundle};
 use tokio::net::TcpListener;
 
-pub use config::{Args, FilesConfig, ScannerConfig, StorageConfig};
+pub use config::{Args, FilesConfig, ScannerConfig, SignedUrlConfig, StorageConfig};
 pub use service::Files;
 
 /// The gRPC name of the service.
@@ -68,6 +70,10 @@ pub async fn build(config: FilesConfig, serve_config: &ServeConfig) -> anyhow::R
             scan::Scanner::none()
         }
     };
+    let signer = signed::UrlSigner::new(&config.signed_urls.key, &config.signed_urls.public_url)
+        .map_err(|why| {
+            anyhow::anyhow!("PENNY_FILES_PUBLIC_URL / PENNY_FILES_URL_SIGNING_KEY_FILE: {why}")
+        })?;
     let files = Files::new(service::Parts {
         store: store::Store::new(db),
         storage,
@@ -76,6 +82,7 @@ pub async fn build(config: FilesConfig, serve_config: &ServeConfig) -> anyhow::R
         authorizer,
         audit: serve_config.audit.clone(),
         quarantine_unscannable: config.quarantine_unscannable,
+        signer,
     });
     let (objects, rows) = files
         .sweep(config.stale_after)
@@ -101,14 +108,24 @@ pub fn bundle(files: Files, serve_config: &ServeConfig) -> ServiceBundle {
     grpc::bundle(files, serve_config)
 }
 
-/// Builds and serves the files service until `shutdown` resolves.
+/// Builds and serves the files service until `shutdown` resolves: gRPC on `listener`,
+/// signed downloads over HTTP on `http_listener`.
 pub async fn serve(
     config: FilesConfig,
     serve_config: ServeConfig,
     listener: TcpListener,
+    http_listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let files = build(config, &serve_config).await?;
+    let router = http::router(files.clone());
     let bundle = bundle(files, &serve_config);
-    penny_platform::serve(serve_config, bundle, listener, shutdown).await
+    penny_platform::http::serve_with_http(
+        serve_config,
+        bundle,
+        listener,
+        Some((router, http_listener)),
+        shutdown,
+    )
+    .await
 }

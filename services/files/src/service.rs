@@ -19,6 +19,7 @@ use crate::content::{ContentRefusal, ContentType, Sniffer};
 use crate::domain::{MAX_FILE_BYTES, ScanStatus, StoredFile, display_name, storage_key};
 use crate::scan::{ScanSession, Scanner, Verdict};
 use crate::seal::{Opener, SealError, Sealer};
+use crate::signed::{SignedRef, UrlRefusal, UrlSigner};
 use crate::storage::{IncomingObject, ObjectStorage, StorageError};
 use crate::store::{ListFilter, Store};
 
@@ -46,6 +47,7 @@ struct Inner {
     authorizer: Authorizer,
     audit: Option<AuditClient>,
     quarantine_unscannable: bool,
+    signer: UrlSigner,
 }
 
 /// What the service is built from.
@@ -65,6 +67,18 @@ pub struct Parts {
     pub audit: Option<AuditClient>,
     /// Keep unscannable files (as UNSCANNABLE, never downloadable) instead of refusing them.
     pub quarantine_unscannable: bool,
+    /// Makes and checks signed download URLs.
+    pub signer: UrlSigner,
+}
+
+/// Why a signed download was not served.
+#[derive(Debug)]
+pub enum SignedDownloadError {
+    /// The URL is not valid, or no longer names a clean file at its key version: 403,
+    /// whatever the reason.
+    Refused,
+    /// A dependency failed: 503.
+    Unavailable,
 }
 
 /// The declared part of one file of an upload, validated.
@@ -170,6 +184,7 @@ impl Files {
                 authorizer: parts.authorizer,
                 audit: parts.audit,
                 quarantine_unscannable: parts.quarantine_unscannable,
+                signer: parts.signer,
             }),
         }
     }
@@ -630,7 +645,8 @@ impl Files {
             tracing::error!(file = %id, error = %err, "a deleted file's object could not be removed");
         }
         self.record_file_event(
-            caller,
+            Some(caller),
+            None,
             &file,
             "files.file_deleted",
             audit_pb::Outcome::Success,
@@ -648,12 +664,97 @@ impl Files {
     ) -> Result<(StoredFile, PlainReader), ApiError> {
         let file = self.get(tenant, id).await?;
         if file.scan_status != ScanStatus::Clean {
-            return Err(ApiError::failed_precondition(
-                Reason::FileNotClean,
-                "only files scanned clean can be downloaded",
-            ));
+            return Err(not_clean());
         }
-        let key = self.open_key(&file).await?;
+        let reader = self.reader(&file).await?;
+        self.record_file_event(
+            Some(caller),
+            None,
+            &file,
+            "files.file_downloaded",
+            audit_pb::Outcome::Success,
+            vec![],
+        );
+        Ok((file, reader))
+    }
+
+    /// A signed URL for a clean file of `tenant`, valid for `ttl`.
+    pub async fn create_signed_url(
+        &self,
+        caller: &Principal,
+        tenant: Uuid,
+        id: Uuid,
+        ttl: Duration,
+    ) -> Result<(String, OffsetDateTime), ApiError> {
+        let file = self.get(tenant, id).await?;
+        if file.scan_status != ScanStatus::Clean {
+            return Err(not_clean());
+        }
+        let expires = unix_now() + ttl.as_secs();
+        let url = self.inner.signer.url(tenant, id, expires, file.key_version);
+        let expire_time =
+            OffsetDateTime::from_unix_timestamp(i64::try_from(expires).unwrap_or(i64::MAX))
+                .map_err(|e| ApiError::internal(&e))?;
+        self.record_file_event(
+            Some(caller),
+            None,
+            &file,
+            "files.signed_url_created",
+            audit_pb::Outcome::Success,
+            vec![("expires", expires.to_string())],
+        );
+        Ok((url, expire_time))
+    }
+
+    /// Serves a signed URL's request (its raw path and query) from `peer`: the file and a
+    /// reader of its plaintext. Refused unless the URL is valid and still names a clean
+    /// file at the key version it was made for (a deleted or rewrapped file ends its URLs).
+    pub async fn open_signed(
+        &self,
+        path: &str,
+        query: Option<&str>,
+        peer: Option<std::net::IpAddr>,
+    ) -> Result<(StoredFile, PlainReader), SignedDownloadError> {
+        let signed = match self.inner.signer.verify(path, query, unix_now()) {
+            Ok(signed) => signed,
+            Err(refusal) => {
+                self.record_url_refusal(peer, None, refusal);
+                return Err(SignedDownloadError::Refused);
+            }
+        };
+        let file = match self.inner.store.get(signed.tenant, signed.file).await {
+            Ok(Some(file)) => file,
+            Ok(None) => {
+                self.record_url_refusal(peer, Some(&signed), UrlRefusal::Gone);
+                return Err(SignedDownloadError::Refused);
+            }
+            Err(err) => {
+                tracing::error!(error = %err, "the files database failed serving a signed URL");
+                return Err(SignedDownloadError::Unavailable);
+            }
+        };
+        if file.scan_status != ScanStatus::Clean || file.key_version != signed.key_version {
+            self.record_url_refusal(peer, Some(&signed), UrlRefusal::Gone);
+            return Err(SignedDownloadError::Refused);
+        }
+        let reader = match self.reader(&file).await {
+            Ok(reader) => reader,
+            Err(_) => return Err(SignedDownloadError::Unavailable),
+        };
+        self.record_file_event(
+            None,
+            peer,
+            &file,
+            "files.file_downloaded",
+            audit_pb::Outcome::Success,
+            vec![("via", "signed_url".to_owned())],
+        );
+        Ok((file, reader))
+    }
+
+    /// A reader of a file's plaintext.
+    async fn reader(&self, file: &StoredFile) -> Result<PlainReader, ApiError> {
+        let key = self.open_key(file).await?;
         let opener = Opener::new(&key, file.id).map_err(|e| ApiError::internal(&e))?;
         let object = match self.inner.storage.read(&file.storage_key).await {
             Ok(object) => object,
@@ -663,49 +764,96 @@ impl Files {
             }
             Err(err) => return Err(storage_failure(&err)),
         };
-        self.record_file_event(
+        Ok(PlainReader {
+            object,
+            opener: Some(opener),
+            buf: vec![0; DOWNLOAD_CHUNK],
+        })
+    }
+
+    /// An event of the files service: by `caller` (nobody, for a signed URL) from `peer`,
+    /// in `tenant`, about file `file_id`; `None` without an audit client.
+    #[allow(clippy::too_many_arguments)]
+    fn event(
+        &self,
+        caller: Option<&Principal>,
+        peer: Option<std::net::IpAddr>,
+        tenant: Uuid,
+        action: &str,
+        file_id: Option<Uuid>,
+        outcome: audit_pb::Outcome,
+        attributes: Vec<(&str, String)>,
+    ) -> Option<audit_pb::AuditEvent> {
+        self.inner.audit.as_ref()?;
+        let mut event = penny_platform::audit_layer::call_event(
+            "files",
+            "",
             caller,
-            &file,
-            "files.file_downloaded",
-            audit_pb::Outcome::Success,
-            vec![],
+            peer,
+            "",
+            Instant::now(),
+            tonic::Code::Ok,
         );
-        Ok((
-            file,
-            PlainReader {
-                object,
-                opener: Some(opener),
-                buf: vec![0; DOWNLOAD_CHUNK],
-            },
-        ))
+        event.tenant_id = tenant.to_string();
+        event.action = action.to_owned();
+        event.resource = "file".into();
+        event.resource_id = file_id.map(|id| id.to_string()).unwrap_or_default();
+        event.outcome = outcome as i32;
+        event.metadata = None;
+        for (name, value) in attributes {
+            event.attributes.insert(name.to_owned(), value);
+        }
+        Some(event)
+    }
+
+    /// A refused signed URL. Only a URL whose signature held names a tenant worth
+    /// believing; the others are recorded in the platform tenant's chain.
+    fn record_url_refusal(
+        &self,
+        peer: Option<std::net::IpAddr>,
+        signed: Option<&SignedRef>,
+        refusal: UrlRefusal,
+    ) {
+        let tenant = signed.map_or(penny_platform::principal::PLATFORM_TENANT_ID, |s| s.tenant);
+        if let (Some(audit), Some(event)) = (
+            &self.inner.audit,
+            self.event(
+                None,
+                peer,
+                tenant,
+                "files.signed_url_refused",
+                signed.map(|s| s.file),
+                audit_pb::Outcome::Denied,
+                vec![("reason", refusal.as_str().to_owned())],
+            ),
+        ) {
+            audit.record(event);
+        }
     }
 
     fn record_file_event(
         &self,
-        caller: &Principal,
+        caller: Option<&Principal>,
+        peer: Option<std::net::IpAddr>,
         file: &StoredFile,
         action: &str,
         outcome: audit_pb::Outcome,
         attributes: Vec<(&str, String)>,
     ) {
-        let Some(audit) = &self.inner.audit else {
+        let (Some(audit), Some(mut event)) = (
+            &self.inner.audit,
+            self.event(
+                caller,
+                peer,
+                file.tenant_id,
+                action,
+                Some(file.id),
+                outcome,
+                attributes,
+            ),
+        ) else {
             return;
         };
-        let mut event = penny_platform::audit_layer::call_event(
-            "files",
-            "/penny.files.v1.FileService/Upload",
-            Some(caller),
-            None,
-            "",
-            Instant::now(),
-            tonic::Code::Ok,
-        );
-        event.tenant_id = file.tenant_id.to_string();
-        event.action = action.to_owned();
-        event.resource = "file".into();
-        event.resource_id = file.id.to_string();
-        event.outcome = outcome as i32;
-        event.metadata = None;
         event
             .attributes
             .insert("content_type".into(), file.content_type.clone());
@@ -721,9 +869,6 @@ impl Files {
                 .attributes
                 .insert("scan_signature".into(), file.scan_signature.clone());
         }
-        for (name, value) in attributes {
-            event.attributes.insert(name.to_owned(), value);
-        }
         audit.record(event);
     }
 
@@ -737,7 +882,8 @@ impl Files {
             scopes: vec![],
         };
         self.record_file_event(
-            &owner,
+            Some(&owner),
+            None,
             file,
             "files.file_stored",
             audit_pb::Outcome::Success,
@@ -753,7 +899,8 @@ impl Files {
         reason: &Reason,
     ) {
         self.record_file_event(
-            caller,
+            Some(caller),
+            None,
             file,
             "files.file_refused",
             audit_pb::Outcome::Denied,
@@ -859,6 +1006,21 @@ fn now_micros() -> OffsetDateTime {
     let now = OffsetDateTime::now_utc();
     now.replace_nanosecond(now.nanosecond() / 1000 * 1000)
         .unwrap_or(now)
+}
+
+fn not_clean() -> ApiError {
+    ApiError::failed_precondition(
+        Reason::FileNotClean,
+        "only files scanned clean can be downloaded",
+    )
+}
+
+/// Now, in Unix seconds.
+fn unix_now() -> u64 {
+    OffsetDateTime::now_utc()
+        .unix_timestamp()
+        .max(0)
+        .unsigned_abs()
 }
 
 fn too_large() -> ApiError {

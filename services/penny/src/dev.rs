@@ -211,16 +211,26 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         scanner,
         quarantine_unscannable: false,
         stale_after: penny_files::service::DEFAULT_STALE_AFTER,
+        signed_urls: penny_files::SignedUrlConfig {
+            key: load_or_create_url_key(&args.data_dir)?,
+            public_url: format!("http://{}:{FILES_HTTP_PORT}", args.host),
+        },
     };
     let listener = bind(&args.host, FILES_PORT, "files").await?;
     running.push(Running {
         env_name: "PENNY_FILES_ADDR",
         addr: listener.local_addr()?,
     });
+    let http_listener = bind(&args.host, FILES_HTTP_PORT, "files (HTTP)").await?;
+    running.push(Running {
+        env_name: "PENNY_FILES_HTTP_ADDR",
+        addr: http_listener.local_addr()?,
+    });
     tasks.spawn(penny_files::serve(
         files_config,
         serve_config.clone(),
         listener,
+        http_listener,
         stop(),
     ));
 
@@ -309,6 +319,8 @@ const AUTHZ_PORT: u16 = 50053;
 const AUDIT_PORT: u16 = 50054;
 /// The fixed dev port of the files service.
 const FILES_PORT: u16 = 50055;
+/// The fixed dev port of files' HTTP listener (signed downloads).
+const FILES_HTTP_PORT: u16 = 50065;
 /// The fixed dev port of the tenants service.
 const TENANTS_PORT: u16 = 50056;
 
@@ -332,6 +344,18 @@ fn load_or_create_master_key(dir: &Path) -> anyhow::Result<MasterKey> {
             .with_context(|| format!("cannot read {}", path.display()))?,
     );
     MasterKey::parse(&text).map_err(|why| anyhow::anyhow!("{}: {why}", path.display()))
+}
+
+/// The key that signs files' download URLs: 32 random bytes, made once (mode 0600).
+fn load_or_create_url_key(dir: &Path) -> anyhow::Result<zeroize::Zeroizing<Vec<u8>>> {
+    let path = dir.join("files-url.key");
+    if !path.exists() {
+        let key: zeroize::Zeroizing<[u8; 32]> = zeroize::Zeroizing::new(rand::random());
+        penny_platform::signing::write_private(&path, key.as_slice())?;
+    }
+    Ok(zeroize::Zeroizing::new(std::fs::read(&path).with_context(
+        || format!("cannot read {}", path.display()),
+    )?))
 }
 
 fn print_walkthrough(env_path: &Path, running: &[Running]) {

@@ -141,15 +141,19 @@ pub async fn run(command: ServeCommand) -> anyhow::Result<()> {
         ServeCommand::Files { server, files } => {
             let _telemetry = telemetry::init(server.log_format, "penny-files")?;
             let serve_config = server.serve_config()?;
-            let listen = files.listen;
+            let (listen, http_listen) = (files.listen, files.http_listen);
             let config = files.into_config()?;
             let listener = tokio::net::TcpListener::bind(listen)
                 .await
                 .map_err(|e| anyhow::anyhow!("PENNY_FILES_LISTEN {listen}: {e}"))?;
+            let http_listener = tokio::net::TcpListener::bind(http_listen)
+                .await
+                .map_err(|e| anyhow::anyhow!("PENNY_FILES_HTTP_LISTEN {http_listen}: {e}"))?;
             penny_files::serve(
                 config,
                 serve_config,
                 listener,
+                http_listener,
                 penny_platform::shutdown_signal(),
             )
             .await

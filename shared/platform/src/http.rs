@@ -1,11 +1,12 @@
 //! Plain HTTP/1.1 beside gRPC, for clients that cannot speak gRPC: auth's JWKS at
-//! `/.well-known/jwks.json` (and, later, files' signed downloads).
+//! `/.well-known/jwks.json`, and files' signed downloads.
 //!
 //! One accept loop for every such listener: a slow client cannot hold a connection by
 //! dribbling its headers (they must arrive within [`HEADER_READ_TIMEOUT`]), at most
 //! [`MAX_CONNECTIONS`] are open at once (the rest are closed at accept), shutdown finishes
 //! the request in hand and closes, and every response carries [`SECURITY_HEADERS`] and,
-//! unless the handler chose otherwise, `Cache-Control: no-store`.
+//! unless the handler chose otherwise, `Cache-Control: no-store`. Handlers find the
+//! client's address in the request's extensions, as a [`PeerAddr`].
 
 use std::future::Future;
 use std::sync::Arc;
@@ -24,6 +25,10 @@ pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 pub const MAX_CONNECTIONS: usize = 1024;
 /// How long shutdown waits for connections to finish.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The client's address, in the extensions of every request [`serve_http`] hands on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PeerAddr(pub std::net::SocketAddr);
 
 /// The headers every response carries (the guide's list).
 pub const SECURITY_HEADERS: [(&str, &str); 6] = [
@@ -67,7 +72,6 @@ pub async fn serve_http(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let router = router.layer(axum::middleware::map_response(add_security_headers));
-    let service = TowerToHyperService::new(router);
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut connections = tokio::task::JoinSet::new();
@@ -81,7 +85,7 @@ pub async fn serve_http(
         };
         // Reap finished connections so the set does not grow.
         while connections.try_join_next().is_some() {}
-        let (stream, _peer) = match accepted {
+        let (stream, peer) = match accepted {
             Ok(accepted) => accepted,
             Err(err) => {
                 // Out of file descriptors, say: back off instead of spinning.
@@ -98,7 +102,13 @@ pub async fn serve_http(
             continue;
         };
         let _ = stream.set_nodelay(true);
-        let service = service.clone();
+        let service = TowerToHyperService::new(tower::ServiceExt::map_request(
+            router.clone(),
+            move |mut request: http::Request<hyper::body::Incoming>| {
+                request.extensions_mut().insert(PeerAddr(peer));
+                request
+            },
+        ));
         let mut stop = stop_rx.clone();
         connections.spawn(async move {
             let _slot = slot;
@@ -134,4 +144,36 @@ pub async fn serve_http(
     }
     tracing::info!(service = name, "HTTP stopped");
     Ok(())
+}
+
+/// Serves `bundle` over gRPC on `listener` and, when given one, `router` over HTTP on its
+/// listener, until `shutdown` resolves; both stop together, and an error of either ends
+/// both.
+pub async fn serve_with_http(
+    serve_config: crate::ServeConfig,
+    bundle: crate::ServiceBundle,
+    listener: TcpListener,
+    http: Option<(Router, TcpListener)>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let name = bundle.name;
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        shutdown.await;
+        let _ = stop_tx.send(true);
+    });
+    let stopped = move || {
+        let mut stop_rx = stop_rx.clone();
+        async move {
+            let _ = stop_rx.wait_for(|stopped| *stopped).await;
+        }
+    };
+    let grpc = crate::serve(serve_config, bundle, listener, stopped());
+    match http {
+        Some((router, http_listener)) => {
+            let http = serve_http(name, router, http_listener, stopped());
+            tokio::try_join!(grpc, http).map(|_| ())
+        }
+        None => grpc.await,
+    }
 }
