@@ -395,10 +395,12 @@ async fn eicar_is_refused_audited_and_leaves_nothing() {
         .upload(&[
             ("eicar.txt", "text/plain", EICAR),
             ("fine.txt", "text/plain", b"nothing to see here\n"),
+            ("run.sh", "application/x-sh", b"#!/bin/sh\n"),
         ])
         .await
         .unwrap();
     assert_eq!(refusal_of(&results[0]), "FILE_INFECTED");
+    assert_eq!(refusal_of(&results[2]), "FILE_TYPE_NOT_ALLOWED");
     let Some(pb::upload_result::Result::Error(error)) = &results[0].result else {
         unreachable!()
     };
@@ -426,10 +428,14 @@ async fn eicar_is_refused_audited_and_leaves_nothing() {
             .unwrap()
             .into_inner()
             .events;
-        !refused.is_empty()
+        refused.len() >= 2
     });
-    assert_eq!(refused.len(), 1);
-    let event = &refused[0];
+    assert_eq!(refused.len(), 2);
+    let event = refused
+        .iter()
+        .find(|e| e.attributes["reason"] == "FILE_INFECTED")
+        .unwrap();
+    assert!(refused.iter().any(|e| e.attributes["reason"] == "FILE_TYPE_NOT_ALLOWED"));
     assert_eq!(event.attributes["reason"], "FILE_INFECTED");
     assert_eq!(event.attributes["scan_signature"], EICAR_SIGNATURE);
     assert_eq!(event.user_id, h.user.to_string());
@@ -445,6 +451,8 @@ async fn eicar_is_refused_audited_and_leaves_nothing() {
         !stored_events.is_empty()
     });
     assert_eq!(stored_events[0].resource_id, fine.id);
+    assert_eq!(stored_events[0].user_id, h.user.to_string());
+    assert_eq!(stored_events[0].principal_kind, PrincipalKind::User as i32);
 }
 
 #[tokio::test]
@@ -1002,4 +1010,203 @@ async fn signed_urls_serve_the_file_with_security_headers_and_refuse_any_alterat
         }) && created.len() == 3
             && refused.len() >= forbidden.len()
     });
+}
+
+#[tokio::test]
+async fn after_rotation_rewrap_and_a_raised_minimum_every_file_still_downloads() {
+    let h = harness(TestFleet::builder()).await;
+    let contents: Vec<Vec<u8>> = (0..3)
+        .map(|i| {
+            format!("file number {i}\n")
+                .repeat(100 * (i + 1))
+                .into_bytes()
+        })
+        .collect();
+    let names = ["a.txt", "b.txt", "c.txt"];
+    let batch: Vec<(&str, &str, &[u8])> = names
+        .iter()
+        .zip(&contents)
+        .map(|(n, c)| (*n, "text/plain", c.as_slice()))
+        .collect();
+    let ids: Vec<String> = h
+        .upload(&batch)
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| file_of(r).id.clone())
+        .collect();
+    let admin = h.fleet.admin_token();
+    let mut keys = KeyServiceClient::new(h.fleet.keys().server.channel().await);
+    let rotate = |keys: &mut KeyServiceClient<Channel>| {
+        let request = with_token(
+            keys_pb::RotateKeyRequest {
+                tenant_id: h.tenant.to_string(),
+            },
+            &admin,
+        );
+        let mut keys = keys.clone();
+        async move { keys.rotate_key(request).await.unwrap() }
+    };
+    let raise = |version: u32| {
+        with_token(
+            keys_pb::UpdateKeyConfigRequest {
+                tenant_id: h.tenant.to_string(),
+                min_decryption_version: Some(version),
+                deletion_allowed: None,
+            },
+            &admin,
+        )
+    };
+    let rewrap = || {
+        with_token(
+            pb::RewrapTenantRequest {
+                tenant_id: h.tenant.to_string(),
+                wait: true,
+            },
+            &admin,
+        )
+    };
+    let mut files = h.files.clone();
+    // A signed URL made before the rewrap.
+    let url = files
+        .create_signed_url(with_token(
+            pb::CreateSignedUrlRequest {
+                tenant_id: h.tenant.to_string(),
+                file_id: ids[0].clone(),
+                ttl: None,
+            },
+            &h.token,
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .url;
+    let http = h.fleet.files().http_addr;
+    let target = url
+        .strip_prefix(&format!("http://{http}"))
+        .unwrap()
+        .to_owned();
+    assert_eq!(penny_tests::http_request(http, "GET", &target).await.0, 200);
+
+    // Rotated to version 2, rewrapped: every data key moves to version 2, and with the
+    // minimum raised to 2 every file still opens.
+    rotate(&mut keys).await;
+    let done = files.rewrap_tenant(rewrap()).await.unwrap().into_inner();
+    assert_eq!(done.state, pb::RewrapState::Succeeded as i32, "{done:?}");
+    assert_eq!(
+        (
+            done.target_key_version,
+            done.total_files,
+            done.rewrapped_files,
+            done.failed_files
+        ),
+        (2, 3, 3, 0)
+    );
+    assert_eq!(done.min_key_version_in_use, 2);
+    assert!(done.end_time.is_some());
+    keys.update_key_config(raise(2)).await.unwrap();
+    for (id, content) in ids.iter().zip(&contents) {
+        assert_eq!(&h.download(id).await.unwrap(), content);
+    }
+    // The URL signed for version 1 no longer works.
+    assert_eq!(penny_tests::http_request(http, "GET", &target).await.0, 403);
+
+    // Once more: rotate to 3, rewrap, raise the minimum to 3, and every file downloads.
+    rotate(&mut keys).await;
+    let done = files.rewrap_tenant(rewrap()).await.unwrap().into_inner();
+    assert_eq!(
+        (
+            done.state,
+            done.target_key_version,
+            done.rewrapped_files,
+            done.min_key_version_in_use
+        ),
+        (pb::RewrapState::Succeeded as i32, 3, 3, 3)
+    );
+    keys.update_key_config(raise(3)).await.unwrap();
+    for (id, content) in ids.iter().zip(&contents) {
+        assert_eq!(&h.download(id).await.unwrap(), content);
+        let file = files
+            .get_file(with_token(
+                pb::GetFileRequest {
+                    tenant_id: h.tenant.to_string(),
+                    file_id: id.clone(),
+                },
+                &h.token,
+            ))
+            .await
+            .unwrap()
+            .into_inner()
+            .file
+            .unwrap();
+        assert_eq!(file.key_version, 3);
+    }
+    // Nothing left to do: the same job is reported, not a new one.
+    let again = files.rewrap_tenant(rewrap()).await.unwrap().into_inner();
+    assert_eq!(again.start_time, done.start_time);
+    // A tenant's own users cannot start it.
+    let status = files
+        .rewrap_tenant(with_token(
+            pb::RewrapTenantRequest {
+                tenant_id: h.tenant.to_string(),
+                wait: false,
+            },
+            &h.token,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::PermissionDenied);
+
+    // The test of the test: in another tenant, rotating and raising the minimum without a
+    // rewrap leaves its file unreadable.
+    let other = Uuid::new_v4();
+    keys.create_key(with_token(
+        keys_pb::CreateKeyRequest {
+            tenant_id: other.to_string(),
+        },
+        &h.fleet.service_token(),
+    ))
+    .await
+    .unwrap();
+    let stranded = h
+        .files
+        .clone()
+        .upload(with_token(
+            tokio_stream::iter(messages(other, &[("s.txt", "text/plain", b"stranded")])),
+            &admin,
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .results;
+    let stranded = file_of(&stranded[0]).id.clone();
+    keys.rotate_key(with_token(
+        keys_pb::RotateKeyRequest {
+            tenant_id: other.to_string(),
+        },
+        &admin,
+    ))
+    .await
+    .unwrap();
+    keys.update_key_config(with_token(
+        keys_pb::UpdateKeyConfigRequest {
+            tenant_id: other.to_string(),
+            min_decryption_version: Some(2),
+            deletion_allowed: None,
+        },
+        &admin,
+    ))
+    .await
+    .unwrap();
+    let status = files
+        .download(with_token(
+            pb::DownloadRequest {
+                tenant_id: other.to_string(),
+                file_id: stranded,
+            },
+            &admin,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
 }

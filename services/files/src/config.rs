@@ -56,8 +56,10 @@ pub struct Args {
     /// `penny dev` may run without a scanner.
     #[arg(long = "files-clamd", env = "PENNY_FILES_CLAMD")]
     pub clamd: String,
-    /// Seconds each clamd step (connect, a write, the verdict) may take.
-    #[arg(long = "files-scan-timeout-secs", env = "PENNY_FILES_SCAN_TIMEOUT_SECS", default_value_t = 60,
+    /// Seconds each clamd step (connect, a write, the verdict) may take; below the
+    /// request deadline (30 s by default), so a stuck clamd makes files unscannable
+    /// rather than the call time out.
+    #[arg(long = "files-scan-timeout-secs", env = "PENNY_FILES_SCAN_TIMEOUT_SECS", default_value_t = 20,
           value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub scan_timeout_secs: u64,
     /// Keep files that could not be scanned, in quarantine (never downloadable), instead

@@ -169,3 +169,55 @@ mod tests {
         assert_ne!(key, storage_key(tenant, &user.to_string(), at, "png"));
     }
 }
+
+/// A rewrap job's state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RewrapState {
+    /// A replica is working on it.
+    Running,
+    /// Every file's data key was at the target version or newer when it ended.
+    Succeeded,
+    /// Some files failed (or the job stopped); calling RewrapTenant again resumes.
+    Failed,
+}
+
+impl RewrapState {
+    /// The stored form.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Running => "running",
+            Self::Succeeded => "succeeded",
+            Self::Failed => "failed",
+        }
+    }
+
+    /// Reads the stored form.
+    pub fn parse(value: &str) -> Option<Self> {
+        [Self::Running, Self::Succeeded, Self::Failed]
+            .into_iter()
+            .find(|s| s.as_str() == value)
+    }
+}
+
+/// A tenant's rewrap job: moving its files' data keys to a tenant key version.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RewrapJob {
+    /// The tenant.
+    pub tenant_id: Uuid,
+    /// Its state.
+    pub state: RewrapState,
+    /// The key version files are moved to.
+    pub target_key_version: u32,
+    /// Files of the tenant when the job (or its last resumption) started.
+    pub total_files: u64,
+    /// Files at the target version or newer so far.
+    pub rewrapped_files: u64,
+    /// Files that failed in this run.
+    pub failed_files: u64,
+    /// When the job (or its last resumption) started.
+    pub started_at: OffsetDateTime,
+    /// When it ended; `None` while running.
+    pub ended_at: Option<OffsetDateTime>,
+    /// Until when the replica working on it holds it.
+    pub lease_until: OffsetDateTime,
+}

@@ -18,7 +18,8 @@ use uuid::Uuid;
 use crate::SERVICE_NAME;
 use crate::content::ContentType;
 use crate::domain::{
-    MAX_CHUNK_BYTES, MAX_FILE_BYTES, MAX_FILENAME_BYTES, MAX_FILES, ScanStatus, StoredFile,
+    MAX_CHUNK_BYTES, MAX_FILE_BYTES, MAX_FILENAME_BYTES, MAX_FILES, RewrapState, ScanStatus,
+    StoredFile,
 };
 use crate::service::{Files, Header, UploadPart, UploadParts};
 use crate::signed::{DEFAULT_TTL, MAX_TTL};
@@ -28,10 +29,14 @@ const DEFAULT_PAGE_SIZE: u32 = 100;
 const MAX_PAGE_SIZE: u32 = 1000;
 /// Longest declared content type read.
 const MAX_DECLARED_TYPE: usize = 255;
+/// How long `RewrapTenant` with `wait` waits for the job, within the server's 30 s
+/// request deadline.
+const REWRAP_WAIT: std::time::Duration = std::time::Duration::from_secs(20);
 
-/// Who may call what: uploads need `file:upload`, reads and signed URLs `file:read` (the
-/// guide's member and viewer roles), deletion `file:delete` (owners grant it through a
-/// custom role).
+/// Who may call what: uploads need `file:upload` (the guide's `member` role), reads and
+/// signed URLs `file:read` (its `viewer` role), deletion `file:delete` (no built-in tenant
+/// role holds it: platform staff, fleet services, or a custom role made by someone who may
+/// grant it); rewrapping a tenant's keys is for fleet services and platform staff.
 /// Every handler then refuses other tenants' ids with NOT_FOUND.
 pub(crate) fn policy() -> AccessPolicy {
     use Requirement::Permission;
@@ -42,6 +47,7 @@ pub(crate) fn policy() -> AccessPolicy {
         ("Download", Permission("file:read")),
         ("DeleteFile", Permission("file:delete")),
         ("CreateSignedUrl", Permission("file:read")),
+        ("RewrapTenant", Requirement::ServiceOrAdmin),
     ]
     .into_iter()
     .fold(AccessPolicy::new(), |policy, (method, requirement)| {
@@ -224,10 +230,9 @@ impl UploadParts for UploadStream<'_> {
 }
 
 fn error_out(reason: Reason, message: String) -> common_pb::BatchItemError {
+    // The codes `common.proto` gives each reason.
     let code = match reason {
-        Reason::FileInfected | Reason::FileUnscannable | Reason::FileChecksumMismatch => {
-            tonic::Code::FailedPrecondition
-        }
+        Reason::FileInfected | Reason::FileUnscannable => tonic::Code::FailedPrecondition,
         _ => tonic::Code::InvalidArgument,
     };
     common_pb::BatchItemError {
@@ -401,6 +406,36 @@ impl FileService for FileGrpc {
         Ok(Response::new(pb::CreateSignedUrlResponse {
             url,
             expire_time: Some(timestamp(expire_time)),
+        }))
+    }
+
+    async fn rewrap_tenant(
+        &self,
+        request: Request<pb::RewrapTenantRequest>,
+    ) -> Result<Response<pb::RewrapTenantResponse>, Status> {
+        let principal = caller(&request)?;
+        let r = request.get_ref();
+        let mut v = Violations::new();
+        let tenant = v.uuid("tenant_id", &r.tenant_id);
+        v.finish()?;
+        let tenant = tenant_scope(principal, tenant)?;
+        let wait = r.wait.then_some(REWRAP_WAIT);
+        let status = self.files.rewrap_tenant(tenant, wait).await?;
+        let job = &status.job;
+        Ok(Response::new(pb::RewrapTenantResponse {
+            tenant_id: job.tenant_id.to_string(),
+            state: match job.state {
+                RewrapState::Running => pb::RewrapState::Running,
+                RewrapState::Succeeded => pb::RewrapState::Succeeded,
+                RewrapState::Failed => pb::RewrapState::Failed,
+            } as i32,
+            target_key_version: job.target_key_version,
+            total_files: job.total_files,
+            rewrapped_files: job.rewrapped_files,
+            failed_files: job.failed_files,
+            min_key_version_in_use: status.min_key_version_in_use,
+            start_time: Some(timestamp(job.started_at)),
+            end_time: job.ended_at.map(timestamp),
         }))
     }
 

@@ -16,6 +16,7 @@ pub mod domain;
 mod grpc;
 pub mod http;
 pub mod migration;
+pub mod rewrap;
 pub mod scan;
 pub mod seal;
 pub mod service;

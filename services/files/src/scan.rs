@@ -12,8 +12,9 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 /// Longest clamd answer read.
 const MAX_REPLY: usize = 1024;
-/// How long the signature version is reused before asking clamd again.
-const VERSION_TTL: Duration = Duration::from_secs(60);
+/// How long the signature version is reused before asking clamd again (readiness asks
+/// too, so a stopped clamd shows within this long).
+const VERSION_TTL: Duration = Duration::from_secs(5);
 /// Largest piece sent to clamd at once.
 const MAX_CHUNK: usize = 256 * 1024;
 

@@ -108,7 +108,7 @@ pub struct FileResult {
     pub outcome: Result<StoredFile, (Reason, String)>,
 }
 
-fn dependency(service: &str, status: &tonic::Status) -> ApiError {
+pub(crate) fn dependency(service: &str, status: &tonic::Status) -> ApiError {
     if penny_platform::error::is_transient(status) {
         unavailable(service)
     } else {
@@ -199,6 +199,36 @@ impl Files {
         self.inner.scanner.scans()
     }
 
+    pub(crate) fn store(&self) -> &Store {
+        &self.inner.store
+    }
+
+    pub(crate) fn authorizer(&self) -> &Authorizer {
+        &self.inner.authorizer
+    }
+
+    pub(crate) fn keys(&self) -> KeyServiceClient<Channel> {
+        self.inner.keys.clone()
+    }
+
+    /// An event of the files service about a tenant as a whole (a rewrap job).
+    pub(crate) fn record_tenant_event(
+        &self,
+        tenant: Uuid,
+        action: &str,
+        outcome: audit_pb::Outcome,
+        attributes: Vec<(&str, String)>,
+    ) {
+        if let (Some(audit), Some(mut event)) = (
+            &self.inner.audit,
+            self.event(None, None, tenant, action, None, outcome, attributes),
+        ) {
+            event.resource = "tenant".into();
+            event.resource_id = tenant.to_string();
+            audit.record(event);
+        }
+    }
+
     /// Removes what interrupted uploads and commits left (older than `age`): incoming
     /// objects, and rows recorded but never made visible, with their objects.
     pub async fn sweep(&self, age: Duration) -> anyhow::Result<(u64, u64)> {
@@ -267,14 +297,17 @@ impl Files {
                 }],
             })
             .await?;
-        let reply = self
-            .inner
-            .keys
-            .clone()
-            .decrypt(request)
-            .await
-            .map_err(|s| dependency("the keys service", &s))?
-            .into_inner();
+        let reply = match self.inner.keys.clone().decrypt(request).await {
+            Ok(reply) => reply.into_inner(),
+            // The tenant's key was destroyed (crypto-shredding): the file is gone for good.
+            Err(status) if status.code() == tonic::Code::NotFound => {
+                return Err(ApiError::failed_precondition(
+                    Reason::FailedPrecondition,
+                    "the tenant's key no longer exists, so the file cannot be opened",
+                ));
+            }
+            Err(status) => return Err(dependency("the keys service", &status)),
+        };
         match reply.results.into_iter().next().and_then(|r| r.result) {
             Some(keys_pb::decrypt_result::Result::Plaintext(key)) => Ok(Zeroizing::new(key)),
             Some(keys_pb::decrypt_result::Result::Error(error)) => {
@@ -372,6 +405,7 @@ impl Files {
         } = ingest;
         let mut flow = match stage {
             Stage::Refused(reason, message) => {
+                self.record_refused_unread(caller, id, &header, size, reason);
                 return Ok((
                     FileResult {
                         filename: header.filename,
@@ -541,7 +575,13 @@ impl Files {
                         };
                         if let Err(err) = self.feed(ingest, &bytes).await {
                             if err.reason() == Reason::FileTooLarge {
-                                self.record_too_large(caller, ingest);
+                                self.record_refused_unread(
+                                    caller,
+                                    ingest.id,
+                                    &ingest.header,
+                                    ingest.size,
+                                    Reason::FileTooLarge,
+                                );
                             }
                             return Err(err);
                         }
@@ -564,14 +604,14 @@ impl Files {
                 "an upload must hold at least one file",
             ));
         }
-        self.commit(staged).await?;
+        self.commit(caller, staged).await?;
         tracing::debug!(files = results.len(), took = ?started.elapsed(), "upload done");
         Ok(results)
     }
 
     /// Records the files, moves their objects into place, then makes them visible; on any
     /// failure undoes what was done.
-    async fn commit(&self, staged: Vec<Staged>) -> Result<(), ApiError> {
+    async fn commit(&self, caller: &Principal, staged: Vec<Staged>) -> Result<(), ApiError> {
         let Some(tenant) = staged.first().map(|s| s.file.tenant_id) else {
             return Ok(());
         };
@@ -601,7 +641,7 @@ impl Files {
             return Err(db_failure(&err));
         }
         for file in &files {
-            self.record_stored(file);
+            self.record_stored(caller, file);
         }
         Ok(())
     }
@@ -872,17 +912,9 @@ impl Files {
         audit.record(event);
     }
 
-    fn record_stored(&self, file: &StoredFile) {
-        let owner = Principal {
-            kind: penny_platform::PrincipalKind::User,
-            id: file.owner_id.clone(),
-            tenant_id: file.tenant_id,
-            roles: vec![],
-            session_id: None,
-            scopes: vec![],
-        };
+    fn record_stored(&self, caller: &Principal, file: &StoredFile) {
         self.record_file_event(
-            Some(&owner),
+            Some(caller),
             None,
             file,
             "files.file_stored",
@@ -911,15 +943,24 @@ impl Files {
         );
     }
 
-    fn record_too_large(&self, caller: &Principal, ingest: &Ingest) {
+    /// A file refused before its content was judged (too large, or a type not allowed
+    /// from its header).
+    fn record_refused_unread(
+        &self,
+        caller: &Principal,
+        id: Uuid,
+        header: &Header,
+        size: u64,
+        reason: Reason,
+    ) {
         let file = StoredFile {
-            id: ingest.id,
-            tenant_id: ingest.header.tenant,
-            workspace_id: ingest.header.workspace,
+            id,
+            tenant_id: header.tenant,
+            workspace_id: header.workspace,
             owner_id: caller.id.clone(),
-            display_name: display_name(&ingest.header.filename),
+            display_name: display_name(&header.filename),
             content_type: String::new(),
-            size_bytes: ingest.size,
+            size_bytes: size,
             sha256: [0; 32],
             scan_status: ScanStatus::Pending,
             scan_signature: String::new(),
@@ -930,12 +971,7 @@ impl Files {
             storage_key: String::new(),
             created_at: OffsetDateTime::now_utc(),
         };
-        self.record_refusal(
-            caller,
-            &file,
-            &ingest.header.filename,
-            &Reason::FileTooLarge,
-        );
+        self.record_refusal(caller, &file, &header.filename, &reason);
     }
 }
 

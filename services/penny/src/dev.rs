@@ -199,7 +199,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
             penny_files::scan::ClamdAddr::parse(addr).with_context(|| {
                 format!("PENNY_FILES_CLAMD: {addr:?} is not tcp://host:port or unix:///path")
             })?,
-            Duration::from_secs(60),
+            Duration::from_secs(20),
         ),
         None => penny_files::ScannerConfig::None,
     };

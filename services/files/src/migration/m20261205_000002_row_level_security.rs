@@ -6,7 +6,8 @@ use sea_orm_migration::prelude::*;
 #[derive(DeriveMigrationName)]
 pub struct Migration;
 
-/// The tables that hold a `tenant_id` (every table of this service).
+/// The tables that hold a `tenant_id` when this migration ran (migration 3 adds
+/// `file_rewrap_jobs`, with its own policy).
 pub const TENANT_TABLES: &[&str] = &["files"];
 
 #[async_trait::async_trait]

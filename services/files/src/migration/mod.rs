@@ -4,6 +4,7 @@ use sea_orm_migration::prelude::*;
 
 mod m20261205_000001_create_files;
 pub mod m20261205_000002_row_level_security;
+mod m20261205_000003_rewrap_jobs;
 
 /// Runs the files service's migrations.
 #[derive(Debug)]
@@ -15,6 +16,7 @@ impl MigratorTrait for Migrator {
         vec![
             Box::new(m20261205_000001_create_files::Migration),
             Box::new(m20261205_000002_row_level_security::Migration),
+            Box::new(m20261205_000003_rewrap_jobs::Migration),
         ]
     }
 

@@ -31,3 +31,27 @@ pub mod files {
 
     impl ActiveModelBehavior for ActiveModel {}
 }
+
+pub mod rewrap_jobs {
+    use sea_orm::entity::prelude::*;
+
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "file_rewrap_jobs")]
+    pub struct Model {
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub tenant_id: Uuid,
+        pub state: String,
+        pub target_key_version: i32,
+        pub total_files: i64,
+        pub rewrapped_files: i64,
+        pub failed_files: i64,
+        pub started_at: TimeDateTimeWithTimeZone,
+        pub ended_at: Option<TimeDateTimeWithTimeZone>,
+        pub lease_until: TimeDateTimeWithTimeZone,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}

@@ -6,6 +6,7 @@
 //! interrupted reads across tenants.
 
 mod entity;
+pub mod rewrap;
 
 use sea_orm::{
     ActiveValue::Set, ColumnTrait, DatabaseConnection, DbErr, EntityTrait, QueryFilter, QueryOrder,

@@ -1,0 +1,277 @@
+//! RewrapTenant: after the tenant's key is rotated, every file's data key is rewrapped by
+//! the keys service to the latest version (the objects are not touched: only the wrapped
+//! key in each row changes), so the old versions can be retired with keys'
+//! `min_decryption_version`. The job lives in the database: it reports progress to any
+//! replica, survives a restart (calling again resumes it), and one replica at a time works
+//! on it, holding it by a lease it extends as it goes.
+
+use std::time::Duration;
+
+use penny_platform::{ApiError, Reason};
+use penny_proto::audit::v1 as audit_pb;
+use penny_proto::keys::v1 as keys_pb;
+use time::OffsetDateTime;
+use uuid::Uuid;
+
+use crate::domain::{RewrapJob, RewrapState};
+use crate::service::{Files, KEY_PURPOSE, dependency};
+use crate::store::rewrap::WrappedKey;
+
+/// Files per Rewrap call to keys.
+const BATCH: u64 = 100;
+/// How long a replica holds a job between two steps before another may take it over.
+const LEASE: Duration = Duration::from_secs(30);
+/// How often a waiting call looks at the job.
+const POLL: Duration = Duration::from_millis(100);
+
+/// A job and the lowest key version still in use.
+#[derive(Debug, Clone)]
+pub struct RewrapStatus {
+    /// The job as it stands.
+    pub job: RewrapJob,
+    /// The lowest key version any of the tenant's files uses (the target when it has
+    /// none): once it equals the target, keys' minimum decryption version may be raised.
+    pub min_key_version_in_use: u32,
+}
+
+fn db(err: &sea_orm::DbErr) -> ApiError {
+    ApiError::internal(err)
+}
+
+impl Files {
+    /// The tenant key's latest version, from keys.
+    async fn latest_key_version(&self, tenant: Uuid) -> Result<u32, ApiError> {
+        let request = self
+            .authorizer()
+            .service_request(keys_pb::GetKeyRequest {
+                tenant_id: tenant.to_string(),
+            })
+            .await?;
+        match self.keys().get_key(request).await {
+            Ok(reply) => reply
+                .into_inner()
+                .key
+                .map(|k| k.latest_version)
+                .ok_or_else(|| ApiError::internal(&"keys answered no key")),
+            Err(status) if status.code() == tonic::Code::NotFound => Err(ApiError::not_found(
+                Reason::NotFound,
+                "the tenant has no key",
+            )),
+            Err(status) => Err(dependency("the keys service", &status)),
+        }
+    }
+
+    /// Starts the tenant's rewrap to its key's latest version, resumes a failed or
+    /// abandoned one, or reports the one running; with `wait`, waits up to that long for
+    /// it to end.
+    pub async fn rewrap_tenant(
+        &self,
+        tenant: Uuid,
+        wait: Option<Duration>,
+    ) -> Result<RewrapStatus, ApiError> {
+        let latest = self.latest_key_version(tenant).await?;
+        let store = self.store();
+        let now = OffsetDateTime::now_utc();
+        let existing = store.rewrap_job(tenant).await.map_err(|e| db(&e))?;
+        let held = existing
+            .as_ref()
+            .is_some_and(|j| j.state == RewrapState::Running && j.lease_until > now);
+        if !held {
+            let (total, current, _) = store
+                .key_versions(tenant, latest)
+                .await
+                .map_err(|e| db(&e))?;
+            let done = existing.as_ref().is_some_and(|j| {
+                j.state == RewrapState::Succeeded && j.target_key_version >= latest
+            }) && current == total;
+            if !done {
+                let job = RewrapJob {
+                    tenant_id: tenant,
+                    state: RewrapState::Running,
+                    target_key_version: latest,
+                    total_files: total,
+                    rewrapped_files: current,
+                    failed_files: 0,
+                    started_at: now,
+                    ended_at: None,
+                    lease_until: now + LEASE,
+                };
+                let (job, claimed) = store
+                    .claim_rewrap_job(&job, now)
+                    .await
+                    .map_err(|e| db(&e))?;
+                if claimed {
+                    self.record_rewrap(&job, "files.rewrap_started", audit_pb::Outcome::Attempted);
+                    tokio::spawn(self.clone().run_rewrap(job));
+                }
+            }
+        }
+        if let Some(wait) = wait {
+            let until = tokio::time::Instant::now() + wait;
+            while tokio::time::Instant::now() < until {
+                let job = store.rewrap_job(tenant).await.map_err(|e| db(&e))?;
+                if job.is_none_or(|j| j.state != RewrapState::Running) {
+                    break;
+                }
+                tokio::time::sleep(POLL).await;
+            }
+        }
+        let job = store
+            .rewrap_job(tenant)
+            .await
+            .map_err(|e| db(&e))?
+            .ok_or_else(|| ApiError::internal(&"the rewrap job vanished"))?;
+        let (_, _, lowest) = store
+            .key_versions(tenant, job.target_key_version)
+            .await
+            .map_err(|e| db(&e))?;
+        Ok(RewrapStatus {
+            min_key_version_in_use: lowest.unwrap_or(job.target_key_version),
+            job,
+        })
+    }
+
+    /// Works through the tenant's files below the target, once each, in id order.
+    async fn run_rewrap(self, mut job: RewrapJob) {
+        let store = self.store().clone();
+        let tenant = job.tenant_id;
+        let mut after = None;
+        let mut stopped = false;
+        loop {
+            let batch = match store
+                .files_below(tenant, job.target_key_version, after, BATCH)
+                .await
+            {
+                Ok(batch) => batch,
+                Err(err) => {
+                    tracing::error!(%tenant, error = %err, "rewrap: the files database failed");
+                    stopped = true;
+                    break;
+                }
+            };
+            let Some(last) = batch.last() else {
+                break;
+            };
+            after = Some(last.id);
+            match self.rewrap_batch(&job, &batch).await {
+                Ok((rewrapped, failed)) => {
+                    job.rewrapped_files += rewrapped;
+                    job.failed_files += failed;
+                }
+                Err(err) => {
+                    tracing::warn!(%tenant, error = %err.message(), "rewrap stopped; calling RewrapTenant again resumes it");
+                    stopped = true;
+                    break;
+                }
+            }
+            job.lease_until = OffsetDateTime::now_utc() + LEASE;
+            if let Err(err) = store.save_rewrap_job(&job).await {
+                tracing::error!(%tenant, error = %err, "rewrap: cannot save progress");
+                stopped = true;
+                break;
+            }
+        }
+        job.state = if stopped || job.failed_files > 0 {
+            RewrapState::Failed
+        } else {
+            RewrapState::Succeeded
+        };
+        let now = OffsetDateTime::now_utc();
+        job.ended_at = Some(now);
+        job.lease_until = now;
+        if let Err(err) = store.save_rewrap_job(&job).await {
+            tracing::error!(%tenant, error = %err, "rewrap: cannot save the job's end");
+        }
+        let outcome = if job.state == RewrapState::Succeeded {
+            audit_pb::Outcome::Success
+        } else {
+            audit_pb::Outcome::Failure
+        };
+        self.record_rewrap(&job, "files.rewrap_finished", outcome);
+    }
+
+    /// Rewraps one batch through keys and stores the new wrapped keys: (rewrapped,
+    /// failed). A file changed meanwhile (deleted, or rewrapped by another run) is neither.
+    async fn rewrap_batch(
+        &self,
+        job: &RewrapJob,
+        batch: &[WrappedKey],
+    ) -> Result<(u64, u64), ApiError> {
+        let tenant = job.tenant_id;
+        let request = self
+            .authorizer()
+            .service_request(keys_pb::RewrapRequest {
+                tenant_id: tenant.to_string(),
+                items: batch
+                    .iter()
+                    .map(|f| keys_pb::RewrapItem {
+                        ciphertext: f.wrapped_key.clone(),
+                        context: Some(keys_pb::EncryptionContext {
+                            purpose: KEY_PURPOSE.into(),
+                            object_id: f.id.to_string(),
+                        }),
+                    })
+                    .collect(),
+            })
+            .await?;
+        let results = self
+            .keys()
+            .rewrap(request)
+            .await
+            .map_err(|s| dependency("the keys service", &s))?
+            .into_inner()
+            .results;
+        if results.len() != batch.len() {
+            return Err(ApiError::internal(
+                &"keys answered a rewrap with another number of results",
+            ));
+        }
+        let (mut rewrapped, mut failed) = (0, 0);
+        for (file, result) in batch.iter().zip(results) {
+            match result.result {
+                Some(keys_pb::rewrap_result::Result::Ciphertext(wrapped))
+                    if result.key_version >= job.target_key_version =>
+                {
+                    match self
+                        .store()
+                        .set_wrapped_key(
+                            tenant,
+                            file.id,
+                            &file.wrapped_key,
+                            &wrapped,
+                            result.key_version,
+                        )
+                        .await
+                    {
+                        Ok(true) => rewrapped += 1,
+                        Ok(false) => {}
+                        Err(err) => return Err(ApiError::internal(&err)),
+                    }
+                }
+                other => {
+                    let reason = match other {
+                        Some(keys_pb::rewrap_result::Result::Error(e)) => e.reason,
+                        _ => 0,
+                    };
+                    tracing::warn!(%tenant, file = %file.id, reason, "rewrap: keys would not rewrap a file's data key");
+                    failed += 1;
+                }
+            }
+        }
+        Ok((rewrapped, failed))
+    }
+
+    fn record_rewrap(&self, job: &RewrapJob, action: &str, outcome: audit_pb::Outcome) {
+        self.record_tenant_event(
+            job.tenant_id,
+            action,
+            outcome,
+            vec![
+                ("target_key_version", job.target_key_version.to_string()),
+                ("total_files", job.total_files.to_string()),
+                ("rewrapped_files", job.rewrapped_files.to_string()),
+                ("failed_files", job.failed_files.to_string()),
+            ],
+        );
+    }
+}
