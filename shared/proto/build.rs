@@ -17,6 +17,12 @@ fn collect(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut config = prost_build::Config::new();
     config.protoc_executable(protoc_bin_vendored::protoc_bin_path()?);
+    // File content as `Bytes`: decoded without a copy out of the receive buffer, and sent
+    // without one.
+    config.bytes([
+        ".penny.files.v1.UploadRequest.chunk",
+        ".penny.files.v1.DownloadResponse.chunk",
+    ]);
 
     let root = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR")?).join("../../proto");
     let mut files = Vec::new();

@@ -122,7 +122,9 @@ fn header(tenant: Uuid, filename: &str, declared: &str) -> pb::UploadRequest {
 
 fn chunk(bytes: &[u8]) -> pb::UploadRequest {
     pb::UploadRequest {
-        part: Some(pb::upload_request::Part::Chunk(bytes.to_vec())),
+        part: Some(pb::upload_request::Part::Chunk(
+            bytes::Bytes::copy_from_slice(bytes),
+        )),
     }
 }
 
@@ -435,7 +437,11 @@ async fn eicar_is_refused_audited_and_leaves_nothing() {
         .iter()
         .find(|e| e.attributes["reason"] == "FILE_INFECTED")
         .unwrap();
-    assert!(refused.iter().any(|e| e.attributes["reason"] == "FILE_TYPE_NOT_ALLOWED"));
+    assert!(
+        refused
+            .iter()
+            .any(|e| e.attributes["reason"] == "FILE_TYPE_NOT_ALLOWED")
+    );
     assert_eq!(event.attributes["reason"], "FILE_INFECTED");
     assert_eq!(event.attributes["scan_signature"], EICAR_SIGNATURE);
     assert_eq!(event.user_id, h.user.to_string());

@@ -219,7 +219,7 @@ impl UploadParts for UploadStream<'_> {
                         format!("a chunk holds 1 to {MAX_CHUNK_BYTES} bytes"),
                     ));
                 }
-                Ok(Some(UploadPart::Chunk(chunk.into())))
+                Ok(Some(UploadPart::Chunk(chunk)))
             }
             None => Err(ApiError::invalid_field(
                 "part",
@@ -360,7 +360,7 @@ impl FileService for FileGrpc {
                 let message = match next {
                     Ok(bytes) if bytes.is_empty() => continue,
                     Ok(bytes) => Ok(pb::DownloadResponse {
-                        part: Some(pb::download_response::Part::Chunk(bytes)),
+                        part: Some(pb::download_response::Part::Chunk(bytes.into())),
                     }),
                     Err(err) => Err(Status::from(err)),
                 };

@@ -21,6 +21,8 @@ use crate::store::rewrap::WrappedKey;
 const BATCH: u64 = 100;
 /// How long a replica holds a job between two steps before another may take it over.
 const LEASE: Duration = Duration::from_secs(30);
+/// Passes over the files before a job gives up on what is still below the target.
+const PASSES: usize = 3;
 /// How often a waiting call looks at the job.
 const POLL: Duration = Duration::from_millis(100);
 
@@ -131,44 +133,63 @@ impl Files {
         })
     }
 
-    /// Works through the tenant's files below the target, once each, in id order.
+    /// Works through the tenant's files below the target in id order, in passes: a file
+    /// committed behind the cursor (an upload that began before the rotation) is caught
+    /// by the next pass. The job succeeds only when no file is left below the target.
     async fn run_rewrap(self, mut job: RewrapJob) {
         let store = self.store().clone();
         let tenant = job.tenant_id;
-        let mut after = None;
         let mut stopped = false;
-        loop {
-            let batch = match store
-                .files_below(tenant, job.target_key_version, after, BATCH)
-                .await
-            {
-                Ok(batch) => batch,
-                Err(err) => {
-                    tracing::error!(%tenant, error = %err, "rewrap: the files database failed");
-                    stopped = true;
+        'passes: for _ in 0..PASSES {
+            let mut after = None;
+            let mut seen = 0;
+            loop {
+                let batch = match store
+                    .files_below(tenant, job.target_key_version, after, BATCH)
+                    .await
+                {
+                    Ok(batch) => batch,
+                    Err(err) => {
+                        tracing::error!(%tenant, error = %err, "rewrap: the files database failed");
+                        stopped = true;
+                        break 'passes;
+                    }
+                };
+                let Some(last) = batch.last() else {
                     break;
+                };
+                after = Some(last.id);
+                seen += batch.len();
+                match self.rewrap_batch(&job, &batch).await {
+                    Ok((rewrapped, _)) => job.rewrapped_files += rewrapped,
+                    Err(err) => {
+                        tracing::warn!(%tenant, error = %err.message(), "rewrap stopped; calling RewrapTenant again resumes it");
+                        stopped = true;
+                        break 'passes;
+                    }
                 }
-            };
-            let Some(last) = batch.last() else {
-                break;
-            };
-            after = Some(last.id);
-            match self.rewrap_batch(&job, &batch).await {
-                Ok((rewrapped, failed)) => {
-                    job.rewrapped_files += rewrapped;
-                    job.failed_files += failed;
-                }
-                Err(err) => {
-                    tracing::warn!(%tenant, error = %err.message(), "rewrap stopped; calling RewrapTenant again resumes it");
+                job.lease_until = OffsetDateTime::now_utc() + LEASE;
+                if let Err(err) = store.save_rewrap_job(&job).await {
+                    tracing::error!(%tenant, error = %err, "rewrap: cannot save progress");
                     stopped = true;
-                    break;
+                    break 'passes;
                 }
             }
-            job.lease_until = OffsetDateTime::now_utc() + LEASE;
-            if let Err(err) = store.save_rewrap_job(&job).await {
-                tracing::error!(%tenant, error = %err, "rewrap: cannot save progress");
-                stopped = true;
+            if seen == 0 {
                 break;
+            }
+        }
+        // What is left below the target is what failed (or arrived too late for the
+        // passes); the counts are recomputed rather than summed over passes.
+        match store.key_versions(tenant, job.target_key_version).await {
+            Ok((total, current, _)) => {
+                job.total_files = total;
+                job.rewrapped_files = current;
+                job.failed_files = total - current;
+            }
+            Err(err) => {
+                tracing::error!(%tenant, error = %err, "rewrap: cannot count the files");
+                stopped = true;
             }
         }
         job.state = if stopped || job.failed_files > 0 {
@@ -191,7 +212,8 @@ impl Files {
     }
 
     /// Rewraps one batch through keys and stores the new wrapped keys: (rewrapped,
-    /// failed). A file changed meanwhile (deleted, or rewrapped by another run) is neither.
+    /// refused by keys). A file changed meanwhile (deleted, or rewrapped by another run) is
+    /// neither.
     async fn rewrap_batch(
         &self,
         job: &RewrapJob,

@@ -110,6 +110,14 @@ impl Sealer {
             if self.pending.len() == SEGMENT {
                 self.seal_pending(false, out)?;
             }
+            // Whole segments with more after them are sealed straight from the input,
+            // without passing through `pending`.
+            if self.pending.is_empty() && plaintext.len() > SEGMENT {
+                let (segment, rest) = plaintext.split_at(SEGMENT);
+                self.seal(segment, false, out)?;
+                plaintext = rest;
+                continue;
+            }
             let take = (SEGMENT - self.pending.len()).min(plaintext.len());
             self.pending.extend_from_slice(&plaintext[..take]);
             plaintext = &plaintext[take..];
@@ -124,9 +132,16 @@ impl Sealer {
     }
 
     fn seal_pending(&mut self, last: bool, out: &mut Vec<u8>) -> Result<(), SealError> {
-        let start = out.len();
-        out.extend_from_slice(&self.pending);
+        let pending = std::mem::take(&mut self.pending);
+        let sealed = self.seal(&pending, last, out);
+        self.pending = pending;
         self.pending.clear();
+        sealed
+    }
+
+    fn seal(&mut self, plaintext: &[u8], last: bool, out: &mut Vec<u8>) -> Result<(), SealError> {
+        let start = out.len();
+        out.extend_from_slice(plaintext);
         let tag = self
             .cipher
             .encrypt_inout_detached(

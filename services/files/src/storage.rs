@@ -6,7 +6,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncWriteExt};
+use tokio::io::AsyncRead;
 
 /// A storage failure. Its text may name paths: it is logged, never sent to a caller.
 #[derive(Debug, thiserror::Error)]
@@ -42,8 +42,9 @@ pub trait ObjectStorage: Send + Sync + std::fmt::Debug {
 /// An object being written. Dropped before [`IncomingObject::publish`], it is removed.
 #[async_trait::async_trait]
 pub trait IncomingObject: Send {
-    /// Appends bytes.
-    async fn write(&mut self, bytes: &[u8]) -> Result<(), StorageError>;
+    /// Appends `buf`, and hands back an empty buffer for the caller to fill next (taking
+    /// it by value lets the write happen without a copy, and while the caller goes on).
+    async fn write(&mut self, buf: Vec<u8>) -> Result<Vec<u8>, StorageError>;
     /// Makes the bytes durable; the object is still invisible.
     async fn complete(&mut self) -> Result<(), StorageError>;
     /// Moves the completed object to `key`, where it can be read.
@@ -107,15 +108,23 @@ impl ObjectStorage for FsStorage {
             .root
             .join(INCOMING)
             .join(format!("{}.part", uuid::Uuid::new_v4()));
-        let mut options = tokio::fs::OpenOptions::new();
-        options.write(true).create_new(true);
-        #[cfg(unix)]
-        options.mode(0o600);
-        let file = options.open(&path).await?;
+        let file = {
+            let path = path.clone();
+            tokio::task::spawn_blocking(move || {
+                let mut options = std::fs::OpenOptions::new();
+                options.write(true).create_new(true);
+                #[cfg(unix)]
+                std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+                options.open(&path)
+            })
+            .await
+            .map_err(std::io::Error::other)??
+        };
         Ok(Box::new(FsIncoming {
             root: self.root.clone(),
             path: Some(path),
             file: Some(file),
+            writing: None,
         }))
     }
 
@@ -164,7 +173,25 @@ struct FsIncoming {
     root: PathBuf,
     /// The incoming file; `None` once published.
     path: Option<PathBuf>,
-    file: Option<tokio::fs::File>,
+    /// Written on the blocking pool; `None` while a write is in flight, and once completed.
+    file: Option<std::fs::File>,
+    /// The write in flight, which hands back the file and its emptied buffer.
+    writing: Option<Write>,
+}
+
+/// A write on the blocking pool, handing back the file and its emptied buffer.
+type Write = tokio::task::JoinHandle<std::io::Result<(std::fs::File, Vec<u8>)>>;
+
+impl FsIncoming {
+    /// Waits for the write in flight; its emptied buffer, if there was one.
+    async fn settle(&mut self) -> Result<Option<Vec<u8>>, StorageError> {
+        let Some(writing) = self.writing.take() else {
+            return Ok(None);
+        };
+        let (file, buf) = writing.await.map_err(std::io::Error::other)??;
+        self.file = Some(file);
+        Ok(Some(buf))
+    }
 }
 
 impl Drop for FsIncoming {
@@ -177,19 +204,29 @@ impl Drop for FsIncoming {
 
 #[async_trait::async_trait]
 impl IncomingObject for FsIncoming {
-    async fn write(&mut self, bytes: &[u8]) -> Result<(), StorageError> {
-        let file = self
+    async fn write(&mut self, mut buf: Vec<u8>) -> Result<Vec<u8>, StorageError> {
+        use std::io::Write as _;
+        // One write in flight: the caller fills the next buffer meanwhile.
+        let spare = self.settle().await?;
+        let mut file = self
             .file
-            .as_mut()
+            .take()
             .ok_or_else(|| std::io::Error::other("object already completed"))?;
-        file.write_all(bytes).await?;
-        Ok(())
+        let capacity = buf.capacity();
+        self.writing = Some(tokio::task::spawn_blocking(move || {
+            let written = file.write_all(&buf);
+            buf.clear();
+            written.map(|()| (file, buf))
+        }));
+        Ok(spare.unwrap_or_else(|| Vec::with_capacity(capacity)))
     }
 
     async fn complete(&mut self) -> Result<(), StorageError> {
-        if let Some(mut file) = self.file.take() {
-            file.flush().await?;
-            file.sync_all().await?;
+        self.settle().await?;
+        if let Some(file) = self.file.take() {
+            tokio::task::spawn_blocking(move || file.sync_all())
+                .await
+                .map_err(std::io::Error::other)??;
         }
         Ok(())
     }

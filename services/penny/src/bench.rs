@@ -56,6 +56,11 @@ pub enum Scenario {
     /// same run. Then `VerifyChain` over everything appended. PostgreSQL with
     /// `--database-url`, else SQLite.
     AuditAppend,
+    /// `FileService.Upload` of large files with no scanner; its ceiling is SHA-256 and
+    /// AES-256-GCM sealing of the same bytes on one thread in the same run. Then the peak
+    /// RSS during 1 and 8 concurrent uploads; with `--clamd`, clamd's own INSTREAM rate
+    /// and uploads scanned by it.
+    FilesUpload,
 }
 
 /// `penny bench` options.
@@ -113,6 +118,24 @@ pub struct BenchArgs {
     /// audit-append: fail unless VerifyChain checks at least this many events per second.
     #[arg(long)]
     pub min_verify_per_sec: Option<u64>,
+    /// files-upload: also measure with this clamd (`tcp://host:port`).
+    #[arg(long)]
+    pub clamd: Option<String>,
+    /// files-upload: put the stored objects under this directory (in a new subdirectory,
+    /// removed at the end) instead of the bench's temporary directory; a tmpfs such as
+    /// `/dev/shm` takes the disk's bandwidth out of the measurement.
+    #[arg(long)]
+    pub storage_dir: Option<std::path::PathBuf>,
+    /// files-upload: the size of each file, in MiB.
+    #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u64).range(1..=50))]
+    pub file_mib: u64,
+    /// files-upload: fail unless one upload's peak RSS stays this many MiB above idle.
+    #[arg(long)]
+    pub max_rss_mib: Option<u64>,
+    /// files-upload: fail unless 8 concurrent uploads' peak RSS stays this many MiB above
+    /// idle.
+    #[arg(long)]
+    pub max_rss_mib_8: Option<u64>,
 }
 
 /// Checks a scenario against the targets given on the command line.
@@ -225,6 +248,9 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     };
     if args.scenario == Scenario::AuditAppend {
         return crate::bench_audit::run(&args).await;
+    }
+    if args.scenario == Scenario::FilesUpload {
+        return crate::bench_files::run(&args).await;
     }
     let warmup = Duration::from_secs(args.warmup_secs);
     println!(
@@ -529,7 +555,9 @@ async fn start_server(args: &BenchArgs) -> anyhow::Result<(String, BenchServer)>
         None
     };
     let bundle = match scenario {
-        Scenario::AuditAppend => anyhow::bail!("audit-append starts its own server"),
+        Scenario::AuditAppend | Scenario::FilesUpload => {
+            anyhow::bail!("audit-append and files-upload start their own servers")
+        }
         Scenario::Baseline => ServiceBundle {
             name: "bench",
             routes: tonic::service::Routes::default(),
@@ -737,7 +765,11 @@ async fn keys_phase(
         key_bits: 256,
     };
     match scenario {
-        Scenario::Baseline | Scenario::AuthzCheck | Scenario::AuthLogin | Scenario::AuditAppend => {
+        Scenario::Baseline
+        | Scenario::AuthzCheck
+        | Scenario::AuthLogin
+        | Scenario::AuditAppend
+        | Scenario::FilesUpload => {
             anyhow::bail!("not a keys scenario")
         }
         Scenario::KeysDatakey | Scenario::KeysDatakeyAudited => {
@@ -820,7 +852,7 @@ pub(crate) fn service_token(signing: &SigningKey, subject: &str) -> anyhow::Resu
 
 /// The keys service on the local engine with a fresh master key, its SQLite file `name` in
 /// `data_dir`.
-async fn local_keys(data_dir: &TempDir, name: &str) -> anyhow::Result<penny_keys::Keys> {
+pub(crate) async fn local_keys(data_dir: &TempDir, name: &str) -> anyhow::Result<penny_keys::Keys> {
     let hex = MasterKey::generate_hex();
     penny_keys::build(KeysConfig {
         database_url: penny_platform::db::sqlite_url(&data_dir.0, name),
@@ -1093,7 +1125,7 @@ async fn auth_login_phase(
     .await
 }
 
-fn authorized<T>(message: T, token: &str) -> anyhow::Result<tonic::Request<T>> {
+pub(crate) fn authorized<T>(message: T, token: &str) -> anyhow::Result<tonic::Request<T>> {
     Ok(penny_platform::principal::bearer_request(message, token)?)
 }
 

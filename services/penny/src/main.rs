@@ -9,6 +9,7 @@
 mod audit;
 mod bench;
 mod bench_audit;
+mod bench_files;
 mod dev;
 mod keys;
 mod serve;

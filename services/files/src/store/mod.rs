@@ -188,24 +188,18 @@ impl Store {
     }
 
     /// Deletes a visible file's row; returns it (its object is the caller's to delete).
+    /// One statement (`DELETE … RETURNING`): on SQLite a read before the write would fail
+    /// with "database is locked" when another writer got in between.
     pub async fn delete(&self, tenant: Uuid, id: Uuid) -> Result<Option<StoredFile>, DbErr> {
         let txn = penny_platform::db::begin_tenant(&self.db, tenant).await?;
-        let row = files::Entity::find_by_id(id)
-            .filter(files::Column::TenantId.eq(tenant))
-            .filter(files::Column::Committed.eq(true))
-            .one(&txn)
-            .await?;
-        let Some(row) = row else {
-            txn.commit().await?;
-            return Ok(None);
-        };
-        files::Entity::delete_many()
+        let rows = files::Entity::delete_many()
             .filter(files::Column::TenantId.eq(tenant))
             .filter(files::Column::Id.eq(id))
-            .exec(&txn)
+            .filter(files::Column::Committed.eq(true))
+            .exec_with_returning(&txn)
             .await?;
         txn.commit().await?;
-        file_from(row).map(Some)
+        rows.into_iter().next().map(file_from).transpose()
     }
 
     /// Rows whose commit a crash interrupted: recorded before `cutoff` and never made

@@ -75,6 +75,17 @@ impl Store {
             .filter(rewrap_jobs::Column::TenantId.eq(tenant));
         if txn.get_database_backend() == sea_orm::DbBackend::Postgres {
             select = select.lock_exclusive();
+        } else {
+            // SQLite: take the write lock before reading, or the write after the read
+            // fails with "database is locked" when another writer got in between.
+            rewrap_jobs::Entity::update_many()
+                .col_expr(
+                    rewrap_jobs::Column::TenantId,
+                    sea_orm::sea_query::Expr::col(rewrap_jobs::Column::TenantId),
+                )
+                .filter(rewrap_jobs::Column::TenantId.eq(tenant))
+                .exec(&txn)
+                .await?;
         }
         let current = select.one(&txn).await?.map(job_from).transpose()?;
         match current {
