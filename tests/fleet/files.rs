@@ -1216,3 +1216,70 @@ async fn after_rotation_rewrap_and_a_raised_minimum_every_file_still_downloads()
         .unwrap_err();
     assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
 }
+
+#[tokio::test]
+async fn on_s3_objects_are_sealed_tampering_is_caught_and_a_crash_is_swept() {
+    let mut h = harness(TestFleet::builder().files_on_s3()).await;
+    let text = "an S3 object must never hold this sentence in the clear. ".repeat(3000);
+    let results = h
+        .upload(&[
+            ("notes.txt", "text/plain", text.as_bytes()),
+            ("picture.png", "image/png", PNG),
+        ])
+        .await
+        .unwrap();
+    let notes = file_of(&results[0]).clone();
+    let picture = file_of(&results[1]).clone();
+    assert_eq!(h.download(&notes.id).await.unwrap(), text.as_bytes());
+    assert_eq!(h.download(&picture.id).await.unwrap(), PNG);
+    // Two objects at generated keys, none left incoming, no plaintext in either.
+    let keys = h.fleet.files().s3().unwrap().keys().await;
+    assert_eq!(keys.len(), 2, "{keys:?}");
+    let s3 = h.fleet.files().s3().unwrap();
+    for key in &keys {
+        assert!(key.starts_with(&format!("{}/", h.tenant)), "{key}");
+        assert!(key.contains(&format!("/{}/", h.user)), "{key}");
+        let object = s3.get(key).await.unwrap();
+        assert!(
+            !object.windows(40).any(|w| w == &text.as_bytes()[..40]),
+            "plaintext in {key}"
+        );
+    }
+    let notes_key = keys.iter().find(|k| k.ends_with(".txt")).unwrap().clone();
+    // A flipped byte in the bucket: the download fails its check.
+    let original = s3.get(&notes_key).await.unwrap();
+    let mut flipped = original.clone();
+    flipped[penny_files::seal::HEADER + 100] ^= 0x01;
+    s3.put(&notes_key, &flipped).await;
+    let status = h.download(&notes.id).await.unwrap_err();
+    assert_eq!(status.code(), Code::DataLoss);
+    s3.put(&notes_key, &original).await;
+    assert_eq!(h.download(&notes.id).await.unwrap(), text.as_bytes());
+    // A crash mid-upload leaves an incoming object: swept at start.
+    s3.put(".incoming/crashed.part", b"sealed bytes").await;
+    assert!(
+        s3.keys()
+            .await
+            .iter()
+            .any(|k| k == ".incoming/crashed.part")
+    );
+    h.fleet.restart_files().await;
+    let s3 = h.fleet.files().s3().unwrap();
+    assert!(!s3.keys().await.iter().any(|k| k.starts_with(".incoming")));
+    // Deleting removes the object.
+    let files = FileServiceClient::new(h.fleet.files().server.channel().await);
+    files
+        .clone()
+        .delete_file(with_token(
+            pb::DeleteFileRequest {
+                tenant_id: h.tenant.to_string(),
+                file_id: picture.id.clone(),
+            },
+            &h.fleet.admin_token(),
+        ))
+        .await
+        .unwrap();
+    assert_eq!(s3.keys().await, vec![notes_key]);
+    h.files = files;
+    assert_eq!(h.download(&notes.id).await.unwrap(), text.as_bytes());
+}

@@ -11,6 +11,7 @@
 
 pub mod clamd;
 pub mod echo;
+pub mod s3;
 pub mod tls;
 pub mod tokens;
 
@@ -268,6 +269,7 @@ pub struct TestFleetBuilder {
     service_clients: Vec<penny_auth::service_tokens::ClientSpec>,
     files: bool,
     files_quarantine: bool,
+    files_on_s3: bool,
 }
 
 impl TestFleetBuilder {
@@ -277,6 +279,13 @@ impl TestFleetBuilder {
         self.files = true;
         self.keys = true;
         self.authz = true;
+        self
+    }
+
+    /// Store files' objects in a bucket of an S3-compatible server (moto's) instead of a
+    /// directory.
+    pub fn files_on_s3(mut self) -> Self {
+        self.files_on_s3 = true;
         self
     }
 
@@ -562,6 +571,11 @@ impl TestFleetBuilder {
                     storage_dir: data_dir.path().join("files-storage"),
                     quarantine_unscannable: self.files_quarantine,
                     url_key: rand_key(),
+                    s3: if self.files_on_s3 {
+                        Some(Arc::new(s3::TestS3::start().await))
+                    } else {
+                        None
+                    },
                 };
                 let database = fresh_database(data_dir.path(), "files").await;
                 let clamd = tokio::task::spawn_blocking(clamd::TestClamd::start)
@@ -841,9 +855,14 @@ pub struct FilesServer {
 }
 
 impl FilesServer {
-    /// Where its sealed objects are.
+    /// Where its sealed objects are (with a directory).
     pub fn storage_dir(&self) -> &Path {
         &self.settings.storage_dir
+    }
+
+    /// Its S3 server, when it stores objects there.
+    pub fn s3(&self) -> Option<&s3::TestS3> {
+        self.settings.s3.as_deref()
     }
 }
 
@@ -853,6 +872,7 @@ struct FilesSettings {
     storage_dir: PathBuf,
     quarantine_unscannable: bool,
     url_key: [u8; 32],
+    s3: Option<Arc<s3::TestS3>>,
 }
 
 async fn start_files(
@@ -869,7 +889,10 @@ async fn start_files(
             database_url: database.url.clone(),
             migration_database_url: database.migration_url.clone(),
             keys_url: settings.keys_url.clone(),
-            storage: penny_files::StorageConfig::Filesystem(settings.storage_dir.clone()),
+            storage: match &settings.s3 {
+                Some(s3) => penny_files::StorageConfig::S3(s3.settings()),
+                None => penny_files::StorageConfig::Filesystem(settings.storage_dir.clone()),
+            },
             scanner: penny_files::ScannerConfig::Clamd(clamd_addr, Duration::from_secs(10)),
             quarantine_unscannable: settings.quarantine_unscannable,
             // Tests restart files to show what a crash leaves is swept: at once.

@@ -51,7 +51,26 @@ pub struct Args {
     pub keys_url: String,
     /// The directory holding the sealed objects.
     #[arg(long = "files-storage-dir", env = "PENNY_FILES_STORAGE_DIR")]
-    pub storage_dir: PathBuf,
+    pub storage_dir: Option<PathBuf>,
+    /// Store the objects in this S3 bucket instead of a directory (it must exist);
+    /// credentials come from `AWS_ACCESS_KEY_ID` and `AWS_SECRET_ACCESS_KEY`.
+    #[arg(
+        long = "files-s3-bucket",
+        env = "PENNY_FILES_S3_BUCKET",
+        conflicts_with = "storage_dir"
+    )]
+    pub s3_bucket: Option<String>,
+    /// The endpoint of an S3-compatible service (`https://minio.internal:9000`); AWS when
+    /// absent.
+    #[arg(long = "files-s3-endpoint", env = "PENNY_FILES_S3_ENDPOINT")]
+    pub s3_endpoint: Option<String>,
+    /// The bucket's region.
+    #[arg(
+        long = "files-s3-region",
+        env = "PENNY_FILES_S3_REGION",
+        default_value = "us-east-1"
+    )]
+    pub s3_region: String,
     /// clamd: `tcp://host:port` or `unix:///path/to/clamd.sock`. Required: only
     /// `penny dev` may run without a scanner.
     #[arg(long = "files-clamd", env = "PENNY_FILES_CLAMD")]
@@ -81,10 +100,12 @@ pub enum ScannerConfig {
 }
 
 /// Object storage.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub enum StorageConfig {
     /// Files under a directory.
     Filesystem(PathBuf),
+    /// Objects in an S3-compatible bucket.
+    S3(crate::storage::S3Settings),
 }
 
 /// Signed download URLs: the key that signs them and the base they start with.
@@ -151,11 +172,34 @@ impl Args {
                 anyhow::anyhow!("PENNY_FILES_URL_SIGNING_KEY_FILE / PENNY_FILES_PUBLIC_URL: {why}")
             },
         )?;
+        let storage = match (self.storage_dir, self.s3_bucket) {
+            (Some(dir), None) => StorageConfig::Filesystem(dir),
+            (None, Some(bucket)) => {
+                let credential = |name: &str| {
+                    std::env::var(name)
+                        .ok()
+                        .filter(|v| !v.is_empty())
+                        .with_context(|| format!("PENNY_FILES_S3_BUCKET needs {name}"))
+                };
+                StorageConfig::S3(crate::storage::S3Settings {
+                    bucket,
+                    endpoint: self.s3_endpoint,
+                    region: self.s3_region,
+                    access_key_id: credential("AWS_ACCESS_KEY_ID")?,
+                    secret_access_key: zeroize::Zeroizing::new(credential(
+                        "AWS_SECRET_ACCESS_KEY",
+                    )?),
+                })
+            }
+            _ => anyhow::bail!(
+                "set exactly one of PENNY_FILES_STORAGE_DIR (a directory) and PENNY_FILES_S3_BUCKET"
+            ),
+        };
         Ok(FilesConfig {
             database_url: self.database_url,
             migration_database_url: self.migration_database_url,
             keys_url: self.keys_url,
-            storage: StorageConfig::Filesystem(self.storage_dir),
+            storage,
             scanner: ScannerConfig::Clamd(clamd, Duration::from_secs(self.scan_timeout_secs)),
             quarantine_unscannable: self.quarantine_unscannable,
             stale_after: crate::service::DEFAULT_STALE_AFTER,

@@ -61,6 +61,10 @@ pub async fn build(config: FilesConfig, serve_config: &ServeConfig) -> anyhow::R
                 format!("PENNY_FILES_STORAGE_DIR: cannot use {}", dir.display())
             })?)
         }
+        StorageConfig::S3(settings) => Arc::new(
+            storage::S3Storage::connect(settings)
+                .map_err(|e| anyhow::anyhow!("PENNY_FILES_S3_BUCKET: {e}"))?,
+        ),
     };
     let scanner = match &config.scanner {
         ScannerConfig::Clamd(addr, timeout) => scan::Scanner::clamd(addr.clone(), *timeout),

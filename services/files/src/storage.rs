@@ -280,3 +280,214 @@ mod tests {
         }
     }
 }
+
+/// Where an S3-compatible bucket is, and the credentials to reach it.
+#[derive(Clone)]
+pub struct S3Settings {
+    /// The bucket (it must exist).
+    pub bucket: String,
+    /// The endpoint of an S3-compatible service (`http://127.0.0.1:9000`); AWS when
+    /// absent.
+    pub endpoint: Option<String>,
+    /// The region.
+    pub region: String,
+    /// The access key id.
+    pub access_key_id: String,
+    /// The secret access key.
+    pub secret_access_key: zeroize::Zeroizing<String>,
+}
+
+impl std::fmt::Debug for S3Settings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("S3Settings")
+            .field("bucket", &self.bucket)
+            .field("endpoint", &self.endpoint)
+            .field("region", &self.region)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Objects in an S3-compatible bucket, through the `object_store` crate: an incoming
+/// object is a multipart upload to `.incoming/<uuid>.part`, published by a server-side
+/// copy to its key and the deletion of the incoming one.
+#[derive(Debug, Clone)]
+pub struct S3Storage {
+    store: std::sync::Arc<object_store::aws::AmazonS3>,
+}
+
+/// Parts of a multipart upload in flight at once, per object.
+const S3_PARTS_IN_FLIGHT: usize = 2;
+
+fn s3_error(err: object_store::Error) -> StorageError {
+    match err {
+        object_store::Error::NotFound { .. } => StorageError::NotFound,
+        other => StorageError::Io(std::io::Error::other(other.to_string())),
+    }
+}
+
+impl S3Storage {
+    /// A client of the bucket (nothing is sent until it is used).
+    pub fn connect(settings: &S3Settings) -> Result<Self, StorageError> {
+        let mut builder = object_store::aws::AmazonS3Builder::new()
+            .with_bucket_name(&settings.bucket)
+            .with_region(&settings.region)
+            .with_access_key_id(&settings.access_key_id)
+            .with_secret_access_key(settings.secret_access_key.as_str());
+        if let Some(endpoint) = &settings.endpoint {
+            builder = builder
+                .with_endpoint(endpoint)
+                .with_allow_http(endpoint.starts_with("http://"));
+        }
+        let store = builder.build().map_err(s3_error)?;
+        Ok(Self {
+            store: std::sync::Arc::new(store),
+        })
+    }
+
+    fn path_of(key: &str) -> Result<object_store::path::Path, StorageError> {
+        if !valid_key(key) {
+            return Err(StorageError::InvalidKey);
+        }
+        object_store::path::Path::parse(key).map_err(|_| StorageError::InvalidKey)
+    }
+}
+
+#[async_trait::async_trait]
+impl ObjectStorage for S3Storage {
+    async fn create(&self) -> Result<Box<dyn IncomingObject>, StorageError> {
+        use object_store::ObjectStoreExt as _;
+        let path =
+            object_store::path::Path::from(format!("{INCOMING}/{}.part", uuid::Uuid::new_v4()));
+        let upload = self.store.put_multipart(&path).await.map_err(s3_error)?;
+        Ok(Box::new(S3Incoming {
+            store: self.store.clone(),
+            path,
+            writer: Some(object_store::WriteMultipart::new(upload)),
+            written: false,
+            published: false,
+        }))
+    }
+
+    async fn read(&self, key: &str) -> Result<ObjectReader, StorageError> {
+        use futures_util::TryStreamExt as _;
+        use object_store::ObjectStoreExt as _;
+        let path = Self::path_of(key)?;
+        let stream = self
+            .store
+            .get(&path)
+            .await
+            .map_err(s3_error)?
+            .into_stream()
+            .map_err(|e| std::io::Error::other(e.to_string()));
+        Ok(Box::new(tokio_util::io::StreamReader::new(stream)))
+    }
+
+    async fn delete(&self, key: &str) -> Result<(), StorageError> {
+        use object_store::ObjectStoreExt as _;
+        match self.store.delete(&Self::path_of(key)?).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(err) => Err(s3_error(err)),
+        }
+    }
+
+    async fn sweep_incoming(&self, age: Duration) -> Result<u64, StorageError> {
+        use futures_util::TryStreamExt as _;
+        use object_store::{ObjectStore as _, ObjectStoreExt as _};
+        let cutoff = chrono_cutoff(age);
+        let prefix = object_store::path::Path::from(INCOMING);
+        let stale: Vec<object_store::path::Path> = self
+            .store
+            .list(Some(&prefix))
+            .try_filter(|meta| std::future::ready(meta.last_modified.timestamp() <= cutoff))
+            .map_ok(|meta| meta.location)
+            .try_collect()
+            .await
+            .map_err(s3_error)?;
+        let mut removed = 0;
+        for path in stale {
+            if self.store.delete(&path).await.is_ok() {
+                removed += 1;
+            }
+        }
+        Ok(removed)
+    }
+}
+
+/// Unix seconds `age` ago.
+fn chrono_cutoff(age: Duration) -> i64 {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    i64::try_from(now.saturating_sub(age).as_secs()).unwrap_or(i64::MAX)
+}
+
+struct S3Incoming {
+    store: std::sync::Arc<object_store::aws::AmazonS3>,
+    path: object_store::path::Path,
+    /// The multipart upload; `None` once completed.
+    writer: Option<object_store::WriteMultipart>,
+    /// Whether the upload was completed (the incoming object exists).
+    written: bool,
+    published: bool,
+}
+
+impl Drop for S3Incoming {
+    fn drop(&mut self) {
+        if self.published {
+            return;
+        }
+        // Abandoned: abort the upload, or delete the incoming object (the sweep at start
+        // removes what this misses).
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let writer = self.writer.take();
+        let (store, path, written) = (self.store.clone(), self.path.clone(), self.written);
+        runtime.spawn(async move {
+            use object_store::ObjectStoreExt as _;
+            if let Some(writer) = writer {
+                let _ = writer.abort().await;
+            }
+            if written {
+                let _ = store.delete(&path).await;
+            }
+        });
+    }
+}
+
+#[async_trait::async_trait]
+impl IncomingObject for S3Incoming {
+    async fn write(&mut self, buf: Vec<u8>) -> Result<Vec<u8>, StorageError> {
+        let writer = self
+            .writer
+            .as_mut()
+            .ok_or_else(|| std::io::Error::other("object already completed"))?;
+        let capacity = buf.capacity();
+        writer
+            .wait_for_capacity(S3_PARTS_IN_FLIGHT)
+            .await
+            .map_err(s3_error)?;
+        writer.put(bytes::Bytes::from(buf));
+        Ok(Vec::with_capacity(capacity))
+    }
+
+    async fn complete(&mut self) -> Result<(), StorageError> {
+        if let Some(writer) = self.writer.take() {
+            writer.finish().await.map_err(s3_error)?;
+            self.written = true;
+        }
+        Ok(())
+    }
+
+    async fn publish(mut self: Box<Self>, key: &str) -> Result<(), StorageError> {
+        use object_store::ObjectStoreExt as _;
+        let target = S3Storage::path_of(key)?;
+        self.complete().await?;
+        self.store
+            .rename(&self.path, &target)
+            .await
+            .map_err(s3_error)?;
+        self.published = true;
+        Ok(())
+    }
+}
