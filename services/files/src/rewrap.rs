@@ -14,7 +14,7 @@ use time::OffsetDateTime;
 use uuid::Uuid;
 
 use crate::domain::{RewrapJob, RewrapState};
-use crate::service::{Files, KEY_PURPOSE, dependency};
+use crate::service::{Files, dependency, key_context};
 use crate::store::rewrap::WrappedKey;
 
 /// Files per Rewrap call to keys.
@@ -228,10 +228,7 @@ impl Files {
                     .iter()
                     .map(|f| keys_pb::RewrapItem {
                         ciphertext: f.wrapped_key.clone(),
-                        context: Some(keys_pb::EncryptionContext {
-                            purpose: KEY_PURPOSE.into(),
-                            object_id: f.id.to_string(),
-                        }),
+                        context: Some(key_context(f.id)),
                     })
                     .collect(),
             })

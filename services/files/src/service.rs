@@ -116,6 +116,24 @@ pub(crate) fn dependency(service: &str, status: &tonic::Status) -> ApiError {
     }
 }
 
+/// A failed call to keys: NOT_FOUND (the tenant has no key, or no longer) is for good,
+/// FAILED_PRECONDITION with `no_key`; the rest as [`dependency`] says.
+pub(crate) fn keys_failure(status: &tonic::Status, no_key: &str) -> ApiError {
+    if status.code() == tonic::Code::NotFound {
+        ApiError::failed_precondition(Reason::FailedPrecondition, no_key)
+    } else {
+        dependency("the keys service", status)
+    }
+}
+
+/// The encryption context of file `id`'s data key.
+pub(crate) fn key_context(id: Uuid) -> keys_pb::EncryptionContext {
+    keys_pb::EncryptionContext {
+        purpose: KEY_PURPOSE.into(),
+        object_id: id.to_string(),
+    }
+}
+
 fn unavailable(what: &str) -> ApiError {
     ApiError::unavailable(
         Reason::DependencyUnavailable,
@@ -295,23 +313,18 @@ impl Files {
             .authorizer
             .service_request(keys_pb::GenerateDataKeyRequest {
                 tenant_id: tenant.to_string(),
-                context: Some(keys_pb::EncryptionContext {
-                    purpose: KEY_PURPOSE.into(),
-                    object_id: file.to_string(),
-                }),
+                context: Some(key_context(file)),
                 key_bits: 256,
             })
             .await?;
-        let reply = match self.inner.keys.clone().generate_data_key(request).await {
-            Ok(reply) => reply.into_inner(),
-            Err(status) if status.code() == tonic::Code::NotFound => {
-                return Err(ApiError::failed_precondition(
-                    Reason::FailedPrecondition,
-                    "the tenant has no key to encrypt files with",
-                ));
-            }
-            Err(status) => return Err(dependency("the keys service", &status)),
-        };
+        let reply = self
+            .inner
+            .keys
+            .clone()
+            .generate_data_key(request)
+            .await
+            .map_err(|s| keys_failure(&s, "the tenant has no key to encrypt files with"))?
+            .into_inner();
         Ok(DataKey {
             plaintext: Zeroizing::new(reply.plaintext_key),
             wrapped: reply.wrapped_key,
@@ -327,24 +340,24 @@ impl Files {
                 tenant_id: file.tenant_id.to_string(),
                 items: vec![keys_pb::DecryptItem {
                     ciphertext: file.wrapped_key.clone(),
-                    context: Some(keys_pb::EncryptionContext {
-                        purpose: KEY_PURPOSE.into(),
-                        object_id: file.id.to_string(),
-                    }),
+                    context: Some(key_context(file.id)),
                 }],
             })
             .await?;
-        let reply = match self.inner.keys.clone().decrypt(request).await {
-            Ok(reply) => reply.into_inner(),
-            // The tenant's key was destroyed (crypto-shredding): the file is gone for good.
-            Err(status) if status.code() == tonic::Code::NotFound => {
-                return Err(ApiError::failed_precondition(
-                    Reason::FailedPrecondition,
+        // NOT_FOUND: the tenant's key was destroyed (crypto-shredding), for good.
+        let reply = self
+            .inner
+            .keys
+            .clone()
+            .decrypt(request)
+            .await
+            .map_err(|s| {
+                keys_failure(
+                    &s,
                     "the tenant's key no longer exists, so the file cannot be opened",
-                ));
-            }
-            Err(status) => return Err(dependency("the keys service", &status)),
-        };
+                )
+            })?
+            .into_inner();
         match reply.results.into_iter().next().and_then(|r| r.result) {
             Some(keys_pb::decrypt_result::Result::Plaintext(key)) => Ok(Zeroizing::new(key)),
             Some(keys_pb::decrypt_result::Result::Error(error)) => {
