@@ -246,7 +246,9 @@ impl Utf8Check {
 }
 
 /// A JSON syntax check fed in pieces: an RFC 8259 text (one value, any type, surrounded by
-/// whitespace). Nesting is bounded by [`MAX_DEPTH`]; deeper documents are refused.
+/// whitespace). Nesting is bounded by [`MAX_DEPTH`]; deeper documents are refused. Escapes of lone
+/// UTF-16 surrogates (`"\ud800"`) are accepted, as RFC 8259's grammar allows, though
+/// serde_json refuses them.
 #[derive(Debug, Default)]
 struct JsonCheck {
     /// Open containers: `b'{'` or `b'['`.
@@ -261,8 +263,8 @@ struct JsonCheck {
     failed: bool,
 }
 
-/// Deepest nesting accepted.
-pub const MAX_DEPTH: usize = 512;
+/// Deepest nesting accepted (serde_json's own default limit).
+pub const MAX_DEPTH: usize = 128;
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 enum JsonState {

@@ -185,7 +185,9 @@ impl Files {
             Ok((total, current, _)) => {
                 job.total_files = total;
                 job.rewrapped_files = current;
-                job.failed_files = total - current;
+                // Two counts, two statements: files committed between them can make
+                // `current` the larger.
+                job.failed_files = total.saturating_sub(current);
             }
             Err(err) => {
                 tracing::error!(%tenant, error = %err, "rewrap: cannot count the files");

@@ -48,7 +48,16 @@ struct Inner {
     audit: Option<AuditClient>,
     quarantine_unscannable: bool,
     signer: UrlSigner,
+    /// Uploads in progress at once on this server (each holds a clamd connection, a
+    /// hashing thread and a few MiB of buffers).
+    uploads: Arc<tokio::sync::Semaphore>,
+    /// When the last refusal of an unsigned or malformed URL was logged (Unix seconds).
+    last_bad_url_log: std::sync::atomic::AtomicU64,
 }
+
+/// Most uploads in progress at once on one server; more are refused (UNAVAILABLE,
+/// `OVERLOADED`, retry shortly).
+pub const MAX_CONCURRENT_UPLOADS: usize = 64;
 
 /// What the service is built from.
 #[derive(Debug)]
@@ -240,6 +249,8 @@ impl Files {
                 audit: parts.audit,
                 quarantine_unscannable: parts.quarantine_unscannable,
                 signer: parts.signer,
+                uploads: Arc::new(tokio::sync::Semaphore::new(MAX_CONCURRENT_UPLOADS)),
+                last_bad_url_log: std::sync::atomic::AtomicU64::new(0),
             }),
         }
     }
@@ -595,6 +606,15 @@ impl Files {
         S: UploadParts,
     {
         let started = Instant::now();
+        let Ok(_slot) = self.inner.uploads.clone().try_acquire_owned() else {
+            return Err(ApiError::unavailable(
+                Reason::Overloaded,
+                format!(
+                    "{MAX_CONCURRENT_UPLOADS} uploads are in progress on this server; retry shortly"
+                ),
+                Duration::from_secs(1),
+            ));
+        };
         let scanner_version = if self.inner.scanner.scans() {
             match self.inner.scanner.version().await {
                 Ok(version) => version,
@@ -674,23 +694,30 @@ impl Files {
             .insert_uncommitted(tenant, &files)
             .await
             .map_err(|e| db_failure(&e))?;
+        // Every key a publish was tried for: one that failed half-way may have left its
+        // object at the key.
         let mut published: Vec<String> = Vec::new();
+        let mut failure = None;
         for Staged { file, object } in staged {
-            if let Err(err) = object.publish(&file.storage_key).await {
-                for key in &published {
-                    let _ = self.inner.storage.delete(key).await;
-                }
-                let _ = self.inner.store.delete_uncommitted(tenant, &ids).await;
-                return Err(storage_failure(&err));
-            }
             published.push(file.storage_key.clone());
+            if let Err(err) = object.publish(&file.storage_key).await {
+                failure = Some(storage_failure(&err));
+                break;
+            }
         }
-        if let Err(err) = self.inner.store.mark_committed(tenant, &ids).await {
+        if failure.is_none()
+            && let Err(err) = self.inner.store.mark_committed(tenant, &ids).await
+        {
+            failure = Some(db_failure(&err));
+        }
+        if let Some(failure) = failure {
+            // Rows first (visible ones too: a commit whose answer was lost may have
+            // happened), then the objects, so that no row is left naming a missing object.
+            let _ = self.inner.store.delete_failed(tenant, &ids).await;
             for key in &published {
                 let _ = self.inner.storage.delete(key).await;
             }
-            let _ = self.inner.store.delete_uncommitted(tenant, &ids).await;
-            return Err(db_failure(&err));
+            return Err(failure);
         }
         for file in &files {
             self.record_stored(caller, file);
@@ -809,8 +836,27 @@ impl Files {
     ) -> Result<(StoredFile, PlainReader), SignedDownloadError> {
         let signed = match self.inner.signer.verify(path, query, unix_now()) {
             Ok(signed) => signed,
+            // An expired URL was signed by this service: a use of it is audited.
+            Err(UrlRefusal::Expired) => {
+                self.record_url_refusal(peer, None, UrlRefusal::Expired);
+                return Err(SignedDownloadError::Refused);
+            }
+            // Anyone can send a malformed or unsigned URL without credentials: one audit
+            // event each would let them flood the trail, so these are only logged, at
+            // most once a second.
             Err(refusal) => {
-                self.record_url_refusal(peer, None, refusal);
+                let now = unix_now();
+                let last = self
+                    .inner
+                    .last_bad_url_log
+                    .swap(now, std::sync::atomic::Ordering::Relaxed);
+                if last != now {
+                    tracing::info!(
+                        reason = refusal.as_str(),
+                        ?peer,
+                        "refused a download URL that this service did not sign"
+                    );
+                }
                 return Err(SignedDownloadError::Refused);
             }
         };

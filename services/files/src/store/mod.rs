@@ -109,17 +109,41 @@ impl Store {
         txn.commit().await
     }
 
-    /// Makes recorded files visible once their objects are in place.
+    /// Makes recorded files visible once their objects are in place; fails, changing
+    /// nothing, unless every one of them is still recorded (the sweep of another replica
+    /// may have removed a row it took for a crash's).
     pub async fn mark_committed(&self, tenant: Uuid, ids: &[Uuid]) -> Result<(), DbErr> {
         if ids.is_empty() {
             return Ok(());
         }
         let txn = penny_platform::db::begin_tenant(&self.db, tenant).await?;
-        files::Entity::update_many()
+        let updated = files::Entity::update_many()
             .col_expr(
                 files::Column::Committed,
                 sea_orm::sea_query::Expr::value(true),
             )
+            .filter(files::Column::TenantId.eq(tenant))
+            .filter(files::Column::Id.is_in(ids.iter().copied()))
+            .filter(files::Column::Committed.eq(false))
+            .exec(&txn)
+            .await?;
+        if updated.rows_affected != ids.len() as u64 {
+            txn.rollback().await?;
+            return Err(DbErr::Custom(
+                "a recorded file vanished before its commit".into(),
+            ));
+        }
+        txn.commit().await
+    }
+
+    /// Deletes the rows of an upload that failed, whether or not they were made visible
+    /// (a commit whose answer was lost may have happened).
+    pub async fn delete_failed(&self, tenant: Uuid, ids: &[Uuid]) -> Result<(), DbErr> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let txn = penny_platform::db::begin_tenant(&self.db, tenant).await?;
+        files::Entity::delete_many()
             .filter(files::Column::TenantId.eq(tenant))
             .filter(files::Column::Id.is_in(ids.iter().copied()))
             .exec(&txn)
