@@ -645,6 +645,14 @@ async fn keys_down_mid_upload_fails_it_and_leaves_nothing() {
         "{:?}",
         objects(&h.storage())
     );
+    // No row either, not even an invisible one.
+    let store = penny_files::store::Store::new(
+        sea_orm::Database::connect(h.fleet.files().database.owner_url())
+            .await
+            .unwrap(),
+    );
+    let later = time::OffsetDateTime::now_utc() + time::Duration::hours(1);
+    assert!(store.stale_uncommitted(later, 10).await.unwrap().is_empty());
 }
 
 #[tokio::test]

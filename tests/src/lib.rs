@@ -1198,12 +1198,22 @@ pub async fn http_request(
     method: &str,
     target: &str,
 ) -> (u16, std::collections::HashMap<String, String>, Vec<u8>) {
+    http_request_to_host(addr, method, target, "penny.test").await
+}
+
+/// [`http_request`] with another `Host` header (servers that route by it, as moto does).
+pub async fn http_request_to_host(
+    addr: SocketAddr,
+    method: &str,
+    target: &str,
+    host: &str,
+) -> (u16, std::collections::HashMap<String, String>, Vec<u8>) {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
     let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
     stream
         .write_all(
             format!(
-                "{method} {target} HTTP/1.1\r\nHost: penny.test\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                "{method} {target} HTTP/1.1\r\nHost: {host}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
             )
             .as_bytes(),
         )

@@ -46,43 +46,12 @@ impl TestS3 {
             );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        let (status, _) = s3.raw("PUT", &format!("/{}", s3.bucket), b"").await;
+        // moto routes by the Host header: its own address means S3.
+        let (status, _, _) =
+            crate::http_request_to_host(addr, "PUT", &format!("/{}", s3.bucket), &addr.to_string())
+                .await;
         assert_eq!(status, 200, "create bucket");
         s3
-    }
-
-    /// One request to the server, with its own address as `Host` (moto routes by it):
-    /// (status, body).
-    async fn raw(&self, method: &str, target: &str, body: &[u8]) -> (u16, Vec<u8>) {
-        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-        let mut stream = tokio::net::TcpStream::connect(self.addr)
-            .await
-            .expect("connect");
-        let head = format!(
-            "{method} {target} HTTP/1.1\r\nHost: {}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-            self.addr,
-            body.len()
-        );
-        stream.write_all(head.as_bytes()).await.expect("write");
-        stream.write_all(body).await.expect("write");
-        let mut reply = Vec::new();
-        let _ = stream.read_to_end(&mut reply).await;
-        let split = reply
-            .windows(4)
-            .position(|w| w == b"\r\n\r\n")
-            .expect("a response head");
-        let status = String::from_utf8_lossy(&reply[..split])
-            .split(' ')
-            .nth(1)
-            .and_then(|s| s.parse().ok())
-            .expect("a status");
-        let mut body = reply[split + 4..].to_vec();
-        // moto answers listings chunked: keep only what lies between the chunk sizes.
-        let head = String::from_utf8_lossy(&reply[..split]).to_ascii_lowercase();
-        if head.contains("transfer-encoding: chunked") {
-            body = dechunk(&body);
-        }
-        (status, body)
     }
 
     /// `http://127.0.0.1:port`.
@@ -145,22 +114,6 @@ impl TestS3 {
             .await
             .expect("put");
     }
-}
-
-/// The body of a chunked HTTP/1.1 response.
-fn dechunk(mut raw: &[u8]) -> Vec<u8> {
-    let mut out = Vec::new();
-    while let Some(line_end) = raw.windows(2).position(|w| w == b"\r\n") {
-        let size = usize::from_str_radix(String::from_utf8_lossy(&raw[..line_end]).trim(), 16)
-            .unwrap_or(0);
-        raw = &raw[line_end + 2..];
-        if size == 0 || raw.len() < size {
-            break;
-        }
-        out.extend_from_slice(&raw[..size]);
-        raw = raw.get(size + 2..).unwrap_or_default();
-    }
-    out
 }
 
 impl Drop for TestS3 {

@@ -10,7 +10,6 @@ use std::time::Duration;
 use hmac::{Hmac, KeyInit as _, Mac as _};
 use sha2::Sha256;
 use uuid::Uuid;
-use zeroize::Zeroizing;
 
 /// Lifetime of a URL when the caller names none.
 pub const DEFAULT_TTL: Duration = Duration::from_secs(3600);
@@ -66,7 +65,8 @@ impl UrlRefusal {
 /// Makes and checks signed URLs.
 #[derive(Clone)]
 pub struct UrlSigner {
-    key: Zeroizing<Vec<u8>>,
+    /// HMAC-SHA256 keyed once, cloned for each URL.
+    keyed: Hmac<Sha256>,
     base: String,
 }
 
@@ -133,8 +133,10 @@ impl UrlSigner {
         if !valid {
             return Err("the public URL must be http(s)://host[:port], without a path".into());
         }
+        let keyed = <Hmac<Sha256>>::new_from_slice(key)
+            .map_err(|_| "the URL signing key cannot key HMAC-SHA256".to_owned())?;
         Ok(Self {
-            key: Zeroizing::new(key.to_vec()),
+            keyed,
             base: base.to_owned(),
         })
     }
@@ -146,8 +148,7 @@ impl UrlSigner {
             tenant.hyphenated(),
             file.hyphenated()
         );
-        let mut mac = <Hmac<Sha256>>::new_from_slice(&self.key)
-            .unwrap_or_else(|_| unreachable!("HMAC takes keys of any length"));
+        let mut mac = self.keyed.clone();
         mac.update(canonical.as_bytes());
         mac
     }

@@ -1246,10 +1246,15 @@ fn process_cpu() -> Option<Duration> {
 }
 
 pub(crate) fn peak_rss_kib() -> Option<u64> {
+    status_kib("VmHWM:")
+}
+
+/// A `kB` field of `/proc/self/status` (`VmRSS:`, `VmHWM:`), in KiB (Linux).
+pub(crate) fn status_kib(field: &str) -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
     status
         .lines()
-        .find_map(|line| line.strip_prefix("VmHWM:"))
+        .find_map(|line| line.strip_prefix(field))
         .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
 }
 

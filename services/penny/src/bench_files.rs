@@ -30,7 +30,7 @@ use tokio::net::TcpListener;
 use tonic::transport::Channel;
 use uuid::Uuid;
 
-use crate::bench::{BenchArgs, TempDir, connect, service_token, spawn_server};
+use crate::bench::{BenchArgs, TempDir, connect, service_token, spawn_server, status_kib};
 
 const MIB: usize = 1024 * 1024;
 
@@ -327,14 +327,6 @@ async fn clamd_phase(addr: &str, content: &Content, duration: Duration) -> anyho
         rate / MIB as f64
     );
     Ok(rate)
-}
-
-fn status_kib(field: &str) -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    status
-        .lines()
-        .find_map(|line| line.strip_prefix(field))
-        .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
 }
 
 /// Resets this process's peak RSS to its current RSS (Linux `clear_refs` 5); false when
