@@ -246,9 +246,9 @@ impl Utf8Check {
 }
 
 /// A JSON syntax check fed in pieces: an RFC 8259 text (one value, any type, surrounded by
-/// whitespace). Nesting is bounded by [`MAX_DEPTH`]; deeper documents are refused. Escapes of lone
-/// UTF-16 surrogates (`"\ud800"`) are accepted, as RFC 8259's grammar allows, though
-/// serde_json refuses them.
+/// whitespace). Nesting is bounded by [`MAX_DEPTH`]; deeper documents are refused. A `\u`
+/// escape of a UTF-16 surrogate must be half of a pair (`"\ud83e\udd80"`): a lone one
+/// names no character, and serde_json refuses it too.
 #[derive(Debug, Default)]
 struct JsonCheck {
     /// Open containers: `b'{'` or `b'['`.
@@ -258,6 +258,10 @@ struct JsonCheck {
     literal: &'static [u8],
     /// Inside a `\u` escape: hex digits left.
     hex_left: u8,
+    /// Inside a `\u` escape: the code unit so far.
+    code_unit: u16,
+    /// Where in a surrogate pair.
+    surrogate: Surrogate,
     /// Inside a number: where in its grammar.
     number: NumberState,
     failed: bool,
@@ -291,6 +295,20 @@ enum JsonState {
     Number,
     /// After the top-level value: only whitespace.
     Done,
+}
+
+/// Where a string is in a `\u` surrogate pair.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+enum Surrogate {
+    /// Not in one.
+    #[default]
+    None,
+    /// After a high surrogate's escape: `\` must follow.
+    High,
+    /// After the `\`: `u` must follow.
+    Backslash,
+    /// In the low surrogate's escape.
+    Low,
 }
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -404,6 +422,36 @@ impl JsonCheck {
         )
     }
 
+    /// One hex digit of a `\u` escape; after the fourth, whether the code unit may stand
+    /// where it is.
+    fn hex_digit(&mut self, b: u8) -> bool {
+        let digit = match b {
+            b'0'..=b'9' => b - b'0',
+            b'a'..=b'f' => b - b'a' + 10,
+            b'A'..=b'F' => b - b'A' + 10,
+            _ => return false,
+        };
+        self.hex_left -= 1;
+        // Four digits: at most 0xFFFF, so the shift loses nothing.
+        self.code_unit = (self.code_unit << 4) | u16::from(digit);
+        if self.hex_left > 0 {
+            return true;
+        }
+        let high = (0xD800..=0xDBFF).contains(&self.code_unit);
+        let low = (0xDC00..=0xDFFF).contains(&self.code_unit);
+        match self.surrogate {
+            Surrogate::Low => {
+                self.surrogate = Surrogate::None;
+                low
+            }
+            _ if high => {
+                self.surrogate = Surrogate::High;
+                true
+            }
+            _ => !low,
+        }
+    }
+
     fn step(&mut self, b: u8) -> bool {
         use JsonState as S;
         match self.state {
@@ -421,8 +469,15 @@ impl JsonCheck {
             }
             S::String { key } => {
                 if self.hex_left > 0 {
-                    self.hex_left -= 1;
-                    return b.is_ascii_hexdigit();
+                    return self.hex_digit(b);
+                }
+                if self.surrogate == Surrogate::High {
+                    if b != b'\\' {
+                        return false;
+                    }
+                    self.surrogate = Surrogate::Backslash;
+                    self.state = S::Escape { key };
+                    return true;
                 }
                 match b {
                     b'"' => {
@@ -440,10 +495,17 @@ impl JsonCheck {
             }
             S::Escape { key } => {
                 self.state = S::String { key };
+                if self.surrogate == Surrogate::Backslash {
+                    self.surrogate = Surrogate::Low;
+                    self.hex_left = 4;
+                    self.code_unit = 0;
+                    return b == b'u';
+                }
                 match b {
                     b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't' => true,
                     b'u' => {
                         self.hex_left = 4;
+                        self.code_unit = 0;
                         true
                     }
                     _ => false,
@@ -679,6 +741,17 @@ mod tests {
             "[1,,2]",
             "{\"a\":1,}",
             "\"\\ud83e\\udd80\"",
+            "\"\\uD83E\\uDD80\"",
+            "\"\\ud800\"",
+            "\"\\udc00\"",
+            "\"\\ud800x\"",
+            "\"\\ud800\\n\"",
+            "\"\\ud800\\ud800\"",
+            "\"\\ud800\\u0041\"",
+            "\"\\udd80\\ud83e\"",
+            "{\"\\ud800\":1}",
+            "[\"\\u00e9\\ud83e\\udd80\\uffff\"]",
+            "\"\\u12\"",
             "1e5",
             "1E-5",
             "-0",
