@@ -1240,6 +1240,62 @@ async fn after_rotation_rewrap_and_a_raised_minimum_every_file_still_downloads()
 }
 
 #[tokio::test]
+async fn a_rewrap_replica_whose_lease_passed_writes_nothing_more() {
+    use penny_files::domain::{RewrapJob, RewrapState};
+    let h = harness(TestFleet::builder()).await;
+    let store = penny_files::store::Store::new(
+        sea_orm::Database::connect(h.fleet.files().database.owner_url())
+            .await
+            .unwrap(),
+    );
+    let job = |started_at: time::OffsetDateTime| RewrapJob {
+        tenant_id: h.tenant,
+        state: RewrapState::Running,
+        target_key_version: 2,
+        total_files: 10,
+        rewrapped_files: 0,
+        failed_files: 0,
+        started_at,
+        ended_at: None,
+        lease_until: started_at + time::Duration::seconds(30),
+    };
+    let t0 = time::OffsetDateTime::now_utc();
+    let (mut first, claimed) = store.claim_rewrap_job(&job(t0), t0).await.unwrap();
+    assert!(claimed);
+    first.rewrapped_files = 3;
+    assert!(store.save_rewrap_job(&first).await.unwrap());
+    // While its lease holds, nobody else takes the job.
+    let soon = t0 + time::Duration::seconds(10);
+    let (held, claimed) = store.claim_rewrap_job(&job(soon), soon).await.unwrap();
+    assert!(!claimed);
+    assert_eq!(held.rewrapped_files, 3);
+    // The first replica stalls past its lease; a second one takes the job over.
+    let later = t0 + time::Duration::seconds(31);
+    let (mut second, claimed) = store.claim_rewrap_job(&job(later), later).await.unwrap();
+    assert!(claimed);
+    // The first one wakes up: neither its progress nor its end is written.
+    first.rewrapped_files = 9;
+    assert!(!store.save_rewrap_job(&first).await.unwrap());
+    first.state = RewrapState::Succeeded;
+    first.ended_at = Some(later);
+    assert!(!store.save_rewrap_job(&first).await.unwrap());
+    let stored = store.rewrap_job(h.tenant).await.unwrap().unwrap();
+    assert_eq!(stored.state, RewrapState::Running);
+    assert_eq!(stored.rewrapped_files, 0);
+    // The holder's own writes go through, its end included; after that, not even it writes.
+    second.rewrapped_files = 5;
+    assert!(store.save_rewrap_job(&second).await.unwrap());
+    second.state = RewrapState::Failed;
+    assert!(store.save_rewrap_job(&second).await.unwrap());
+    assert!(!store.save_rewrap_job(&second).await.unwrap());
+    let stored = store.rewrap_job(h.tenant).await.unwrap().unwrap();
+    assert_eq!(
+        (stored.state, stored.rewrapped_files),
+        (RewrapState::Failed, 5)
+    );
+}
+
+#[tokio::test]
 async fn on_s3_objects_are_sealed_tampering_is_caught_and_a_crash_is_swept() {
     let mut h = harness(TestFleet::builder().files_on_s3()).await;
     let text = "an S3 object must never hold this sentence in the clear. ".repeat(3000);

@@ -3,7 +3,8 @@
 //! key in each row changes), so the old versions can be retired with keys'
 //! `min_decryption_version`. The job lives in the database: it reports progress to any
 //! replica, survives a restart (calling again resumes it), and one replica at a time works
-//! on it, holding it by a lease it extends as it goes.
+//! on it, holding it by a lease it extends as it goes; one whose lease passed and whose job
+//! another took over writes nothing more (the claim's start time fences it off).
 
 use std::time::Duration;
 
@@ -169,10 +170,17 @@ impl Files {
                     }
                 }
                 job.lease_until = OffsetDateTime::now_utc() + LEASE;
-                if let Err(err) = store.save_rewrap_job(&job).await {
-                    tracing::error!(%tenant, error = %err, "rewrap: cannot save progress");
-                    stopped = true;
-                    break 'passes;
+                match store.save_rewrap_job(&job).await {
+                    Ok(true) => {}
+                    Ok(false) => {
+                        tracing::warn!(%tenant, "rewrap: this replica's lease passed and another took the job over; stopping");
+                        return;
+                    }
+                    Err(err) => {
+                        tracing::error!(%tenant, error = %err, "rewrap: cannot save progress");
+                        stopped = true;
+                        break 'passes;
+                    }
                 }
             }
             if seen == 0 {
@@ -202,8 +210,15 @@ impl Files {
         let now = OffsetDateTime::now_utc();
         job.ended_at = Some(now);
         job.lease_until = now;
-        if let Err(err) = store.save_rewrap_job(&job).await {
-            tracing::error!(%tenant, error = %err, "rewrap: cannot save the job's end");
+        match store.save_rewrap_job(&job).await {
+            Ok(true) => {}
+            Ok(false) => {
+                tracing::warn!(%tenant, "rewrap: this replica's lease passed and another took the job over; its end is the other's to report");
+                return;
+            }
+            Err(err) => {
+                tracing::error!(%tenant, error = %err, "rewrap: cannot save the job's end");
+            }
         }
         let outcome = if job.state == RewrapState::Succeeded {
             audit_pb::Outcome::Success

@@ -105,11 +105,20 @@ impl Store {
         Ok((job.clone(), true))
     }
 
-    /// Writes the job's progress (and its extended lease, or its end).
-    pub async fn save_rewrap_job(&self, job: &RewrapJob) -> Result<(), DbErr> {
+    /// Writes the job's progress (and its extended lease, or its end) if this run still
+    /// holds it; false if it does not. The claim's start time is the fencing token: a
+    /// replica whose lease passed and whose job another replica claimed writes nothing.
+    pub async fn save_rewrap_job(&self, job: &RewrapJob) -> Result<bool, DbErr> {
         let txn = penny_platform::db::begin_tenant(&self.db, job.tenant_id).await?;
-        rewrap_jobs::Entity::update(job_row(job)).exec(&txn).await?;
-        txn.commit().await
+        let saved = rewrap_jobs::Entity::update_many()
+            .set(job_row(job))
+            .filter(rewrap_jobs::Column::TenantId.eq(job.tenant_id))
+            .filter(rewrap_jobs::Column::State.eq(RewrapState::Running.as_str()))
+            .filter(rewrap_jobs::Column::StartedAt.eq(job.started_at))
+            .exec(&txn)
+            .await?;
+        txn.commit().await?;
+        Ok(saved.rows_affected == 1)
     }
 
     /// Up to `limit` visible files of `tenant` whose data key is below `target`, after the
