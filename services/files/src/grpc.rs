@@ -29,9 +29,12 @@ const DEFAULT_PAGE_SIZE: u32 = 100;
 const MAX_PAGE_SIZE: u32 = 1000;
 /// Longest declared content type read.
 const MAX_DECLARED_TYPE: usize = 255;
-/// How long `RewrapTenant` with `wait` waits for the job, within the server's 30 s
+/// How long `RewrapTenant` with `wait` waits for the job at most, within the server's 30 s
 /// request deadline.
 const REWRAP_WAIT: std::time::Duration = std::time::Duration::from_secs(20);
+/// How long before the caller's own deadline `RewrapTenant` stops waiting, to answer in
+/// time.
+const REWRAP_ANSWER_MARGIN: std::time::Duration = std::time::Duration::from_millis(500);
 
 /// Who may call what: uploads need `file:upload` (the guide's `member` role), reads and
 /// signed URLs `file:read` (its `viewer` role), deletion `file:delete` (no built-in tenant
@@ -419,7 +422,11 @@ impl FileService for FileGrpc {
         let tenant = v.uuid("tenant_id", &r.tenant_id);
         v.finish()?;
         let tenant = tenant_scope(principal, tenant)?;
-        let wait = r.wait.then_some(REWRAP_WAIT);
+        let wait = r.wait.then(|| {
+            penny_platform::wire::caller_timeout(request.metadata()).map_or(REWRAP_WAIT, |t| {
+                t.saturating_sub(REWRAP_ANSWER_MARGIN).min(REWRAP_WAIT)
+            })
+        });
         let status = self.files.rewrap_tenant(tenant, wait).await?;
         let job = &status.job;
         Ok(Response::new(pb::RewrapTenantResponse {
