@@ -2,7 +2,9 @@
 //! `/.well-known/jwks.json`, and files' signed downloads.
 //!
 //! One accept loop for every such listener: a slow client cannot hold a connection by
-//! dribbling its headers (they must arrive within [`HEADER_READ_TIMEOUT`]), at most
+//! dribbling its headers (they must arrive within [`HEADER_READ_TIMEOUT`]) or by not
+//! reading its response (a write that makes no progress for [`WRITE_STALL_TIMEOUT`] ends
+//! the connection), at most
 //! [`MAX_CONNECTIONS`] are open at once (the rest are closed at accept), shutdown finishes
 //! the request in hand and closes, and every response carries [`SECURITY_HEADERS`] and,
 //! unless the handler chose otherwise, `Cache-Control: no-store`. Handlers find the
@@ -21,6 +23,8 @@ use tokio::net::TcpListener;
 
 /// A request's headers must arrive within this long.
 pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// A response write that makes no progress for this long ends the connection.
+pub const WRITE_STALL_TIMEOUT: Duration = Duration::from_secs(30);
 /// Connections open at once per listener; more are closed as they are accepted.
 pub const MAX_CONNECTIONS: usize = 1024;
 /// How long shutdown waits for connections to finish.
@@ -116,7 +120,10 @@ pub async fn serve_http(
                 .timer(TokioTimer::new())
                 .header_read_timeout(HEADER_READ_TIMEOUT)
                 .max_buf_size(16 * 1024)
-                .serve_connection(TokioIo::new(stream), service);
+                .serve_connection(
+                    TokioIo::new(StallGuard::new(stream, WRITE_STALL_TIMEOUT)),
+                    service,
+                );
             tokio::pin!(connection);
             let result = tokio::select! {
                 result = connection.as_mut() => result,
@@ -144,6 +151,101 @@ pub async fn serve_http(
     }
     tracing::info!(service = name, "HTTP stopped");
     Ok(())
+}
+
+/// A stream whose writes fail with `TimedOut` once one has made no progress for the
+/// stall timeout: a client that stops reading cannot hold its connection (and the
+/// response it was sent) for ever.
+struct StallGuard<S> {
+    stream: S,
+    timeout: Duration,
+    /// Armed while a write is waiting on the peer.
+    stalled: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl<S> StallGuard<S> {
+    fn new(stream: S, timeout: Duration) -> Self {
+        Self {
+            stream,
+            timeout,
+            stalled: None,
+        }
+    }
+
+    /// What a write answered: progress disarms the timer, waiting arms it, and waiting
+    /// past it is an error.
+    fn check<T>(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+        poll: std::task::Poll<std::io::Result<T>>,
+    ) -> std::task::Poll<std::io::Result<T>> {
+        use std::task::Poll;
+        if poll.is_ready() {
+            self.stalled = None;
+            return poll;
+        }
+        let timeout = self.timeout;
+        let stalled = self
+            .stalled
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
+        match stalled.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "the peer stopped reading",
+            ))),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for StallGuard<S> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.stream).poll_read(cx, buf)
+    }
+}
+
+impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for StallGuard<S> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let poll = std::pin::Pin::new(&mut self.stream).poll_write(cx, buf);
+        self.check(cx, poll)
+    }
+
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let poll = std::pin::Pin::new(&mut self.stream).poll_write_vectored(cx, bufs);
+        self.check(cx, poll)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let poll = std::pin::Pin::new(&mut self.stream).poll_flush(cx);
+        self.check(cx, poll)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let poll = std::pin::Pin::new(&mut self.stream).poll_shutdown(cx);
+        self.check(cx, poll)
+    }
 }
 
 /// Serves `bundle` over gRPC on `listener` and, when given one, `router` over HTTP on its
@@ -175,5 +277,45 @@ pub async fn serve_with_http(
             tokio::try_join!(grpc, http).map(|_| ())
         }
         None => grpc.await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+    use super::StallGuard;
+
+    #[tokio::test]
+    async fn a_peer_that_stops_reading_ends_the_write() {
+        let (ours, _theirs) = tokio::io::duplex(64);
+        let mut guarded = StallGuard::new(ours, Duration::from_millis(100));
+        let err = guarded.write_all(&[7; 4096]).await.unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::TimedOut);
+    }
+
+    #[tokio::test]
+    async fn a_slow_reader_that_keeps_reading_gets_everything() {
+        let (ours, mut theirs) = tokio::io::duplex(64);
+        // Each read comes well within the stall timeout, though the whole write takes
+        // longer than it.
+        let reader = tokio::spawn(async move {
+            let mut got = Vec::new();
+            let mut buf = [0; 64];
+            loop {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                match theirs.read(&mut buf).await.unwrap() {
+                    0 => return got,
+                    n => got.extend_from_slice(&buf[..n]),
+                }
+            }
+        });
+        let mut guarded = StallGuard::new(ours, Duration::from_millis(200));
+        guarded.write_all(&[7; 4096]).await.unwrap();
+        guarded.shutdown().await.unwrap();
+        drop(guarded);
+        assert_eq!(reader.await.unwrap(), vec![7; 4096]);
     }
 }
