@@ -33,6 +33,10 @@ pub struct DevArgs {
     /// uploads are not scanned, and files says so at start.
     #[arg(long, env = "PENNY_FILES_CLAMD")]
     pub files_clamd: Option<String>,
+    /// How clients reach files' HTTP listener, the base of signed URLs; by default the
+    /// listen address (loopback when that is `0.0.0.0` or `::`).
+    #[arg(long, env = "PENNY_FILES_PUBLIC_URL")]
+    pub files_public_url: Option<String>,
 }
 
 /// The developer's token lives this long.
@@ -61,7 +65,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     let mut serve_config = ServeConfig::new_for_dev(TokenVerifier::new(&signing.jwks())?);
     // Every service follows auth's revocation stream: a revoked session or suspended user
     // is refused everywhere within moments.
-    let auth_url = format!("http://{}:{AUTH_PORT}", args.host);
+    let auth_url = local_url(&args.host, AUTH_PORT);
     let auth_channel = tonic::transport::Endpoint::from_shared(auth_url)?.connect_lazy();
     serve_config.auth = Some(auth_channel.clone());
     // Permission requirements are decided by the in-process authz service, which the
@@ -70,7 +74,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     // itself before it has unsealed its signing keys through keys, so it holds a token
     // minted here with the data directory's key (which every service trusts), renewed at
     // every start.
-    let authz_url = format!("http://{}:{AUTHZ_PORT}", args.host);
+    let authz_url = local_url(&args.host, AUTHZ_PORT);
     let authz_channel = tonic::transport::Endpoint::from_shared(authz_url)?.connect_lazy();
     let (fleet_secret, fleet_secret_hash) = penny_auth::service_tokens::new_client_secret();
     let fleet_client_id = uuid::Uuid::new_v4();
@@ -82,7 +86,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     ));
     // Every service records its calls in the audit service below, spooling them in the
     // data directory while it cannot.
-    let audit_url = format!("http://{}:{AUDIT_PORT}", args.host);
+    let audit_url = local_url(&args.host, AUDIT_PORT);
     serve_config.audit = Some(
         penny_platform::AuditClient::new(
             tonic::transport::Endpoint::from_shared(audit_url)?.connect_lazy(),
@@ -161,7 +165,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     audit_config.checkpoint_interval = Duration::from_secs(5);
     // The security monitor with the guide's rules, acting through auth and tenants.
     audit_config.monitor_rules = Some(penny_audit::monitor::rules::RuleSet::defaults());
-    audit_config.tenants_url = Some(format!("http://{}:{TENANTS_PORT}", args.host));
+    audit_config.tenants_url = Some(local_url(&args.host, TENANTS_PORT));
     let listener = bind(&args.host, AUDIT_PORT, "audit").await?;
     running.push(Running {
         env_name: "PENNY_AUDIT_ADDR",
@@ -178,7 +182,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     let tenants_config = penny_tenants::TenantsConfig {
         database_url: penny_platform::db::sqlite_url(&args.data_dir, "tenants"),
         migration_database_url: None,
-        keys_url: format!("http://{}:{KEYS_PORT}", args.host),
+        keys_url: local_url(&args.host, KEYS_PORT),
     };
     let listener = bind(&args.host, TENANTS_PORT, "tenants").await?;
     running.push(Running {
@@ -206,14 +210,17 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     let files_config = penny_files::FilesConfig {
         database_url: penny_platform::db::sqlite_url(&args.data_dir, "files"),
         migration_database_url: None,
-        keys_url: format!("http://{}:{KEYS_PORT}", args.host),
+        keys_url: local_url(&args.host, KEYS_PORT),
         storage: penny_files::StorageConfig::Filesystem(args.data_dir.join("files")),
         scanner,
         quarantine_unscannable: false,
         stale_after: penny_files::service::DEFAULT_STALE_AFTER,
         signed_urls: penny_files::SignedUrlConfig {
             key: load_or_create_url_key(&args.data_dir)?,
-            public_url: format!("http://{}:{FILES_HTTP_PORT}", args.host),
+            public_url: args
+                .files_public_url
+                .clone()
+                .unwrap_or_else(|| local_url(&args.host, FILES_HTTP_PORT)),
         },
     };
     let listener = bind(&args.host, FILES_PORT, "files").await?;
@@ -241,8 +248,8 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     let auth_config = penny_auth::AuthConfig {
         database_url: penny_platform::db::sqlite_url(&args.data_dir, "auth"),
         migration_database_url: None,
-        tenants_url: format!("http://{}:{TENANTS_PORT}", args.host),
-        keys_url: format!("http://{}:{KEYS_PORT}", args.host),
+        tenants_url: local_url(&args.host, TENANTS_PORT),
+        keys_url: local_url(&args.host, KEYS_PORT),
         signing_key_rotation: penny_auth::keyring::DEFAULT_ROTATION,
         // Two service clients, new at every start (the previous ones are revoked and
         // their tokens refused): the fleet's own, and the developer's (IssueServiceToken
@@ -324,6 +331,17 @@ const FILES_HTTP_PORT: u16 = 50065;
 /// The fixed dev port of the tenants service.
 const TENANTS_PORT: u16 = 50056;
 
+/// `http://host:port` for reaching a service listening on `host` from this machine: an
+/// unspecified address (`0.0.0.0`, `::`) becomes loopback, and IPv6 gets its brackets.
+fn local_url(host: &str, port: u16) -> String {
+    match host.parse::<std::net::IpAddr>() {
+        Ok(ip) if ip.is_unspecified() && ip.is_ipv4() => format!("http://127.0.0.1:{port}"),
+        Ok(ip) if ip.is_unspecified() => format!("http://[::1]:{port}"),
+        Ok(std::net::IpAddr::V6(ip)) => format!("http://[{ip}]:{port}"),
+        _ => format!("http://{host}:{port}"),
+    }
+}
+
 async fn bind(host: &str, port: u16, service: &str) -> anyhow::Result<tokio::net::TcpListener> {
     tokio::net::TcpListener::bind((host, port))
         .await
@@ -402,4 +420,18 @@ fn write_replacing_private(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
     let _ = std::fs::remove_file(&tmp);
     penny_platform::signing::write_private(&tmp, bytes)?;
     std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::local_url;
+
+    #[test]
+    fn local_urls_reach_the_listener_from_this_machine() {
+        assert_eq!(local_url("127.0.0.1", 50055), "http://127.0.0.1:50055");
+        assert_eq!(local_url("0.0.0.0", 50065), "http://127.0.0.1:50065");
+        assert_eq!(local_url("::", 50065), "http://[::1]:50065");
+        assert_eq!(local_url("::1", 50065), "http://[::1]:50065");
+        assert_eq!(local_url("localhost", 50061), "http://localhost:50061");
+    }
 }
