@@ -462,6 +462,74 @@ async fn eicar_is_refused_audited_and_leaves_nothing() {
 }
 
 #[tokio::test]
+async fn a_client_gone_mid_commit_leaves_every_file_stored_and_audited() {
+    // On S3 (moto) each publish is a copy and a delete over HTTP: ten of them make the
+    // commit long enough to cut the call off inside it.
+    let h = harness(TestFleet::builder().files_on_s3().with_audit()).await;
+    let store = penny_files::store::Store::new(
+        sea_orm::Database::connect(h.fleet.files().database.owner_url())
+            .await
+            .unwrap(),
+    );
+    let far = time::OffsetDateTime::now_utc() + time::Duration::hours(1);
+    let names: Vec<String> = (0..10).map(|i| format!("part-{i}.txt")).collect();
+    let mut uploads = 0;
+    let mut cut_off = false;
+    while !cut_off && uploads < 9 {
+        let files: Vec<(&str, &str, &[u8])> = names
+            .iter()
+            .map(|n| {
+                (
+                    n.as_str(),
+                    "text/plain",
+                    &b"committed whole or not at all\n"[..],
+                )
+            })
+            .collect();
+        let request = with_token(tokio_stream::iter(messages(h.tenant, &files)), &h.token);
+        let mut client = h.files.clone();
+        let call = tokio::spawn(async move { client.upload(request).await });
+        uploads += 1;
+        // Cut the call off once its rows are recorded but not yet visible: mid-commit.
+        while !call.is_finished() {
+            if !store.stale_uncommitted(far, 100).await.unwrap().is_empty() {
+                call.abort();
+                cut_off = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+    assert!(cut_off, "none of {uploads} uploads was caught mid-commit");
+    // The commit went on without the client: every file of every upload is visible, none
+    // is left half-made, and each has its `files.file_stored` event.
+    let expected = uploads * names.len();
+    assert_eventually!(Duration::from_secs(10), h.listed().await.len() == expected);
+    assert!(store.stale_uncommitted(far, 100).await.unwrap().is_empty());
+    let mut audit = AuditServiceClient::new(h.fleet.audit().server.channel().await);
+    let admin = h.fleet.admin_token();
+    assert_eventually!(
+        Duration::from_secs(10),
+        audit
+            .query(with_token(
+                audit_pb::QueryRequest {
+                    tenant_id: h.tenant.to_string(),
+                    action: "files.file_stored".into(),
+                    page_size: 1000,
+                    ..Default::default()
+                },
+                &admin,
+            ))
+            .await
+            .unwrap()
+            .into_inner()
+            .events
+            .len()
+            == expected
+    );
+}
+
+#[tokio::test]
 async fn with_clamd_stopped_uploads_are_refused_never_accepted() {
     let mut h = harness(TestFleet::builder()).await;
     let clean = h

@@ -12,6 +12,7 @@ use penny_proto::keys::v1::key_service_client::KeyServiceClient;
 use sha2::{Digest, Sha256};
 use time::OffsetDateTime;
 use tonic::transport::Channel;
+use tracing::Instrument as _;
 use uuid::Uuid;
 use zeroize::Zeroizing;
 
@@ -676,7 +677,17 @@ impl Files {
                 "an upload must hold at least one file",
             ));
         }
-        self.commit(caller, staged).await?;
+        // The commit runs to its end in a task of its own: a client that goes away (or a
+        // deadline that passes) mid-commit must leave neither half-made rows nor a stored
+        // file without its `files.file_stored` event.
+        let files = self.clone();
+        let committer = caller.clone();
+        tokio::spawn(
+            async move { files.commit(&committer, staged).await }
+                .instrument(tracing::Span::current()),
+        )
+        .await
+        .map_err(|e| ApiError::internal(&e))??;
         tracing::debug!(files = results.len(), took = ?started.elapsed(), "upload done");
         Ok(results)
     }
