@@ -422,12 +422,15 @@ impl FileService for FileGrpc {
         let tenant = v.uuid("tenant_id", &r.tenant_id);
         v.finish()?;
         let tenant = tenant_scope(principal, tenant)?;
-        let wait = r.wait.then(|| {
-            penny_platform::wire::caller_timeout(request.metadata()).map_or(REWRAP_WAIT, |t| {
-                t.saturating_sub(REWRAP_ANSWER_MARGIN).min(REWRAP_WAIT)
-            })
+        // Counted from now: what the call does before it waits comes out of the wait.
+        let wait_until = r.wait.then(|| {
+            let wait = penny_platform::wire::caller_timeout(request.metadata())
+                .map_or(REWRAP_WAIT, |t| {
+                    t.saturating_sub(REWRAP_ANSWER_MARGIN).min(REWRAP_WAIT)
+                });
+            tokio::time::Instant::now() + wait
         });
-        let status = self.files.rewrap_tenant(tenant, wait).await?;
+        let status = self.files.rewrap_tenant(tenant, wait_until).await?;
         let job = &status.job;
         Ok(Response::new(pb::RewrapTenantResponse {
             tenant_id: job.tenant_id.to_string(),

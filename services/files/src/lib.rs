@@ -124,13 +124,24 @@ pub async fn serve(
 ) -> anyhow::Result<()> {
     let files = build(config, &serve_config).await?;
     let router = http::router(files.clone());
-    let bundle = bundle(files, &serve_config);
-    penny_platform::http::serve_with_http(
+    let bundle = bundle(files.clone(), &serve_config);
+    let served = penny_platform::http::serve_with_http(
         serve_config,
         bundle,
         listener,
         Some((router, http_listener)),
         shutdown,
     )
-    .await
+    .await;
+    // A commit whose client went away runs on in a task of its own, which the servers'
+    // drain does not see: give it time to finish. What it cannot finish the sweep removes.
+    if !files.wait_for_uploads(COMMIT_DRAIN).await {
+        tracing::warn!(
+            "files: uploads still committing {COMMIT_DRAIN:?} after the servers stopped; the sweep at a later start removes what they leave"
+        );
+    }
+    served
 }
+
+/// How long shutdown waits for uploads still committing after the servers have stopped.
+const COMMIT_DRAIN: std::time::Duration = std::time::Duration::from_secs(10);

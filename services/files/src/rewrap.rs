@@ -4,7 +4,8 @@
 //! `min_decryption_version`. The job lives in the database: it reports progress to any
 //! replica, survives a restart (calling again resumes it), and one replica at a time works
 //! on it, holding it by a lease it extends as it goes; one whose lease passed and whose job
-//! another took over writes nothing more (the claim's start time fences it off).
+//! another took over stops at its next save, which writes nothing (the claim's start time
+//! fences it off): it finishes the batch in hand, but no counts and no end.
 
 use std::time::Duration;
 
@@ -65,12 +66,12 @@ impl Files {
     }
 
     /// Starts the tenant's rewrap to its key's latest version, resumes a failed or
-    /// abandoned one, or reports the one running; with `wait`, waits up to that long for
-    /// it to end.
+    /// abandoned one, or reports the one running; with `wait_until`, waits until then at
+    /// most for it to end.
     pub async fn rewrap_tenant(
         &self,
         tenant: Uuid,
-        wait: Option<Duration>,
+        wait_until: Option<tokio::time::Instant>,
     ) -> Result<RewrapStatus, ApiError> {
         let latest = self.latest_key_version(tenant).await?;
         let store = self.store();
@@ -109,14 +110,13 @@ impl Files {
                 }
             }
         }
-        if let Some(wait) = wait {
-            let until = tokio::time::Instant::now() + wait;
+        if let Some(until) = wait_until {
             while tokio::time::Instant::now() < until {
                 let job = store.rewrap_job(tenant).await.map_err(|e| db(&e))?;
                 if job.is_none_or(|j| j.state != RewrapState::Running) {
                     break;
                 }
-                tokio::time::sleep(POLL).await;
+                tokio::time::sleep_until(until.min(tokio::time::Instant::now() + POLL)).await;
             }
         }
         let job = store

@@ -296,6 +296,15 @@ impl Files {
         }
     }
 
+    /// Waits, at most `limit`, for the uploads in progress to end, commits whose client
+    /// went away included; whether they all did.
+    pub async fn wait_for_uploads(&self, limit: Duration) -> bool {
+        let all = u32::try_from(MAX_CONCURRENT_UPLOADS).unwrap_or(u32::MAX);
+        tokio::time::timeout(limit, self.inner.uploads.acquire_many(all))
+            .await
+            .is_ok_and(|permits| permits.is_ok())
+    }
+
     /// Removes what interrupted uploads and commits left (older than `age`): incoming
     /// objects, and rows recorded but never made visible, with their objects.
     pub async fn sweep(&self, age: Duration) -> anyhow::Result<(u64, u64)> {
@@ -607,7 +616,7 @@ impl Files {
         S: UploadParts,
     {
         let started = Instant::now();
-        let Ok(_slot) = self.inner.uploads.clone().try_acquire_owned() else {
+        let Ok(slot) = self.inner.uploads.clone().try_acquire_owned() else {
             return Err(ApiError::unavailable(
                 Reason::Overloaded,
                 format!(
@@ -679,12 +688,16 @@ impl Files {
         }
         // The commit runs to its end in a task of its own: a client that goes away (or a
         // deadline that passes) mid-commit must leave neither half-made rows nor a stored
-        // file without its `files.file_stored` event.
+        // file without its `files.file_stored` event. The task holds the upload's slot,
+        // so that it still counts against the limit, and shutdown waits for it.
         let files = self.clone();
         let committer = caller.clone();
         tokio::spawn(
-            async move { files.commit(&committer, staged).await }
-                .instrument(tracing::Span::current()),
+            async move {
+                let _slot = slot;
+                files.commit(&committer, staged).await
+            }
+            .instrument(tracing::Span::current()),
         )
         .await
         .map_err(|e| ApiError::internal(&e))??;
