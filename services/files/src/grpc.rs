@@ -29,8 +29,7 @@ const DEFAULT_PAGE_SIZE: u32 = 100;
 const MAX_PAGE_SIZE: u32 = 1000;
 /// Longest declared content type read.
 const MAX_DECLARED_TYPE: usize = 255;
-/// How long `RewrapTenant` with `wait` waits for the job at most, within the server's 30 s
-/// request deadline.
+/// How long `RewrapTenant` with `wait` waits for the job at most.
 const REWRAP_WAIT: std::time::Duration = std::time::Duration::from_secs(20);
 /// How long before the caller's own deadline `RewrapTenant` stops waiting, to answer in
 /// time.
@@ -60,9 +59,12 @@ pub(crate) fn policy() -> AccessPolicy {
 
 pub(crate) fn bundle(files: Files, serve_config: &ServeConfig) -> ServiceBundle {
     let probe = files.clone();
-    let server = FileServiceServer::new(FileGrpc { files })
-        .max_decoding_message_size(serve_config.max_message_bytes)
-        .max_encoding_message_size(serve_config.max_message_bytes);
+    let server = FileServiceServer::new(FileGrpc {
+        files,
+        request_timeout: serve_config.request_timeout,
+    })
+    .max_decoding_message_size(serve_config.max_message_bytes)
+    .max_encoding_message_size(serve_config.max_message_bytes);
     ServiceBundle {
         name: "files",
         routes: tonic::service::Routes::new(server),
@@ -78,6 +80,21 @@ pub(crate) fn bundle(files: Files, serve_config: &ServeConfig) -> ServiceBundle 
 
 struct FileGrpc {
     files: Files,
+    /// The server's request deadline, which cuts off every call.
+    request_timeout: std::time::Duration,
+}
+
+/// How long `RewrapTenant` may wait for its job: [`REWRAP_WAIT`] at most, ending
+/// [`REWRAP_ANSWER_MARGIN`] before the first of the server's request deadline and the
+/// caller's own.
+fn rewrap_wait(
+    request_timeout: std::time::Duration,
+    caller_timeout: Option<std::time::Duration>,
+) -> std::time::Duration {
+    let deadline = caller_timeout.map_or(request_timeout, |t| t.min(request_timeout));
+    deadline
+        .saturating_sub(REWRAP_ANSWER_MARGIN)
+        .min(REWRAP_WAIT)
 }
 
 fn scan_status_out(status: ScanStatus) -> pb::ScanStatus {
@@ -424,11 +441,8 @@ impl FileService for FileGrpc {
         let tenant = tenant_scope(principal, tenant)?;
         // Counted from now: what the call does before it waits comes out of the wait.
         let wait_until = r.wait.then(|| {
-            let wait = penny_platform::wire::caller_timeout(request.metadata())
-                .map_or(REWRAP_WAIT, |t| {
-                    t.saturating_sub(REWRAP_ANSWER_MARGIN).min(REWRAP_WAIT)
-                });
-            tokio::time::Instant::now() + wait
+            let caller = penny_platform::wire::caller_timeout(request.metadata());
+            tokio::time::Instant::now() + rewrap_wait(self.request_timeout, caller)
         });
         let status = self.files.rewrap_tenant(tenant, wait_until).await?;
         let job = &status.job;
@@ -458,5 +472,26 @@ impl FileService for FileGrpc {
         let (tenant, id) = file_ref(principal, &r.tenant_id, &r.file_id)?;
         self.files.delete(principal, tenant, id).await?;
         Ok(Response::new(pb::DeleteFileResponse {}))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::rewrap_wait;
+
+    #[test]
+    fn the_rewrap_wait_ends_before_the_first_deadline() {
+        let s = Duration::from_secs;
+        let ms = Duration::from_millis;
+        // The server's default deadline and no caller's: the 20 s cap.
+        assert_eq!(rewrap_wait(s(30), None), s(20));
+        // A shorter server deadline, or a shorter caller's, less the margin.
+        assert_eq!(rewrap_wait(s(10), None), ms(9_500));
+        assert_eq!(rewrap_wait(s(30), Some(s(5))), ms(4_500));
+        assert_eq!(rewrap_wait(s(5), Some(s(60))), ms(4_500));
+        // Less time than the margin: no wait at all.
+        assert_eq!(rewrap_wait(s(30), Some(ms(200))), Duration::ZERO);
     }
 }
