@@ -1276,6 +1276,29 @@ async fn after_rotation_rewrap_and_a_raised_minimum_every_file_still_downloads()
         .into_inner()
         .results;
     let stranded = file_of(&stranded[0]).id.clone();
+    let stranded_url = files
+        .create_signed_url(with_token(
+            pb::CreateSignedUrlRequest {
+                tenant_id: other.to_string(),
+                file_id: stranded.clone(),
+                ttl: None,
+            },
+            &admin,
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .url;
+    let stranded_target = stranded_url
+        .strip_prefix(&format!("http://{http}"))
+        .unwrap()
+        .to_owned();
+    assert_eq!(
+        penny_tests::http_request(http, "GET", &stranded_target)
+            .await
+            .0,
+        200
+    );
     keys.rotate_key(with_token(
         keys_pb::RotateKeyRequest {
             tenant_id: other.to_string(),
@@ -1305,6 +1328,10 @@ async fn after_rotation_rewrap_and_a_raised_minimum_every_file_still_downloads()
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+    // Its signed URL, still naming the file's key version, can never work again: 403, the
+    // same as any refusal, not a 503 that asks the client to retry.
+    let (code, _, body) = penny_tests::http_request(http, "GET", &stranded_target).await;
+    assert_eq!((code, body.as_slice()), (403, &b"forbidden\n"[..]));
 }
 
 #[tokio::test]
