@@ -492,7 +492,12 @@ async fn a_client_gone_mid_commit_leaves_every_file_stored_and_audited() {
         uploads += 1;
         // Cut the call off once its rows are recorded but not yet visible: mid-commit.
         while !call.is_finished() {
-            if !store.stale_uncommitted(far, 100).await.unwrap().is_empty() {
+            if !store
+                .stale_uncommitted(far, None, 100)
+                .await
+                .unwrap()
+                .is_empty()
+            {
                 call.abort();
                 cut_off = true;
                 break;
@@ -505,7 +510,13 @@ async fn a_client_gone_mid_commit_leaves_every_file_stored_and_audited() {
     // is left half-made, and each has its `files.file_stored` event.
     let expected = uploads * names.len();
     assert_eventually!(Duration::from_secs(10), h.listed().await.len() == expected);
-    assert!(store.stale_uncommitted(far, 100).await.unwrap().is_empty());
+    assert!(
+        store
+            .stale_uncommitted(far, None, 100)
+            .await
+            .unwrap()
+            .is_empty()
+    );
     let mut audit = AuditServiceClient::new(h.fleet.audit().server.channel().await);
     let admin = h.fleet.admin_token();
     assert_eventually!(
@@ -720,7 +731,13 @@ async fn keys_down_mid_upload_fails_it_and_leaves_nothing() {
             .unwrap(),
     );
     let later = time::OffsetDateTime::now_utc() + time::Duration::hours(1);
-    assert!(store.stale_uncommitted(later, 10).await.unwrap().is_empty());
+    assert!(
+        store
+            .stale_uncommitted(later, None, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
 }
 
 #[tokio::test]
@@ -782,6 +799,73 @@ async fn what_an_interrupted_upload_leaves_is_swept_at_start() {
     assert_eq!(listed.len(), 1);
     assert_eq!(listed[0].id, kept.id);
     assert_eq!(h.download(&kept.id).await.unwrap(), b"kept");
+}
+
+#[tokio::test]
+async fn a_deleted_files_object_that_cannot_be_removed_is_swept_at_a_later_start() {
+    let mut h = harness(TestFleet::builder()).await;
+    let results = h
+        .upload(&[("doomed.txt", "text/plain", b"delete me")])
+        .await
+        .unwrap();
+    let doomed = file_of(&results[0]).clone();
+    let root = h.storage();
+    let object = root.join(&stored(&root)[0]);
+    // The object cannot be removed: a directory with something in it stands in its place
+    // (the tests run as root, so permissions would not stop the removal).
+    std::fs::remove_file(&object).unwrap();
+    std::fs::create_dir(&object).unwrap();
+    std::fs::write(object.join("inside"), b"x").unwrap();
+    h.files
+        .clone()
+        .delete_file(with_token(
+            pb::DeleteFileRequest {
+                tenant_id: h.tenant.to_string(),
+                file_id: doomed.id.clone(),
+            },
+            &h.fleet.admin_token(),
+        ))
+        .await
+        .unwrap();
+    // Gone for every reader at once, its wrapped data key with it.
+    assert!(h.listed().await.is_empty());
+    assert_eq!(
+        h.download(&doomed.id).await.unwrap_err().code(),
+        Code::NotFound
+    );
+    let store = penny_files::store::Store::new(
+        sea_orm::Database::connect(h.fleet.files().database.owner_url())
+            .await
+            .unwrap(),
+    );
+    let far = time::OffsetDateTime::now_utc() + time::Duration::hours(1);
+    let hidden = store.stale_uncommitted(far, None, 10).await.unwrap();
+    assert_eq!(hidden.len(), 1);
+    assert_eq!(hidden[0].id.to_string(), doomed.id);
+    assert!(hidden[0].wrapped_key.is_empty());
+    // A start whose sweep still cannot remove the object starts all the same, and keeps
+    // the row for the next one.
+    h.fleet.restart_files().await;
+    h.files = FileServiceClient::new(h.fleet.files().server.channel().await);
+    assert!(h.listed().await.is_empty());
+    assert_eq!(
+        store.stale_uncommitted(far, None, 10).await.unwrap().len(),
+        1
+    );
+    // Once the storage lets it, the next start removes the object and the row.
+    std::fs::remove_dir_all(&object).unwrap();
+    std::fs::write(&object, b"sealed bytes").unwrap();
+    h.fleet.restart_files().await;
+    h.files = FileServiceClient::new(h.fleet.files().server.channel().await);
+    assert!(h.listed().await.is_empty());
+    assert!(!object.exists());
+    assert!(
+        store
+            .stale_uncommitted(far, None, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
 }
 
 #[tokio::test]

@@ -97,7 +97,7 @@ pub async fn build(config: FilesConfig, serve_config: &ServeConfig) -> anyhow::R
         tracing::info!(
             objects,
             rows,
-            "files: removed what interrupted uploads left"
+            "files: removed what interrupted uploads and deletions left"
         );
     }
     Ok(files)

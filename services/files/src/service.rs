@@ -305,19 +305,29 @@ impl Files {
             .is_ok_and(|permits| permits.is_ok())
     }
 
-    /// Removes what interrupted uploads and commits left (older than `age`): incoming
-    /// objects, and rows recorded but never made visible, with their objects.
+    /// Removes what interrupted uploads, commits and deletions left (older than `age`):
+    /// incoming objects, and rows not visible, with their objects. A row whose object
+    /// cannot be removed is logged and kept for the next sweep.
     pub async fn sweep(&self, age: Duration) -> anyhow::Result<(u64, u64)> {
         let objects = self.inner.storage.sweep_incoming(age).await?;
         let cutoff = OffsetDateTime::now_utc() - age;
         let mut rows = 0;
+        let mut after = None;
         loop {
-            let stale = self.inner.store.stale_uncommitted(cutoff, 500).await?;
-            if stale.is_empty() {
+            let stale = self
+                .inner
+                .store
+                .stale_uncommitted(cutoff, after, 500)
+                .await?;
+            let Some(last) = stale.last() else {
                 break;
-            }
+            };
+            after = Some(last.id);
             for file in &stale {
-                self.inner.storage.delete(&file.storage_key).await?;
+                if let Err(err) = self.inner.storage.delete(&file.storage_key).await {
+                    tracing::warn!(file = %file.id, error = %err, "sweep: an object could not be removed; its row stays for the next start");
+                    continue;
+                }
                 self.inner
                     .store
                     .delete_uncommitted(file.tenant_id, &[file.id])
@@ -774,18 +784,27 @@ impl Files {
             .map_err(|e| db_failure(&e))
     }
 
-    /// Deletes a file: its row, then its object.
+    /// Deletes a file: hides its row and drops its wrapped data key, then removes its
+    /// object, then the row. When removing the object fails the call still succeeds: the
+    /// file is gone for every reader, and the hidden row lets the sweep at a later start
+    /// remove the object.
     pub async fn delete(&self, caller: &Principal, tenant: Uuid, id: Uuid) -> Result<(), ApiError> {
         let file = self
             .inner
             .store
-            .delete(tenant, id)
+            .hide_for_deletion(tenant, id)
             .await
             .map_err(|e| db_failure(&e))?
             .ok_or_else(not_found)?;
-        if let Err(err) = self.inner.storage.delete(&file.storage_key).await {
-            // The row is gone, so nothing can reach the object; it only takes space.
-            tracing::error!(file = %id, error = %err, "a deleted file's object could not be removed");
+        match self.inner.storage.delete(&file.storage_key).await {
+            Ok(()) => {
+                if let Err(err) = self.inner.store.delete_uncommitted(tenant, &[id]).await {
+                    tracing::warn!(file = %id, error = %err, "a deleted file's row could not be removed; the sweep at a later start removes it");
+                }
+            }
+            Err(err) => {
+                tracing::error!(file = %id, error = %err, "a deleted file's object could not be removed; the sweep at a later start retries");
+            }
         }
         self.record_file_event(
             Some(caller),

@@ -211,12 +211,27 @@ impl Store {
         rows.into_iter().map(file_from).collect()
     }
 
-    /// Deletes a visible file's row; returns it (its object is the caller's to delete).
-    /// One statement (`DELETE … RETURNING`): on SQLite a read before the write would fail
-    /// with "database is locked" when another writer got in between.
-    pub async fn delete(&self, tenant: Uuid, id: Uuid) -> Result<Option<StoredFile>, DbErr> {
+    /// Starts deleting a visible file: hides its row and drops its wrapped data key, which
+    /// makes the object unreadable at once; returns the row (its object is the caller's to
+    /// delete, then the row, with [`Store::delete_uncommitted`]). A row left so, because
+    /// removing the object failed, is the sweep's at a later start. One statement
+    /// (`UPDATE … RETURNING`): on SQLite a read before the write would fail with "database
+    /// is locked" when another writer got in between.
+    pub async fn hide_for_deletion(
+        &self,
+        tenant: Uuid,
+        id: Uuid,
+    ) -> Result<Option<StoredFile>, DbErr> {
         let txn = penny_platform::db::begin_tenant(&self.db, tenant).await?;
-        let rows = files::Entity::delete_many()
+        let rows = files::Entity::update_many()
+            .col_expr(
+                files::Column::Committed,
+                sea_orm::sea_query::Expr::value(false),
+            )
+            .col_expr(
+                files::Column::WrappedKey,
+                sea_orm::sea_query::Expr::value(""),
+            )
             .filter(files::Column::TenantId.eq(tenant))
             .filter(files::Column::Id.eq(id))
             .filter(files::Column::Committed.eq(true))
@@ -231,12 +246,17 @@ impl Store {
     pub async fn stale_uncommitted(
         &self,
         cutoff: OffsetDateTime,
+        after: Option<Uuid>,
         limit: u64,
     ) -> Result<Vec<StoredFile>, DbErr> {
         let txn = penny_platform::db::begin_platform(&self.db).await?;
-        let rows = files::Entity::find()
+        let mut query = files::Entity::find()
             .filter(files::Column::Committed.eq(false))
-            .filter(files::Column::CreatedAt.lt(cutoff))
+            .filter(files::Column::CreatedAt.lt(cutoff));
+        if let Some(after) = after {
+            query = query.filter(files::Column::Id.gt(after));
+        }
+        let rows = query
             .order_by_asc(files::Column::Id)
             .limit(limit)
             .all(&txn)
