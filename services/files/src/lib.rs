@@ -89,15 +89,21 @@ pub async fn build(config: FilesConfig, serve_config: &ServeConfig) -> anyhow::R
         quarantine_unscannable: config.quarantine_unscannable,
         signer,
     });
-    let (objects, rows) = files
+    let swept = files
         .sweep(config.stale_after)
         .await
         .context("files: cannot sweep interrupted uploads")?;
-    if objects + rows > 0 {
+    if swept.objects + swept.rows > 0 {
         tracing::info!(
-            objects,
-            rows,
+            objects = swept.objects,
+            rows = swept.rows,
             "files: removed what interrupted uploads and deletions left"
+        );
+    }
+    if swept.kept > 0 {
+        tracing::warn!(
+            rows = swept.kept,
+            "files: the sweep could not remove some objects; their rows stay for the next start"
         );
     }
     Ok(files)

@@ -56,6 +56,21 @@ struct Inner {
     last_bad_url_log: std::sync::atomic::AtomicU64,
 }
 
+/// What a sweep did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SweepCounts {
+    /// Incoming objects removed.
+    pub objects: u64,
+    /// Rows not visible removed, with their objects.
+    pub rows: u64,
+    /// Rows kept because their object could not be removed.
+    pub kept: u64,
+}
+
+/// Rows whose object a sweep cannot remove that are logged one by one; the rest are only
+/// counted.
+const SWEEP_WARNINGS: u64 = 10;
+
 /// Most uploads in progress at once on one server; more are refused (UNAVAILABLE,
 /// `OVERLOADED`, retry shortly).
 pub const MAX_CONCURRENT_UPLOADS: usize = 64;
@@ -307,11 +322,12 @@ impl Files {
 
     /// Removes what interrupted uploads, commits and deletions left (older than `age`):
     /// incoming objects, and rows not visible, with their objects. A row whose object
-    /// cannot be removed is logged and kept for the next sweep.
-    pub async fn sweep(&self, age: Duration) -> anyhow::Result<(u64, u64)> {
+    /// cannot be removed is kept for the next sweep (the first few logged one by one).
+    pub async fn sweep(&self, age: Duration) -> anyhow::Result<SweepCounts> {
         let objects = self.inner.storage.sweep_incoming(age).await?;
         let cutoff = OffsetDateTime::now_utc() - age;
         let mut rows = 0;
+        let mut kept = 0;
         let mut after = None;
         loop {
             let stale = self
@@ -325,7 +341,10 @@ impl Files {
             after = Some(last.id);
             for file in &stale {
                 if let Err(err) = self.inner.storage.delete(&file.storage_key).await {
-                    tracing::warn!(file = %file.id, error = %err, "sweep: an object could not be removed; its row stays for the next start");
+                    if kept < SWEEP_WARNINGS {
+                        tracing::warn!(file = %file.id, error = %err, "sweep: an object could not be removed; its row stays for the next start");
+                    }
+                    kept += 1;
                     continue;
                 }
                 self.inner
@@ -335,7 +354,11 @@ impl Files {
                 rows += 1;
             }
         }
-        Ok((objects, rows))
+        Ok(SweepCounts {
+            objects,
+            rows,
+            kept,
+        })
     }
 
     async fn data_key(&self, tenant: Uuid, file: Uuid) -> Result<DataKey, ApiError> {

@@ -175,6 +175,7 @@ impl Store {
             )
             .filter(files::Column::TenantId.eq(tenant))
             .filter(files::Column::Id.eq(id))
+            .filter(files::Column::Committed.eq(true))
             .filter(files::Column::WrappedKey.eq(old))
             .exec(&txn)
             .await?;
