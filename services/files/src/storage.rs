@@ -125,6 +125,8 @@ impl ObjectStorage for FsStorage {
             path: Some(path),
             file: Some(file),
             writing: None,
+            unsynced: 0,
+            syncing: None,
         }))
     }
 
@@ -177,7 +179,16 @@ struct FsIncoming {
     file: Option<std::fs::File>,
     /// The write in flight, which hands back the file and its emptied buffer.
     writing: Option<Write>,
+    /// Bytes written since the last background sync began.
+    unsynced: usize,
+    /// A sync of what is written so far, running beside the writes.
+    syncing: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
 }
+
+/// Every this many bytes written, a sync of the data so far starts on another thread while
+/// the writes go on: the disk writes the object back alongside the upload instead of all
+/// at the end, and the `fsync` before publishing has little left to do.
+const SYNC_EVERY: usize = 8 << 20;
 
 /// A write on the blocking pool, handing back the file and its emptied buffer.
 type Write = tokio::task::JoinHandle<std::io::Result<(std::fs::File, Vec<u8>)>>;
@@ -213,6 +224,15 @@ impl IncomingObject for FsIncoming {
             .take()
             .ok_or_else(|| std::io::Error::other("object already completed"))?;
         let capacity = buf.capacity();
+        self.unsynced += buf.len();
+        if self.unsynced >= SYNC_EVERY && self.syncing.as_ref().is_none_or(|s| s.is_finished()) {
+            if let Some(done) = self.syncing.take() {
+                done.await.map_err(std::io::Error::other)??;
+            }
+            let handle = file.try_clone()?;
+            self.unsynced = 0;
+            self.syncing = Some(tokio::task::spawn_blocking(move || handle.sync_data()));
+        }
         self.writing = Some(tokio::task::spawn_blocking(move || {
             let written = file.write_all(&buf);
             buf.clear();
@@ -223,6 +243,9 @@ impl IncomingObject for FsIncoming {
 
     async fn complete(&mut self) -> Result<(), StorageError> {
         self.settle().await?;
+        if let Some(syncing) = self.syncing.take() {
+            syncing.await.map_err(std::io::Error::other)??;
+        }
         if let Some(file) = self.file.take() {
             tokio::task::spawn_blocking(move || file.sync_all())
                 .await
