@@ -776,4 +776,85 @@ mod tests {
             assert_eq!(ours, theirs, "{sample}");
         }
     }
+
+    /// Pieces of JSON and near-JSON, inserted at random below.
+    const PIECES: &[&str] = &[
+        "{", "}", "[", "]", ":", ",", "\"", "\\", "\\u", "\\ud83e", "\\udd80", "\\uD800",
+        "\\udc00", "0041", "ffff", "0", "1", "-", "+", ".", "e", "E", "true", "null", "tru", " ",
+        "\n", "\t", "\u{e9}", "\u{7}", "\\n", "\\\"",
+    ];
+
+    /// Strings as JSON writes them: plain characters and every kind of escape, surrogate
+    /// pairs included.
+    fn json_string() -> impl proptest::strategy::Strategy<Value = String> {
+        use proptest::prelude::*;
+        let part = prop_oneof![
+            "[a-z é\u{1F980}]",
+            Just("\\n".to_owned()),
+            Just("\\\"".to_owned()),
+            Just("\\/".to_owned()),
+            "\\\\u[0-9a-cA-Ce-fE-F][0-9a-fA-F]{3}",
+            Just("\\ud83e\\udd80".to_owned()),
+            Just("\\uDBFF\\uDFFF".to_owned()),
+        ];
+        proptest::collection::vec(part, 0..6).prop_map(|parts| format!("\"{}\"", parts.concat()))
+    }
+
+    /// Valid JSON texts: nested arrays and objects of numbers, literals and strings.
+    fn json_value() -> impl proptest::strategy::Strategy<Value = String> {
+        use proptest::prelude::*;
+        let leaf = prop_oneof![
+            "-?(0|[1-9][0-9]{0,5})(\\.[0-9]{1,3})?([eE][+-]?[0-9]{1,2})?",
+            Just("true".to_owned()),
+            Just("false".to_owned()),
+            Just("null".to_owned()),
+            json_string(),
+        ];
+        leaf.prop_recursive(4, 32, 5, |inner| {
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 0..5)
+                    .prop_map(|items| format!("[{}]", items.join(", "))),
+                proptest::collection::vec((json_string(), inner), 0..5).prop_map(|members| {
+                    let members: Vec<String> = members
+                        .into_iter()
+                        .map(|(k, v)| format!("{k}: {v}"))
+                        .collect();
+                    format!("{{ {} }}", members.join(","))
+                }),
+            ]
+        })
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(2000))]
+
+        /// The incremental check takes a text as JSON exactly when serde_json parses it,
+        /// whole or in pieces (`sniff` compares the splits): valid texts, and the same texts
+        /// with a piece cut out or put in.
+        #[test]
+        fn json_texts_and_their_mutants_agree_with_serde_json(
+            text in json_value(),
+            edit in proptest::option::of((0.0..1.0f64, 0usize..4, 0..PIECES.len())),
+        ) {
+            let mut text = text;
+            if let Some((at, cut, piece)) = edit {
+                let mut at = ((text.len() as f64) * at) as usize;
+                while !text.is_char_boundary(at) {
+                    at -= 1;
+                }
+                let mut end = (at + cut).min(text.len());
+                while !text.is_char_boundary(end) {
+                    end += 1;
+                }
+                text.replace_range(at..end, if cut == 0 { PIECES[piece] } else { "" });
+            }
+            let ours = sniff(ContentType::Json, text.as_bytes()) == Ok(ContentType::Json);
+            match serde_json::from_str::<serde_json::Value>(&text) {
+                Ok(_) => proptest::prop_assert!(ours, "serde_json takes {:?}", text),
+                // Valid JSON text that serde_json cannot hold in an f64.
+                Err(e) if e.to_string().contains("number out of range") => {}
+                Err(e) => proptest::prop_assert!(!ours, "serde_json refuses {:?}: {}", text, e),
+            }
+        }
+    }
 }
