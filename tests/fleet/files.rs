@@ -869,6 +869,64 @@ async fn a_deleted_files_object_that_cannot_be_removed_is_swept_at_a_later_start
 }
 
 #[tokio::test]
+async fn a_running_server_sweeps_what_a_failed_deletion_left() {
+    // Sweeps at start and then every second, of what is a second old.
+    let h = harness(TestFleet::builder().files_stale_after(Duration::from_secs(1))).await;
+    let results = h
+        .upload(&[("doomed.txt", "text/plain", b"delete me")])
+        .await
+        .unwrap();
+    let doomed = file_of(&results[0]).clone();
+    let root = h.storage();
+    let object = root.join(&stored(&root)[0]);
+    std::fs::remove_file(&object).unwrap();
+    std::fs::create_dir(&object).unwrap();
+    std::fs::write(object.join("inside"), b"x").unwrap();
+    h.files
+        .clone()
+        .delete_file(with_token(
+            pb::DeleteFileRequest {
+                tenant_id: h.tenant.to_string(),
+                file_id: doomed.id.clone(),
+            },
+            &h.fleet.admin_token(),
+        ))
+        .await
+        .unwrap();
+    let store = penny_files::store::Store::new(
+        sea_orm::Database::connect(h.fleet.files().database.owner_url())
+            .await
+            .unwrap(),
+    );
+    let far = time::OffsetDateTime::now_utc() + time::Duration::hours(1);
+    assert_eq!(
+        store.stale_uncommitted(far, None, 10).await.unwrap().len(),
+        1
+    );
+    // The storage lets go; no restart: a later sweep of the running server removes the
+    // object and the row.
+    std::fs::remove_dir_all(&object).unwrap();
+    std::fs::write(&object, b"sealed bytes").unwrap();
+    assert_eventually!(
+        Duration::from_secs(10),
+        !object.exists()
+            && store
+                .stale_uncommitted(far, None, 10)
+                .await
+                .unwrap()
+                .is_empty()
+    );
+    // Uploads go on beside the sweeps, and what they store stays.
+    let kept = h
+        .upload(&[("kept.txt", "text/plain", b"kept")])
+        .await
+        .unwrap();
+    let kept = file_of(&kept[0]).clone();
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert_eq!(h.download(&kept.id).await.unwrap(), b"kept");
+}
+
+#[tokio::test]
 async fn permissions_and_tenants_keep_files_apart() {
     let h = harness(TestFleet::builder()).await;
     let results = h

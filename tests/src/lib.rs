@@ -270,6 +270,7 @@ pub struct TestFleetBuilder {
     files: bool,
     files_quarantine: bool,
     files_on_s3: bool,
+    files_stale_after: Option<Duration>,
 }
 
 impl TestFleetBuilder {
@@ -286,6 +287,13 @@ impl TestFleetBuilder {
     /// directory.
     pub fn files_on_s3(mut self) -> Self {
         self.files_on_s3 = true;
+        self
+    }
+
+    /// Let files sweep only what is `age` old, at start and then every `age` (by default
+    /// it sweeps everything, at start only).
+    pub fn files_stale_after(mut self, age: Duration) -> Self {
+        self.files_stale_after = Some(age);
         self
     }
 
@@ -570,6 +578,7 @@ impl TestFleetBuilder {
                     keys_url: format!("http://{}", keys.server.addr),
                     storage_dir: data_dir.path().join("files-storage"),
                     quarantine_unscannable: self.files_quarantine,
+                    stale_after: self.files_stale_after.unwrap_or(Duration::ZERO),
                     url_key: rand_key(),
                     s3: if self.files_on_s3 {
                         Some(Arc::new(s3::TestS3::start().await))
@@ -871,6 +880,7 @@ struct FilesSettings {
     keys_url: String,
     storage_dir: PathBuf,
     quarantine_unscannable: bool,
+    stale_after: Duration,
     url_key: [u8; 32],
     s3: Option<Arc<s3::TestS3>>,
 }
@@ -895,8 +905,9 @@ async fn start_files(
             },
             scanner: penny_files::ScannerConfig::Clamd(clamd_addr, Duration::from_secs(10)),
             quarantine_unscannable: settings.quarantine_unscannable,
-            // Tests restart files to show what a crash leaves is swept: at once.
-            stale_after: Duration::ZERO,
+            // Tests restart files to show what a crash leaves is swept: at once, unless
+            // the test sweeps periodically.
+            stale_after: settings.stale_after,
             signed_urls: penny_files::SignedUrlConfig {
                 key: zeroize::Zeroizing::new(settings.url_key.to_vec()),
                 public_url: format!("http://{http_addr}"),

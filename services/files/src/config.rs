@@ -142,7 +142,8 @@ pub struct FilesConfig {
     pub scanner: ScannerConfig,
     /// Keep unscannable files in quarantine instead of refusing them.
     pub quarantine_unscannable: bool,
-    /// Incoming objects and unfinished commits older than this are removed at start.
+    /// Incoming objects, unfinished commits and half-done deletions older than this are
+    /// removed, at start and then this often.
     pub stale_after: Duration,
     /// Signed download URLs.
     pub signed_urls: SignedUrlConfig,

@@ -89,22 +89,14 @@ pub async fn build(config: FilesConfig, serve_config: &ServeConfig) -> anyhow::R
         quarantine_unscannable: config.quarantine_unscannable,
         signer,
     });
-    let swept = files
+    files
         .sweep(config.stale_after)
         .await
-        .context("files: cannot sweep interrupted uploads")?;
-    if swept.objects + swept.rows > 0 {
-        tracing::info!(
-            objects = swept.objects,
-            rows = swept.rows,
-            "files: removed what interrupted uploads and deletions left"
-        );
-    }
-    if swept.kept > 0 {
-        tracing::warn!(
-            rows = swept.kept,
-            "files: the sweep could not remove some objects; their rows stay for the next start"
-        );
+        .context("files: cannot sweep interrupted uploads")?
+        .log();
+    // Zero (in tests) would sweep without pause, uploads in progress included.
+    if !config.stale_after.is_zero() {
+        files.sweep_periodically(config.stale_after);
     }
     Ok(files)
 }
@@ -143,7 +135,7 @@ pub async fn serve(
     // drain does not see: give it time to finish. What it cannot finish the sweep removes.
     if !files.wait_for_uploads(COMMIT_DRAIN).await {
         tracing::warn!(
-            "files: uploads still committing {COMMIT_DRAIN:?} after the servers stopped; the sweep at a later start removes what they leave"
+            "files: uploads still committing {COMMIT_DRAIN:?} after the servers stopped; a later sweep removes what they leave"
         );
     }
     served

@@ -30,7 +30,8 @@ pub const KEY_PURPOSE: &str = "file";
 const WRITE_BUFFER: usize = 1 << 20;
 /// Plaintext bytes per Download message.
 pub const DOWNLOAD_CHUNK: usize = 256 * 1024;
-/// How old an interrupted commit or incoming object must be before the sweep removes it.
+/// How old an interrupted commit, incoming object or half-done deletion must be before the
+/// sweep removes it; the sweep also runs this often (and at start).
 pub const DEFAULT_STALE_AFTER: Duration = Duration::from_secs(3600);
 
 /// The files service: cheap to clone.
@@ -65,6 +66,25 @@ pub struct SweepCounts {
     pub rows: u64,
     /// Rows kept because their object could not be removed.
     pub kept: u64,
+}
+
+impl SweepCounts {
+    /// Logs what the sweep did, if anything.
+    pub fn log(&self) {
+        if self.objects + self.rows > 0 {
+            tracing::info!(
+                objects = self.objects,
+                rows = self.rows,
+                "files: removed what interrupted uploads and deletions left"
+            );
+        }
+        if self.kept > 0 {
+            tracing::warn!(
+                rows = self.kept,
+                "files: the sweep could not remove some objects; their rows stay for the next sweep"
+            );
+        }
+    }
 }
 
 /// Rows whose object a sweep cannot remove that are logged one by one; the rest are only
@@ -320,6 +340,30 @@ impl Files {
             .is_ok_and(|permits| permits.is_ok())
     }
 
+    /// Sweeps every `every` for as long as the service lives (the task holds only a weak
+    /// reference to it), so that what deletions and failed removals leave goes within twice
+    /// `every`, not only at the next start. Any replica may sweep at any time: a sweep
+    /// touches only what is older than `every`, far older than any upload runs.
+    pub fn sweep_periodically(&self, every: Duration) {
+        let weak = Arc::downgrade(&self.inner);
+        tokio::spawn(async move {
+            let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+            ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                ticks.tick().await;
+                let Some(inner) = weak.upgrade() else {
+                    return;
+                };
+                match (Files { inner }).sweep(every).await {
+                    Ok(swept) => swept.log(),
+                    Err(err) => {
+                        tracing::warn!(error = %err, "files: a periodic sweep failed; the next one tries again");
+                    }
+                }
+            }
+        });
+    }
+
     /// Removes what interrupted uploads, commits and deletions left (older than `age`):
     /// incoming objects, and rows not visible, with their objects. A row whose object
     /// cannot be removed is kept for the next sweep (the first few logged one by one).
@@ -342,7 +386,7 @@ impl Files {
             for file in &stale {
                 if let Err(err) = self.inner.storage.delete(&file.storage_key).await {
                     if kept < SWEEP_WARNINGS {
-                        tracing::warn!(file = %file.id, error = %err, "sweep: an object could not be removed; its row stays for the next start");
+                        tracing::warn!(file = %file.id, error = %err, "sweep: an object could not be removed; its row stays for the next sweep");
                     }
                     kept += 1;
                     continue;
@@ -809,7 +853,7 @@ impl Files {
 
     /// Deletes a file: hides its row and drops its wrapped data key, then removes its
     /// object, then the row. When removing the object fails the call still succeeds: the
-    /// file is gone for every reader, and the hidden row lets the sweep at a later start
+    /// file is gone for every reader, and the hidden row lets a later sweep
     /// remove the object.
     pub async fn delete(&self, caller: &Principal, tenant: Uuid, id: Uuid) -> Result<(), ApiError> {
         let file = self
@@ -822,11 +866,11 @@ impl Files {
         match self.inner.storage.delete(&file.storage_key).await {
             Ok(()) => {
                 if let Err(err) = self.inner.store.delete_uncommitted(tenant, &[id]).await {
-                    tracing::warn!(file = %id, error = %err, "a deleted file's row could not be removed; the sweep at a later start removes it");
+                    tracing::warn!(file = %id, error = %err, "a deleted file's row could not be removed; a later sweep removes it");
                 }
             }
             Err(err) => {
-                tracing::error!(file = %id, error = %err, "a deleted file's object could not be removed; the sweep at a later start retries");
+                tracing::error!(file = %id, error = %err, "a deleted file's object could not be removed; a later sweep retries");
             }
         }
         self.record_file_event(

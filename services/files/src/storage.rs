@@ -1,7 +1,7 @@
 //! Where sealed objects live, behind one trait: a new object is written to an incoming
 //! area under a name of its own, and moved to its final key only when the file is clean,
 //! complete and recorded. Nothing in the incoming area is ever visible; what a crash leaves
-//! there is swept at start.
+//! there is swept (at start, then periodically).
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -459,7 +459,7 @@ impl Drop for S3Incoming {
         if self.published {
             return;
         }
-        // Abandoned: abort the upload, or delete the incoming object (the sweep at start
+        // Abandoned: abort the upload, or delete the incoming object (the sweep
         // removes what this misses).
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return;

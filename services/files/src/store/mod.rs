@@ -214,7 +214,7 @@ impl Store {
     /// Starts deleting a visible file: hides its row and drops its wrapped data key, which
     /// makes the object unreadable at once; returns the row (its object is the caller's to
     /// delete, then the row, with [`Store::delete_uncommitted`]). A row left so, because
-    /// removing the object failed, is the sweep's at a later start. One statement
+    /// removing the object failed, is a later sweep's. One statement
     /// (`UPDATE … RETURNING`): on SQLite a read before the write would fail with "database
     /// is locked" when another writer got in between.
     pub async fn hide_for_deletion(
@@ -242,7 +242,7 @@ impl Store {
     }
 
     /// Rows whose commit a crash interrupted: recorded before `cutoff` and never made
-    /// visible (every tenant; for the sweep at start).
+    /// visible (every tenant; for the sweep).
     pub async fn stale_uncommitted(
         &self,
         cutoff: OffsetDateTime,
