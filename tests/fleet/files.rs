@@ -205,6 +205,43 @@ impl Harness {
     fn storage(&self) -> PathBuf {
         self.fleet.files().storage_dir().to_path_buf()
     }
+
+    /// The files database's store, through the owner's connection.
+    async fn store(&self) -> penny_files::store::Store {
+        penny_files::store::Store::new(
+            sea_orm::Database::connect(self.fleet.files().database.owner_url())
+                .await
+                .unwrap(),
+        )
+    }
+
+    /// Uploads a file, puts a directory with something in it in its object's place (the
+    /// tests run as root, so permissions would not stop a removal), and deletes the file:
+    /// the call succeeds, the object stays. The file's id and the object's path.
+    async fn delete_with_a_stuck_object(&self) -> (String, PathBuf) {
+        let results = self
+            .upload(&[("doomed.txt", "text/plain", b"delete me")])
+            .await
+            .unwrap();
+        let doomed = file_of(&results[0]).id.clone();
+        let root = self.storage();
+        let object = root.join(&stored(&root)[0]);
+        std::fs::remove_file(&object).unwrap();
+        std::fs::create_dir(&object).unwrap();
+        std::fs::write(object.join("inside"), b"x").unwrap();
+        self.files
+            .clone()
+            .delete_file(with_token(
+                pb::DeleteFileRequest {
+                    tenant_id: self.tenant.to_string(),
+                    file_id: doomed.clone(),
+                },
+                &self.fleet.admin_token(),
+            ))
+            .await
+            .unwrap();
+        (doomed, object)
+    }
 }
 
 /// Every stored object (not the incoming area), relative to the storage root.
@@ -466,11 +503,7 @@ async fn a_client_gone_mid_commit_leaves_every_file_stored_and_audited() {
     // On S3 (moto) each publish is a copy and a delete over HTTP: ten of them make the
     // commit long enough to cut the call off inside it.
     let h = harness(TestFleet::builder().files_on_s3().with_audit()).await;
-    let store = penny_files::store::Store::new(
-        sea_orm::Database::connect(h.fleet.files().database.owner_url())
-            .await
-            .unwrap(),
-    );
+    let store = h.store().await;
     let far = time::OffsetDateTime::now_utc() + time::Duration::hours(1);
     let names: Vec<String> = (0..10).map(|i| format!("part-{i}.txt")).collect();
     let mut uploads = 0;
@@ -725,11 +758,7 @@ async fn keys_down_mid_upload_fails_it_and_leaves_nothing() {
         objects(&h.storage())
     );
     // No row either, not even an invisible one.
-    let store = penny_files::store::Store::new(
-        sea_orm::Database::connect(h.fleet.files().database.owner_url())
-            .await
-            .unwrap(),
-    );
+    let store = h.store().await;
     let later = time::OffsetDateTime::now_utc() + time::Duration::hours(1);
     assert!(
         store
@@ -752,11 +781,7 @@ async fn what_an_interrupted_upload_leaves_is_swept_at_start() {
     // A crash mid-upload leaves an incoming object; one mid-commit, a row not yet visible
     // and its object.
     std::fs::write(root.join(".incoming").join("crashed.part"), b"sealed bytes").unwrap();
-    let store = penny_files::store::Store::new(
-        sea_orm::Database::connect(h.fleet.files().database.owner_url())
-            .await
-            .unwrap(),
-    );
+    let store = h.store().await;
     let id = Uuid::now_v7();
     let key = format!("{}/2026/12/{}/{}.txt", h.tenant, h.user, id.simple());
     std::fs::create_dir_all(root.join(&key).parent().unwrap()).unwrap();
@@ -804,44 +829,18 @@ async fn what_an_interrupted_upload_leaves_is_swept_at_start() {
 #[tokio::test]
 async fn a_deleted_files_object_that_cannot_be_removed_is_swept_at_a_later_start() {
     let mut h = harness(TestFleet::builder()).await;
-    let results = h
-        .upload(&[("doomed.txt", "text/plain", b"delete me")])
-        .await
-        .unwrap();
-    let doomed = file_of(&results[0]).clone();
-    let root = h.storage();
-    let object = root.join(&stored(&root)[0]);
-    // The object cannot be removed: a directory with something in it stands in its place
-    // (the tests run as root, so permissions would not stop the removal).
-    std::fs::remove_file(&object).unwrap();
-    std::fs::create_dir(&object).unwrap();
-    std::fs::write(object.join("inside"), b"x").unwrap();
-    h.files
-        .clone()
-        .delete_file(with_token(
-            pb::DeleteFileRequest {
-                tenant_id: h.tenant.to_string(),
-                file_id: doomed.id.clone(),
-            },
-            &h.fleet.admin_token(),
-        ))
-        .await
-        .unwrap();
+    let (doomed, object) = h.delete_with_a_stuck_object().await;
     // Gone for every reader at once, its wrapped data key with it.
     assert!(h.listed().await.is_empty());
     assert_eq!(
-        h.download(&doomed.id).await.unwrap_err().code(),
+        h.download(&doomed).await.unwrap_err().code(),
         Code::NotFound
     );
-    let store = penny_files::store::Store::new(
-        sea_orm::Database::connect(h.fleet.files().database.owner_url())
-            .await
-            .unwrap(),
-    );
+    let store = h.store().await;
     let far = time::OffsetDateTime::now_utc() + time::Duration::hours(1);
     let hidden = store.stale_uncommitted(far, None, 10).await.unwrap();
     assert_eq!(hidden.len(), 1);
-    assert_eq!(hidden[0].id.to_string(), doomed.id);
+    assert_eq!(hidden[0].id.to_string(), doomed);
     assert!(hidden[0].wrapped_key.is_empty());
     // A start whose sweep still cannot remove the object starts all the same, and keeps
     // the row for the next one.
@@ -872,32 +871,8 @@ async fn a_deleted_files_object_that_cannot_be_removed_is_swept_at_a_later_start
 async fn a_running_server_sweeps_what_a_failed_deletion_left() {
     // Sweeps at start and then every second, of what is a second old.
     let h = harness(TestFleet::builder().files_stale_after(Duration::from_secs(1))).await;
-    let results = h
-        .upload(&[("doomed.txt", "text/plain", b"delete me")])
-        .await
-        .unwrap();
-    let doomed = file_of(&results[0]).clone();
-    let root = h.storage();
-    let object = root.join(&stored(&root)[0]);
-    std::fs::remove_file(&object).unwrap();
-    std::fs::create_dir(&object).unwrap();
-    std::fs::write(object.join("inside"), b"x").unwrap();
-    h.files
-        .clone()
-        .delete_file(with_token(
-            pb::DeleteFileRequest {
-                tenant_id: h.tenant.to_string(),
-                file_id: doomed.id.clone(),
-            },
-            &h.fleet.admin_token(),
-        ))
-        .await
-        .unwrap();
-    let store = penny_files::store::Store::new(
-        sea_orm::Database::connect(h.fleet.files().database.owner_url())
-            .await
-            .unwrap(),
-    );
+    let (_, object) = h.delete_with_a_stuck_object().await;
+    let store = h.store().await;
     let far = time::OffsetDateTime::now_utc() + time::Duration::hours(1);
     assert_eq!(
         store.stale_uncommitted(far, None, 10).await.unwrap().len(),
@@ -1480,11 +1455,7 @@ async fn after_rotation_rewrap_and_a_raised_minimum_every_file_still_downloads()
 async fn a_rewrap_replica_whose_lease_passed_writes_nothing_more() {
     use penny_files::domain::{RewrapJob, RewrapState};
     let h = harness(TestFleet::builder()).await;
-    let store = penny_files::store::Store::new(
-        sea_orm::Database::connect(h.fleet.files().database.owner_url())
-            .await
-            .unwrap(),
-    );
+    let store = h.store().await;
     let job = |started_at: time::OffsetDateTime| RewrapJob {
         tenant_id: h.tenant,
         state: RewrapState::Running,
