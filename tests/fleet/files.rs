@@ -15,6 +15,8 @@ use penny_proto::files::v1::file_service_client::FileServiceClient;
 use penny_proto::keys::v1 as keys_pb;
 use penny_proto::keys::v1::key_service_client::KeyServiceClient;
 use penny_tests::clamd::{EICAR, EICAR_SIGNATURE};
+
+use crate::audit_client::all_events;
 use penny_tests::{TestFleet, TestFleetBuilder, assert_eventually, error_reason, with_token};
 use sha2::Digest as _;
 use tonic::Code;
@@ -454,19 +456,9 @@ async fn eicar_is_refused_audited_and_leaves_nothing() {
     // The refusal and the stored file are in the tenant's audit trail.
     let mut audit = AuditServiceClient::new(h.fleet.audit().server.channel().await);
     let admin = h.fleet.admin_token();
-    let query = |action: &str| audit_pb::QueryRequest {
-        tenant_id: h.tenant.to_string(),
-        action: action.into(),
-        ..Default::default()
-    };
     let mut refused: Vec<audit_pb::AuditEvent>;
     assert_eventually!(Duration::from_secs(5), {
-        refused = audit
-            .query(with_token(query("files.file_refused"), &admin))
-            .await
-            .unwrap()
-            .into_inner()
-            .events;
+        refused = all_events(&mut audit, &admin, h.tenant, "files.file_refused").await;
         refused.len() >= 2
     });
     assert_eq!(refused.len(), 2);
@@ -485,12 +477,7 @@ async fn eicar_is_refused_audited_and_leaves_nothing() {
     assert_eq!(event.outcome, audit_pb::Outcome::Denied as i32);
     let mut stored_events: Vec<audit_pb::AuditEvent>;
     assert_eventually!(Duration::from_secs(5), {
-        stored_events = audit
-            .query(with_token(query("files.file_stored"), &admin))
-            .await
-            .unwrap()
-            .into_inner()
-            .events;
+        stored_events = all_events(&mut audit, &admin, h.tenant, "files.file_stored").await;
         !stored_events.is_empty()
     });
     assert_eq!(stored_events[0].resource_id, fine.id);
@@ -554,20 +541,8 @@ async fn a_client_gone_mid_commit_leaves_every_file_stored_and_audited() {
     let admin = h.fleet.admin_token();
     assert_eventually!(
         Duration::from_secs(10),
-        audit
-            .query(with_token(
-                audit_pb::QueryRequest {
-                    tenant_id: h.tenant.to_string(),
-                    action: "files.file_stored".into(),
-                    page_size: 1000,
-                    ..Default::default()
-                },
-                &admin,
-            ))
+        all_events(&mut audit, &admin, h.tenant, "files.file_stored")
             .await
-            .unwrap()
-            .into_inner()
-            .events
             .len()
             == expected
     );
@@ -1167,51 +1142,17 @@ async fn signed_urls_serve_the_file_with_security_headers_and_refuse_any_alterat
     // Creating, using and refusing URLs are in the audit trail.
     let mut audit = AuditServiceClient::new(h.fleet.audit().server.channel().await);
     let admin = h.fleet.admin_token();
-    let events = |tenant: Uuid, action: &'static str| audit_pb::QueryRequest {
-        tenant_id: tenant.to_string(),
-        action: action.into(),
-        ..Default::default()
-    };
     assert_eventually!(Duration::from_secs(5), {
-        let used = audit
-            .query(with_token(
-                events(h.tenant, "files.file_downloaded"),
-                &admin,
-            ))
-            .await
-            .unwrap()
-            .into_inner()
-            .events;
-        let created = audit
-            .query(with_token(
-                events(h.tenant, "files.signed_url_created"),
-                &admin,
-            ))
-            .await
-            .unwrap()
-            .into_inner()
-            .events;
-        let refused = audit
-            .query(with_token(
-                events(
-                    penny_platform::principal::PLATFORM_TENANT_ID,
-                    "files.signed_url_refused",
-                ),
-                &admin,
-            ))
-            .await
-            .unwrap()
-            .into_inner()
-            .events;
-        let gone = audit
-            .query(with_token(
-                events(h.tenant, "files.signed_url_refused"),
-                &admin,
-            ))
-            .await
-            .unwrap()
-            .into_inner()
-            .events;
+        let used = all_events(&mut audit, &admin, h.tenant, "files.file_downloaded").await;
+        let created = all_events(&mut audit, &admin, h.tenant, "files.signed_url_created").await;
+        let refused = all_events(
+            &mut audit,
+            &admin,
+            penny_platform::principal::PLATFORM_TENANT_ID,
+            "files.signed_url_refused",
+        )
+        .await;
+        let gone = all_events(&mut audit, &admin, h.tenant, "files.signed_url_refused").await;
         // Refusals of URLs this service signed (the expired one, the deleted file's) are
         // audited; forged and malformed ones are not (anyone could flood the trail).
         used.iter().any(|e| {
