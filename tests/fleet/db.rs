@@ -67,3 +67,81 @@ async fn tenant_transactions_scope_the_tenant_setting_to_the_transaction() {
         txn.commit().await.unwrap();
     }
 }
+
+/// A pooled SQLite connection keeps the schema it last loaded, and an upsert prepared on
+/// one that loaded it partway through the migrations (after a table, before its unique
+/// index) fails with "ON CONFLICT clause does not match any PRIMARY KEY or UNIQUE
+/// constraint" instead of being prepared again. Every connection a service serves through
+/// must know the whole schema: here each of the pool's eight runs, as its first statement,
+/// the upsert authz's GrantRole runs.
+#[tokio::test]
+async fn every_pooled_sqlite_connection_sees_the_whole_migrated_schema() {
+    penny_tests::init();
+    // A pool opens extra connections during the migrations when its returned ones come
+    // back late, as on a busy machine: two spinning threads make it busy (without them,
+    // pools built the old way failed here in 5 runs of 20, against none of 20 unloaded).
+    let _busy = Spinners::start(2);
+    for round in 0..40 {
+        let dir = TempDir::new("penny-db");
+        let url = db::sqlite_url(dir.path(), "authz");
+        let conn = db::open::<penny_authz::migration::Migrator>(&url, None)
+            .await
+            .unwrap();
+        // Eight transactions open at once hold eight distinct connections.
+        let mut txns = Vec::new();
+        for _ in 0..8 {
+            txns.push(conn.begin().await.unwrap());
+        }
+        for (i, txn) in txns.into_iter().enumerate() {
+            let upsert = Statement::from_sql_and_values(
+                DbBackend::Sqlite,
+                "INSERT INTO authz_bindings (id, tenant_id, subject_kind, subject_id, \
+                 subject_tenant_id, role, workspace_id, granter_id, created_at) \
+                 VALUES (?, ?, 'user', 'dora', ?, 'viewer', '', 'test', '2026-12-05 00:00:00+00:00') \
+                 ON CONFLICT (tenant_id, subject_kind, subject_id, role, workspace_id) DO NOTHING",
+                [
+                    Uuid::new_v4().into(),
+                    Uuid::nil().into(),
+                    Uuid::nil().into(),
+                ],
+            );
+            if let Err(err) = txn.execute_raw(upsert).await {
+                panic!("round {round}, connection {i}: {err}");
+            }
+            txn.commit().await.unwrap();
+        }
+        conn.close().await.unwrap();
+    }
+}
+
+/// Threads that keep the cores busy until dropped.
+struct Spinners {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Spinners {
+    fn start(count: usize) -> Self {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let threads = (0..count)
+            .map(|_| {
+                let stop = stop.clone();
+                std::thread::spawn(move || {
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        std::hint::spin_loop();
+                    }
+                })
+            })
+            .collect();
+        Self { stop, threads }
+    }
+}
+
+impl Drop for Spinners {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        for thread in self.threads.drain(..) {
+            let _ = thread.join();
+        }
+    }
+}

@@ -36,7 +36,7 @@ pub async fn connect_pool(
         .sqlx_logging(false)
         .connect_timeout(Duration::from_secs(5))
         .acquire_timeout(Duration::from_secs(5));
-    if url.starts_with("sqlite:") {
+    if is_sqlite(url) {
         // One writer at a time in SQLite: a small pool avoids lock contention. WAL lets
         // readers run beside the writer; NORMAL sync is durable in WAL mode except for the
         // last transactions before a power loss (never corrupt).
@@ -63,9 +63,30 @@ pub async fn connect_pool(
 /// Connects and brings the schema up to date through the same connection (SQLite, tests of
 /// one store). Services use [`open`].
 pub async fn connect_and_migrate<M: MigratorTrait>(url: &str) -> Result<DatabaseConnection, DbErr> {
+    if is_sqlite(url) {
+        return migrate_sqlite::<M>(url).await;
+    }
     let db = connect(url).await?;
     M::up(&db, None).await?;
     Ok(db)
+}
+
+fn is_sqlite(url: &str) -> bool {
+    url.starts_with("sqlite:")
+}
+
+/// Migrates a SQLite database through one connection of its own, closed before the pool
+/// that serves is opened. A SQLite connection keeps the schema it last read until it next
+/// runs a statement, and an upsert prepared on a pooled connection that read it partway
+/// through the migrations (a table made, its unique index not yet) fails with "ON CONFLICT
+/// clause does not match any PRIMARY KEY or UNIQUE constraint" instead of being prepared
+/// again. A pool opened after the migrations holds no such connection.
+async fn migrate_sqlite<M: MigratorTrait>(url: &str) -> Result<DatabaseConnection, DbErr> {
+    let migrator = connect_pool(url, Some(1)).await?;
+    let migrated = M::up(&migrator, None).await;
+    migrator.close().await?;
+    migrated?;
+    connect(url).await
 }
 
 /// Why a service's database cannot be used.
@@ -104,11 +125,10 @@ pub async fn open_limited<M: MigratorTrait>(
     migration_url: Option<&str>,
     limits: &[(&str, &str)],
 ) -> Result<DatabaseConnection, OpenError> {
-    let db = connect(serve_url).await?;
-    if db.get_database_backend() != DbBackend::Postgres {
-        M::up(&db, None).await?;
-        return Ok(db);
+    if is_sqlite(serve_url) {
+        return Ok(migrate_sqlite::<M>(serve_url).await?);
     }
+    let db = connect(serve_url).await?;
     let serving_role = one_string(&db, "SELECT current_user::text").await?;
     match migration_url {
         Some(url) => {
