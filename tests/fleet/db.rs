@@ -114,6 +114,90 @@ async fn every_pooled_sqlite_connection_sees_the_whole_migrated_schema() {
     }
 }
 
+/// A database that cannot serve a statement right now answers UNAVAILABLE with a retry
+/// delay, so callers and sagas retry: a row lock or SQLite's write lock held by another
+/// transaction, no connection free in the pool, a server that refuses connections. A wrong
+/// statement stays INTERNAL, under a reference.
+#[tokio::test]
+async fn a_busy_or_unreachable_database_is_unavailable_and_a_wrong_statement_internal() {
+    penny_tests::init();
+    let dir = TempDir::new("penny-db");
+    let url = fresh_database_url(dir.path(), "platform").await;
+    let conn = db::connect(&url).await.unwrap();
+    conn.execute_unprepared("CREATE TABLE held (id INTEGER PRIMARY KEY)")
+        .await
+        .unwrap();
+    conn.execute_unprepared("INSERT INTO held (id) VALUES (1)")
+        .await
+        .unwrap();
+    let holder = conn.begin().await.unwrap();
+    let busy = match conn.get_database_backend() {
+        DbBackend::Sqlite => {
+            holder
+                .execute_unprepared("UPDATE held SET id = 1 WHERE id = 1")
+                .await
+                .unwrap();
+            // A second pool that does not wait for the write lock (the services' waits 5 s).
+            let mut options = sea_orm::ConnectOptions::new(url.clone());
+            options.map_sqlx_sqlite_opts(|o| o.busy_timeout(std::time::Duration::ZERO));
+            let impatient = sea_orm::Database::connect(options).await.unwrap();
+            impatient
+                .execute_unprepared("UPDATE held SET id = 1 WHERE id = 1")
+                .await
+                .unwrap_err()
+        }
+        _ => {
+            holder
+                .execute_unprepared("SELECT id FROM held WHERE id = 1 FOR UPDATE")
+                .await
+                .unwrap();
+            let other = conn.begin().await.unwrap();
+            other
+                .execute_unprepared("SELECT id FROM held WHERE id = 1 FOR UPDATE NOWAIT")
+                .await
+                .unwrap_err()
+        }
+    };
+    holder.rollback().await.unwrap();
+    let mut nothing_listens = sea_orm::ConnectOptions::new("postgres://postgres@127.0.0.1:1/penny");
+    nothing_listens
+        .connect_timeout(std::time::Duration::from_millis(300))
+        .acquire_timeout(std::time::Duration::from_millis(300));
+    let unreachable = sea_orm::Database::connect(nothing_listens)
+        .await
+        .unwrap_err();
+    let exhausted = sea_orm::DbErr::ConnectionAcquire(sea_orm::ConnAcquireErr::Timeout);
+    for (what, err) in [
+        ("lock held", busy),
+        ("connection refused", unreachable),
+        ("pool exhausted", exhausted),
+    ] {
+        assert!(db::is_unavailable(&err), "{what}: {err}");
+        let status = tonic::Status::from(penny_platform::ApiError::database(&err));
+        assert_eq!(
+            status.code(),
+            tonic::Code::Unavailable,
+            "{what}: {status:?}"
+        );
+        assert!(penny_platform::error::is_transient(&status));
+        assert!(!status.message().contains("held"), "{what}: {status:?}");
+    }
+    let duplicate = conn
+        .execute_unprepared("INSERT INTO held (id) VALUES (1)")
+        .await
+        .unwrap_err();
+    let missing = conn
+        .execute_unprepared("SELECT * FROM no_such_table")
+        .await
+        .unwrap_err();
+    for err in [duplicate, missing] {
+        assert!(!db::is_unavailable(&err), "{err}");
+        let status = tonic::Status::from(penny_platform::ApiError::database(&err));
+        assert_eq!(status.code(), tonic::Code::Internal, "{status:?}");
+        assert!(status.message().starts_with("internal error (reference "));
+    }
+}
+
 /// Threads that keep the cores busy until dropped.
 struct Spinners {
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,

@@ -88,7 +88,7 @@ impl From<AuthError> for ApiError {
                 Duration::from_secs(1),
             ),
             AuthError::Internal(cause) => ApiError::internal(&cause),
-            AuthError::Database(db) => ApiError::internal(&db),
+            AuthError::Database(db) => ApiError::database(&db),
             AuthError::Hash(hash) => ApiError::internal(&hash),
             AuthError::Api(api) => api,
         }

@@ -66,7 +66,7 @@ impl From<AuthzError> for ApiError {
             AuthzError::RoleInUse(_) => {
                 ApiError::failed_precondition(Reason::RoleInUse, err.to_string())
             }
-            AuthzError::Database(db) => ApiError::internal(db),
+            AuthzError::Database(db) => ApiError::database(db),
         }
     }
 }

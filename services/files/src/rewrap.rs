@@ -39,7 +39,7 @@ pub struct RewrapStatus {
 }
 
 fn db(err: &sea_orm::DbErr) -> ApiError {
-    ApiError::internal(err)
+    ApiError::database(err)
 }
 
 impl Files {

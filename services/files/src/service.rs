@@ -193,7 +193,7 @@ fn storage_failure(err: &StorageError) -> ApiError {
 }
 
 fn db_failure(err: &sea_orm::DbErr) -> ApiError {
-    ApiError::internal(err)
+    ApiError::database(err)
 }
 
 /// A data key for one file: the raw key (zeroized on drop) and its wrapped form.

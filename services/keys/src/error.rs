@@ -2,7 +2,8 @@
 //!
 //! Messages never carry key material, plaintext, ciphertext bodies, SQL or Vault's own
 //! error text (which can name policies and paths): internal causes are logged once, by
-//! `ApiError::internal`, under a reference id.
+//! `ApiError::internal` (or `ApiError::database`, which answers UNAVAILABLE when the
+//! database could not serve the call), under a reference id.
 
 use std::time::Duration;
 
@@ -98,7 +99,7 @@ impl KeysError {
                 Reason::ConcurrentModification,
                 self.to_string(),
             ),
-            Self::Database(err) => ApiError::internal(err),
+            Self::Database(err) => ApiError::database(err),
             Self::Internal(cause) => ApiError::internal(cause),
         }
     }

@@ -92,7 +92,7 @@ impl From<TenantsError> for ApiError {
                 ApiError::new(status.code(), Reason::PermissionDenied, status.message())
             }
             TenantsError::Internal(cause) => ApiError::internal(&cause),
-            TenantsError::Database(db) => ApiError::internal(&db),
+            TenantsError::Database(db) => ApiError::database(&db),
         }
     }
 }

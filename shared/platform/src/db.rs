@@ -388,6 +388,47 @@ pub async fn begin_platform(db: &DatabaseConnection) -> Result<DatabaseTransacti
     Ok(txn)
 }
 
+/// Whether `err` says the database could not serve the statement right now, not that the
+/// statement was wrong: no connection (refused, lost, the pool exhausted or closed), SQLite's
+/// BUSY or LOCKED (its write lock held past the busy timeout), or PostgreSQL's connection
+/// exceptions (class 08), serialization failures and deadlocks (40001, 40P01), too many
+/// connections (53300), a lock not available (55P03) and a server shutting down or starting
+/// (57P01 to 57P03). A retry may succeed where these failed.
+pub fn is_unavailable(err: &DbErr) -> bool {
+    use sea_orm::RuntimeErr;
+    use sea_orm::sqlx::Error;
+    let cause = match err {
+        DbErr::ConnectionAcquire(_) | DbErr::Conn(_) => return true,
+        DbErr::Exec(RuntimeErr::SqlxError(cause)) | DbErr::Query(RuntimeErr::SqlxError(cause)) => {
+            cause
+        }
+        _ => return false,
+    };
+    match cause.as_ref() {
+        Error::Io(_) | Error::PoolTimedOut | Error::PoolClosed | Error::WorkerCrashed => true,
+        Error::Database(db) => {
+            let Some(code) = db.code() else {
+                return false;
+            };
+            if db
+                .try_downcast_ref::<sea_orm::sqlx::sqlite::SqliteError>()
+                .is_some()
+            {
+                // An extended result code; its low byte is the primary one.
+                code.parse::<i32>()
+                    .is_ok_and(|extended| matches!(extended & 0xff, 5 | 6))
+            } else {
+                code.starts_with("08")
+                    || matches!(
+                        code.as_ref(),
+                        "40001" | "40P01" | "53300" | "55P03" | "57P01" | "57P02" | "57P03"
+                    )
+            }
+        }
+        _ => false,
+    }
+}
+
 /// Whether the database answers: the readiness probe of services that own one.
 pub async fn ping(db: &DatabaseConnection) -> bool {
     db.ping().await.is_ok()

@@ -117,6 +117,22 @@ impl ApiError {
         err
     }
 
+    /// A failed database statement: UNAVAILABLE with a retry delay when the database could
+    /// not serve it right now ([`crate::db::is_unavailable`]: down, out of connections, busy,
+    /// a deadlock), so callers and sagas retry; INTERNAL under a reference otherwise. Either
+    /// way the cause is logged here and never sent.
+    pub fn database(err: &sea_orm::DbErr) -> Self {
+        if crate::db::is_unavailable(err) {
+            tracing::warn!(error = %err, "database unavailable");
+            return Self::unavailable(
+                Reason::DependencyUnavailable,
+                "the database cannot serve this request right now; retry later",
+                Duration::from_secs(1),
+            );
+        }
+        Self::internal(err)
+    }
+
     /// The same failure with a more precise reason.
     #[must_use]
     pub fn with_reason(mut self, reason: Reason) -> Self {
