@@ -1166,6 +1166,124 @@ async fn signed_urls_serve_the_file_with_security_headers_and_refuse_any_alterat
     });
 }
 
+/// A rotation is followed without anyone calling RewrapTenant: a files service that looks
+/// for tenants whose files are behind their key rewraps every file of the rotated tenant,
+/// once, and nothing of a tenant whose key did not move; with the minimum then raised,
+/// every file still downloads.
+#[tokio::test]
+async fn after_a_rotation_a_running_files_service_rewraps_the_tenant_by_itself() {
+    let h = harness(
+        TestFleet::builder()
+            .with_audit()
+            .files_rewrap_every(Duration::from_millis(200)),
+    )
+    .await;
+    let contents: [&[u8]; 2] = [b"alpha\n", b"beta\n"];
+    let ids: Vec<String> = h
+        .upload(&[
+            ("a.txt", "text/plain", contents[0]),
+            ("b.txt", "text/plain", contents[1]),
+        ])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| file_of(r).id.clone())
+        .collect();
+    // Another tenant, with a file, whose key is never rotated.
+    let service = h.fleet.service_token();
+    let mut keys = KeyServiceClient::new(h.fleet.keys().server.channel().await);
+    let other = Uuid::new_v4();
+    let other_user = Uuid::now_v7();
+    keys.create_key(with_token(
+        keys_pb::CreateKeyRequest {
+            tenant_id: other.to_string(),
+        },
+        &service,
+    ))
+    .await
+    .unwrap();
+    bind(&h.fleet, other, other_user, &["member", "viewer"]).await;
+    let other_token = token_of(&h.fleet, other, other_user);
+    let other_results = h
+        .files
+        .clone()
+        .upload(with_token(
+            tokio_stream::iter(messages(other, &[("c.txt", "text/plain", b"gamma\n")])),
+            &other_token,
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .results;
+    let other_file = file_of(&other_results[0]).clone();
+    assert_eq!(other_file.key_version, 1);
+
+    let admin = h.fleet.admin_token();
+    keys.rotate_key(with_token(
+        keys_pb::RotateKeyRequest {
+            tenant_id: h.tenant.to_string(),
+        },
+        &admin,
+    ))
+    .await
+    .unwrap();
+    assert_eventually!(
+        Duration::from_secs(10),
+        h.listed().await.iter().all(|f| f.key_version == 2)
+    );
+    keys.update_key_config(with_token(
+        keys_pb::UpdateKeyConfigRequest {
+            tenant_id: h.tenant.to_string(),
+            min_decryption_version: Some(2),
+            deletion_allowed: None,
+        },
+        &admin,
+    ))
+    .await
+    .unwrap();
+    for (id, content) in ids.iter().zip(contents) {
+        assert_eq!(h.download(id).await.unwrap(), content);
+    }
+
+    // One rewrap, audited, however many passes looked afterwards; none for the other
+    // tenant, whose file keeps its version.
+    let mut audit = AuditServiceClient::new(h.fleet.audit().server.channel().await);
+    let mut finished: Vec<audit_pb::AuditEvent>;
+    assert_eventually!(Duration::from_secs(5), {
+        finished = all_events(&mut audit, &admin, h.tenant, "files.rewrap_finished").await;
+        !finished.is_empty()
+    });
+    assert_eq!(finished[0].attributes["rewrapped_files"], "2");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(
+        all_events(&mut audit, &admin, h.tenant, "files.rewrap_started")
+            .await
+            .len(),
+        1
+    );
+    assert!(
+        all_events(&mut audit, &admin, other, "files.rewrap_started")
+            .await
+            .is_empty()
+    );
+    let other_now = h
+        .files
+        .clone()
+        .get_file(with_token(
+            pb::GetFileRequest {
+                tenant_id: other.to_string(),
+                file_id: other_file.id.clone(),
+            },
+            &other_token,
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .file
+        .unwrap();
+    assert_eq!(other_now.key_version, 1);
+}
+
 #[tokio::test]
 async fn after_rotation_rewrap_and_a_raised_minimum_every_file_still_downloads() {
     let h = harness(TestFleet::builder()).await;

@@ -271,6 +271,7 @@ pub struct TestFleetBuilder {
     files_quarantine: bool,
     files_on_s3: bool,
     files_stale_after: Option<Duration>,
+    files_rewrap_every: Option<Duration>,
 }
 
 impl TestFleetBuilder {
@@ -294,6 +295,13 @@ impl TestFleetBuilder {
     /// it sweeps everything, at start only).
     pub fn files_stale_after(mut self, age: Duration) -> Self {
         self.files_stale_after = Some(age);
+        self
+    }
+
+    /// Let files look every `every` for tenants whose files are behind their key and
+    /// rewrap them in the background (by default it never does).
+    pub fn files_rewrap_every(mut self, every: Duration) -> Self {
+        self.files_rewrap_every = Some(every);
         self
     }
 
@@ -579,6 +587,7 @@ impl TestFleetBuilder {
                     storage_dir: data_dir.path().join("files-storage"),
                     quarantine_unscannable: self.files_quarantine,
                     stale_after: self.files_stale_after.unwrap_or(Duration::ZERO),
+                    rewrap_every: self.files_rewrap_every.unwrap_or(Duration::ZERO),
                     url_key: rand_key(),
                     s3: if self.files_on_s3 {
                         Some(Arc::new(s3::TestS3::start().await))
@@ -881,6 +890,7 @@ struct FilesSettings {
     storage_dir: PathBuf,
     quarantine_unscannable: bool,
     stale_after: Duration,
+    rewrap_every: Duration,
     url_key: [u8; 32],
     s3: Option<Arc<s3::TestS3>>,
 }
@@ -908,6 +918,7 @@ async fn start_files(
             // Tests restart files to show what a crash leaves is swept: at once, unless
             // the test sweeps periodically.
             stale_after: settings.stale_after,
+            rewrap_every: settings.rewrap_every,
             signed_urls: penny_files::SignedUrlConfig {
                 key: zeroize::Zeroizing::new(settings.url_key.to_vec()),
                 public_url: format!("http://{http_addr}"),

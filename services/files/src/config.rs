@@ -88,6 +88,12 @@ pub struct Args {
         env = "PENNY_FILES_QUARANTINE_UNSCANNABLE"
     )]
     pub quarantine_unscannable: bool,
+    /// Seconds between two looks for tenants whose files use an older key version than
+    /// their key's latest, whose rewrap this replica then starts (0: never; RewrapTenant
+    /// still works).
+    #[arg(long = "files-rewrap-every-secs", env = "PENNY_FILES_REWRAP_EVERY_SECS", default_value_t = 3600,
+          value_parser = clap::value_parser!(u64).range(0..=604_800))]
+    pub rewrap_every_secs: u64,
 }
 
 /// How files are scanned.
@@ -145,6 +151,9 @@ pub struct FilesConfig {
     /// Incoming objects, unfinished commits and half-done deletions older than this are
     /// removed, at start and then this often.
     pub stale_after: Duration,
+    /// How often to rewrap, in the background, the tenants whose files are behind their
+    /// key's latest version (zero: never).
+    pub rewrap_every: Duration,
     /// Signed download URLs.
     pub signed_urls: SignedUrlConfig,
 }
@@ -204,6 +213,7 @@ impl Args {
             scanner: ScannerConfig::Clamd(clamd, Duration::from_secs(self.scan_timeout_secs)),
             quarantine_unscannable: self.quarantine_unscannable,
             stale_after: crate::service::DEFAULT_STALE_AFTER,
+            rewrap_every: Duration::from_secs(self.rewrap_every_secs),
             signed_urls,
         })
     }

@@ -98,6 +98,9 @@ pub async fn build(config: FilesConfig, serve_config: &ServeConfig) -> anyhow::R
     if !config.stale_after.is_zero() {
         files.sweep_periodically(config.stale_after);
     }
+    if !config.rewrap_every.is_zero() {
+        files.rewrap_periodically(config.rewrap_every);
+    }
     Ok(files)
 }
 

@@ -27,6 +27,38 @@ const LEASE: Duration = Duration::from_secs(30);
 const PASSES: usize = 3;
 /// How often a waiting call looks at the job.
 const POLL: Duration = Duration::from_millis(100);
+/// Tenants per page of the background rewrap's look across tenants.
+const TENANT_PAGE: u64 = 500;
+/// Failures of one background pass logged one by one; the rest only counted.
+const LOGGED_FAILURES: u64 = 10;
+/// How often each replica looks for tenants whose files are behind their key, unless
+/// configured otherwise.
+pub const DEFAULT_REWRAP_EVERY: Duration = Duration::from_secs(3600);
+
+/// What one pass of the background rewrap did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BackgroundRewrap {
+    /// Tenants with files, looked at.
+    pub tenants: u64,
+    /// Rewraps started (or resumed) by this pass.
+    pub started: u64,
+    /// Tenants that could not be looked at (keys or the database failed).
+    pub failed: u64,
+}
+
+impl BackgroundRewrap {
+    /// Logs the pass when it did or failed anything.
+    pub fn log(&self) {
+        if self.started > 0 || self.failed > 0 {
+            tracing::info!(
+                tenants = self.tenants,
+                started = self.started,
+                failed = self.failed,
+                "files: background rewrap pass"
+            );
+        }
+    }
+}
 
 /// A job and the lowest key version still in use.
 #[derive(Debug, Clone)]
@@ -74,42 +106,8 @@ impl Files {
         wait_until: Option<tokio::time::Instant>,
     ) -> Result<RewrapStatus, ApiError> {
         let latest = self.latest_key_version(tenant).await?;
+        self.start_rewrap(tenant, latest).await?;
         let store = self.store();
-        let now = OffsetDateTime::now_utc();
-        let existing = store.rewrap_job(tenant).await.map_err(|e| db(&e))?;
-        let held = existing
-            .as_ref()
-            .is_some_and(|j| j.state == RewrapState::Running && j.lease_until > now);
-        if !held {
-            let (total, current, _) = store
-                .key_versions(tenant, latest)
-                .await
-                .map_err(|e| db(&e))?;
-            let done = existing.as_ref().is_some_and(|j| {
-                j.state == RewrapState::Succeeded && j.target_key_version >= latest
-            }) && current == total;
-            if !done {
-                let job = RewrapJob {
-                    tenant_id: tenant,
-                    state: RewrapState::Running,
-                    target_key_version: latest,
-                    total_files: total,
-                    rewrapped_files: current,
-                    failed_files: 0,
-                    started_at: now,
-                    ended_at: None,
-                    lease_until: now + LEASE,
-                };
-                let (job, claimed) = store
-                    .claim_rewrap_job(&job, now)
-                    .await
-                    .map_err(|e| db(&e))?;
-                if claimed {
-                    self.record_rewrap(&job, "files.rewrap_started", audit_pb::Outcome::Attempted);
-                    tokio::spawn(self.clone().run_rewrap(job));
-                }
-            }
-        }
         if let Some(until) = wait_until {
             while tokio::time::Instant::now() < until {
                 let job = store.rewrap_job(tenant).await.map_err(|e| db(&e))?;
@@ -132,6 +130,111 @@ impl Files {
             min_key_version_in_use: lowest.unwrap_or(job.target_key_version),
             job,
         })
+    }
+
+    /// Starts the tenant's rewrap to `latest` unless a replica holds a running job or the
+    /// last one reached `latest` with every file; resumes a failed or abandoned one.
+    /// Whether a job was started here.
+    async fn start_rewrap(&self, tenant: Uuid, latest: u32) -> Result<bool, ApiError> {
+        let store = self.store();
+        let now = OffsetDateTime::now_utc();
+        let existing = store.rewrap_job(tenant).await.map_err(|e| db(&e))?;
+        let held = existing
+            .as_ref()
+            .is_some_and(|j| j.state == RewrapState::Running && j.lease_until > now);
+        if held {
+            return Ok(false);
+        }
+        let (total, current, _) = store
+            .key_versions(tenant, latest)
+            .await
+            .map_err(|e| db(&e))?;
+        let done = existing
+            .as_ref()
+            .is_some_and(|j| j.state == RewrapState::Succeeded && j.target_key_version >= latest)
+            && current == total;
+        if done {
+            return Ok(false);
+        }
+        let job = RewrapJob {
+            tenant_id: tenant,
+            state: RewrapState::Running,
+            target_key_version: latest,
+            total_files: total,
+            rewrapped_files: current,
+            failed_files: 0,
+            started_at: now,
+            ended_at: None,
+            lease_until: now + LEASE,
+        };
+        let (job, claimed) = store
+            .claim_rewrap_job(&job, now)
+            .await
+            .map_err(|e| db(&e))?;
+        if claimed {
+            self.record_rewrap(&job, "files.rewrap_started", audit_pb::Outcome::Attempted);
+            tokio::spawn(self.clone().run_rewrap(job));
+        }
+        Ok(claimed)
+    }
+
+    /// Every `every`, for as long as the service lives (the task holds only a weak
+    /// reference to it), rewraps the tenants whose files use an older key version than
+    /// their key's latest ([`Files::rewrap_behind`]): after a rotation, every file's data
+    /// key follows without anyone calling RewrapTenant. Every replica may run it; a job's
+    /// lease lets one replica at a time work on a tenant.
+    pub fn rewrap_periodically(&self, every: Duration) {
+        self.periodically(every, |files| async move {
+            match files.rewrap_behind().await {
+                Ok(pass) => pass.log(),
+                Err(err) => {
+                    tracing::warn!(error = %err.message(), "files: the background rewrap could not list tenants; the next pass tries again");
+                }
+            }
+        });
+    }
+
+    /// One pass of the background rewrap: asks keys for the latest key version of every
+    /// tenant that has files and starts (or resumes) the rewrap of each tenant whose files
+    /// use an older one. A tenant whose key is gone (a deleted tenant) is left alone: its
+    /// files can no longer be decrypted by anyone.
+    pub async fn rewrap_behind(&self) -> Result<BackgroundRewrap, ApiError> {
+        let mut pass = BackgroundRewrap::default();
+        let mut after = None;
+        loop {
+            let page = self
+                .store()
+                .lowest_key_versions(after, TENANT_PAGE)
+                .await
+                .map_err(|e| db(&e))?;
+            let Some(&(last, _)) = page.last() else {
+                break;
+            };
+            after = Some(last);
+            for &(tenant, lowest) in &page {
+                pass.tenants += 1;
+                let started = match self.latest_key_version(tenant).await {
+                    Ok(latest) if lowest < latest => self.start_rewrap(tenant, latest).await,
+                    Ok(_) => Ok(false),
+                    Err(err) if err.code() == tonic::Code::NotFound => Ok(false),
+                    Err(err) => Err(err),
+                };
+                match started {
+                    Ok(true) => pass.started += 1,
+                    Ok(false) => {}
+                    Err(err) => {
+                        pass.failed += 1;
+                        if pass.failed <= LOGGED_FAILURES {
+                            tracing::warn!(%tenant, error = %err.message(), "files: the background rewrap could not look at a tenant; the next pass tries again");
+                        }
+                    }
+                }
+            }
+            if (page.len() as u64) < TENANT_PAGE {
+                break;
+            }
+        }
+        Ok(pass)
     }
 
     /// Works through the tenant's files below the target in id order, in passes: a file
@@ -281,7 +384,7 @@ impl Files {
                     {
                         Ok(true) => rewrapped += 1,
                         Ok(false) => {}
-                        Err(err) => return Err(ApiError::internal(&err)),
+                        Err(err) => return Err(db(&err)),
                     }
                 }
                 other => {

@@ -345,6 +345,23 @@ impl Files {
     /// `every`, not only at the next start. Any replica may sweep at any time: a sweep
     /// touches only what is older than `every`, far older than any upload runs.
     pub fn sweep_periodically(&self, every: Duration) {
+        self.periodically(every, move |files| async move {
+            match files.sweep(every).await {
+                Ok(swept) => swept.log(),
+                Err(err) => {
+                    tracing::warn!(error = %err, "files: a periodic sweep failed; the next one tries again");
+                }
+            }
+        });
+    }
+
+    /// Runs `pass` every `every` (the first after `every`) for as long as the service lives:
+    /// the task holds only a weak reference to it between passes.
+    pub(crate) fn periodically<F, Fut>(&self, every: Duration, pass: F)
+    where
+        F: Fn(Files) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = ()> + Send,
+    {
         let weak = Arc::downgrade(&self.inner);
         tokio::spawn(async move {
             let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
@@ -354,12 +371,7 @@ impl Files {
                 let Some(inner) = weak.upgrade() else {
                     return;
                 };
-                match (Files { inner }).sweep(every).await {
-                    Ok(swept) => swept.log(),
-                    Err(err) => {
-                        tracing::warn!(error = %err, "files: a periodic sweep failed; the next one tries again");
-                    }
-                }
+                pass(Files { inner }).await;
             }
         });
     }

@@ -135,6 +135,7 @@ async fn start(
             scanner,
             quarantine_unscannable: false,
             stale_after: penny_files::service::DEFAULT_STALE_AFTER,
+            rewrap_every: Duration::ZERO,
             signed_urls: penny_files::SignedUrlConfig {
                 key: zeroize::Zeroizing::new(vec![7; 32]),
                 public_url: "http://127.0.0.1:9".into(),

@@ -215,6 +215,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         scanner,
         quarantine_unscannable: false,
         stale_after: penny_files::service::DEFAULT_STALE_AFTER,
+        rewrap_every: penny_files::rewrap::DEFAULT_REWRAP_EVERY,
         signed_urls: penny_files::SignedUrlConfig {
             key: load_or_create_url_key(&args.data_dir)?,
             public_url: args

@@ -183,6 +183,35 @@ impl Store {
         Ok(result.rows_affected == 1)
     }
 
+    /// A page of the tenants that have visible files, in id order after `after`, each with
+    /// the lowest key version its files use (the background rewrap's view across tenants).
+    pub async fn lowest_key_versions(
+        &self,
+        after: Option<Uuid>,
+        limit: u64,
+    ) -> Result<Vec<(Uuid, u32)>, DbErr> {
+        let txn = penny_platform::db::begin_platform(&self.db).await?;
+        let mut query = files::Entity::find()
+            .select_only()
+            .column(files::Column::TenantId)
+            .column_as(files::Column::KeyVersion.min(), "lowest")
+            .filter(files::Column::Committed.eq(true));
+        if let Some(after) = after {
+            query = query.filter(files::Column::TenantId.gt(after));
+        }
+        let rows: Vec<(Uuid, i32)> = query
+            .group_by(files::Column::TenantId)
+            .order_by_asc(files::Column::TenantId)
+            .limit(limit)
+            .into_tuple()
+            .all(&txn)
+            .await?;
+        txn.commit().await?;
+        rows.into_iter()
+            .map(|(tenant, lowest)| Ok((tenant, u32::try_from(lowest).map_err(|_| corrupt())?)))
+            .collect()
+    }
+
     /// How many visible files `tenant` has, how many are at `target` or newer, and the
     /// lowest key version any of them uses.
     pub async fn key_versions(
