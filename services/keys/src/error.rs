@@ -2,8 +2,8 @@
 //!
 //! Messages never carry key material, plaintext, ciphertext bodies, SQL or Vault's own
 //! error text (which can name policies and paths): internal causes are logged once, by
-//! `ApiError::internal` (or `ApiError::database`, which answers UNAVAILABLE when the
-//! database could not serve the call), under a reference id.
+//! `ApiError::internal`, under a reference id; a database that could not serve the call
+//! is answered UNAVAILABLE by `ApiError::database`, its cause logged at warn.
 
 use std::time::Duration;
 

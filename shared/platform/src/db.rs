@@ -60,10 +60,10 @@ pub async fn connect_pool(
     Database::connect(options).await
 }
 
-/// Connects and brings the schema up to date through the same connection (SQLite, tests of
-/// one store). Services use [`open`].
+/// Connects and brings the schema up to date (tests of one store; SQLite through a
+/// connection of its own first, as [`open`] does). Services use [`open`].
 pub async fn connect_and_migrate<M: MigratorTrait>(url: &str) -> Result<DatabaseConnection, DbErr> {
-    if is_sqlite(url) {
+    if is_sqlite_file(url) {
         return migrate_sqlite::<M>(url).await;
     }
     let db = connect(url).await?;
@@ -75,6 +75,12 @@ fn is_sqlite(url: &str) -> bool {
     url.starts_with("sqlite:")
 }
 
+/// An in-memory SQLite database lives only as long as its connections: it cannot be
+/// migrated through one that is closed before the pool that serves opens.
+fn is_sqlite_file(url: &str) -> bool {
+    is_sqlite(url) && !url.contains(":memory:") && !url.contains("mode=memory")
+}
+
 /// Migrates a SQLite database through one connection of its own, closed before the pool
 /// that serves is opened. A SQLite connection keeps the schema it last read until it next
 /// runs a statement, and an upsert prepared on a pooled connection that read it partway
@@ -84,8 +90,9 @@ fn is_sqlite(url: &str) -> bool {
 async fn migrate_sqlite<M: MigratorTrait>(url: &str) -> Result<DatabaseConnection, DbErr> {
     let migrator = connect_pool(url, Some(1)).await?;
     let migrated = M::up(&migrator, None).await;
-    migrator.close().await?;
+    let closed = migrator.close().await;
     migrated?;
+    closed?;
     connect(url).await
 }
 
@@ -125,10 +132,14 @@ pub async fn open_limited<M: MigratorTrait>(
     migration_url: Option<&str>,
     limits: &[(&str, &str)],
 ) -> Result<DatabaseConnection, OpenError> {
-    if is_sqlite(serve_url) {
+    if is_sqlite_file(serve_url) {
         return Ok(migrate_sqlite::<M>(serve_url).await?);
     }
     let db = connect(serve_url).await?;
+    if db.get_database_backend() != DbBackend::Postgres {
+        M::up(&db, None).await?;
+        return Ok(db);
+    }
     let serving_role = one_string(&db, "SELECT current_user::text").await?;
     match migration_url {
         Some(url) => {
@@ -391,17 +402,22 @@ pub async fn begin_platform(db: &DatabaseConnection) -> Result<DatabaseTransacti
 /// Whether `err` says the database could not serve the statement right now, not that the
 /// statement was wrong: no connection (refused, lost, the pool exhausted or closed), SQLite's
 /// BUSY or LOCKED (its write lock held past the busy timeout), or PostgreSQL's connection
-/// exceptions (class 08), serialization failures and deadlocks (40001, 40P01), too many
-/// connections (53300), a lock not available (55P03) and a server shutting down or starting
-/// (57P01 to 57P03). A retry may succeed where these failed.
+/// exceptions (class 08), a read-only transaction (25006: a standby, during a failover),
+/// serialization failures and deadlocks (40001, 40P01), too many connections (53300), a
+/// lock not available (55P03), a statement timeout (57014) and a server shutting down or
+/// starting (57P01 to 57P03). A retry may succeed where these failed; but a connection lost
+/// during a COMMIT leaves unknown whether the change was made, as any network failure does.
 pub fn is_unavailable(err: &DbErr) -> bool {
     use sea_orm::RuntimeErr;
     use sea_orm::sqlx::Error;
     let cause = match err {
-        DbErr::ConnectionAcquire(_) | DbErr::Conn(_) => return true,
-        DbErr::Exec(RuntimeErr::SqlxError(cause)) | DbErr::Query(RuntimeErr::SqlxError(cause)) => {
-            cause
-        }
+        DbErr::ConnectionAcquire(_) => return true,
+        // A connection the pool opens can also be refused for good (a wrong password, a
+        // missing database): the codes below tell.
+        DbErr::Conn(RuntimeErr::SqlxError(cause))
+        | DbErr::Exec(RuntimeErr::SqlxError(cause))
+        | DbErr::Query(RuntimeErr::SqlxError(cause)) => cause,
+        DbErr::Conn(_) => return true,
         _ => return false,
     };
     match cause.as_ref() {
@@ -421,7 +437,15 @@ pub fn is_unavailable(err: &DbErr) -> bool {
                 code.starts_with("08")
                     || matches!(
                         code.as_ref(),
-                        "40001" | "40P01" | "53300" | "55P03" | "57P01" | "57P02" | "57P03"
+                        "25006"
+                            | "40001"
+                            | "40P01"
+                            | "53300"
+                            | "55P03"
+                            | "57014"
+                            | "57P01"
+                            | "57P02"
+                            | "57P03"
                     )
             }
         }
