@@ -1284,6 +1284,113 @@ async fn after_a_rotation_a_running_files_service_rewraps_the_tenant_by_itself()
     assert_eq!(other_now.key_version, 1);
 }
 
+/// A rewrap that failed on files keys refused (here a damaged wrapped key) is not started
+/// again by every background pass, each of which would fail the same way and add to the
+/// trail: it waits for an operator, whose RewrapTenant runs it again.
+#[tokio::test]
+async fn a_rewrap_keys_refused_is_left_for_an_operator_not_restarted_every_pass() {
+    let h = harness(
+        TestFleet::builder()
+            .with_audit()
+            .files_rewrap_every(Duration::from_millis(200)),
+    )
+    .await;
+    let ids: Vec<Uuid> = h
+        .upload(&[
+            ("a.txt", "text/plain", b"alpha\n"),
+            ("b.txt", "text/plain", b"beta\n"),
+        ])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| file_of(r).id.parse().unwrap())
+        .collect();
+    let store = h.store().await;
+    let file = store.get(h.tenant, ids[1]).await.unwrap().unwrap();
+    let prefix = "penny:v1:";
+    assert!(file.wrapped_key.starts_with(prefix), "{}", file.wrapped_key);
+    // A character of the nonce changed: keys cannot open it, so cannot rewrap it.
+    let mut damaged = file.wrapped_key.clone().into_bytes();
+    let at = prefix.len() + 4;
+    damaged[at] = if damaged[at] == b'A' { b'B' } else { b'A' };
+    let damaged = String::from_utf8(damaged).unwrap();
+    assert!(
+        store
+            .set_wrapped_key(h.tenant, file.id, &file.wrapped_key, &damaged, 1)
+            .await
+            .unwrap()
+    );
+
+    let admin = h.fleet.admin_token();
+    let mut keys = KeyServiceClient::new(h.fleet.keys().server.channel().await);
+    keys.rotate_key(with_token(
+        keys_pb::RotateKeyRequest {
+            tenant_id: h.tenant.to_string(),
+        },
+        &admin,
+    ))
+    .await
+    .unwrap();
+    let mut audit = AuditServiceClient::new(h.fleet.audit().server.channel().await);
+    let mut finished: Vec<audit_pb::AuditEvent>;
+    assert_eventually!(Duration::from_secs(10), {
+        finished = all_events(&mut audit, &admin, h.tenant, "files.rewrap_finished").await;
+        !finished.is_empty()
+    });
+    let event = &finished[0];
+    assert_eq!(
+        event.outcome,
+        audit_pb::Outcome::Failure as i32,
+        "{event:?}"
+    );
+    assert_eq!(
+        (
+            event.attributes["rewrapped_files"].as_str(),
+            event.attributes["failed_files"].as_str()
+        ),
+        ("1", "1")
+    );
+    // Five more passes: none starts it again.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let started = |audit: &mut AuditServiceClient<Channel>| {
+        let mut audit = audit.clone();
+        let admin = admin.clone();
+        let tenant = h.tenant;
+        async move {
+            all_events(&mut audit, &admin, tenant, "files.rewrap_started")
+                .await
+                .len()
+        }
+    };
+    assert_eq!(started(&mut audit).await, 1);
+    assert_eq!(
+        h.listed()
+            .await
+            .iter()
+            .map(|f| f.key_version)
+            .collect::<std::collections::BTreeSet<_>>(),
+        [1, 2].into()
+    );
+
+    // The operator's call runs it again, and it fails on the same file.
+    let answer = h
+        .files
+        .clone()
+        .rewrap_tenant(with_token(
+            pb::RewrapTenantRequest {
+                tenant_id: h.tenant.to_string(),
+                wait: true,
+            },
+            &admin,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(answer.state, pb::RewrapState::Failed as i32, "{answer:?}");
+    assert_eq!((answer.rewrapped_files, answer.failed_files), (1, 1));
+    assert_eventually!(Duration::from_secs(5), started(&mut audit).await == 2);
+}
+
 #[tokio::test]
 async fn after_rotation_rewrap_and_a_raised_minimum_every_file_still_downloads() {
     let h = harness(TestFleet::builder()).await;

@@ -91,7 +91,7 @@ pub struct Args {
     /// Seconds between two looks for tenants whose files use an older key version than
     /// their key's latest, whose rewrap this replica then starts (0: never; RewrapTenant
     /// still works).
-    #[arg(long = "files-rewrap-every-secs", env = "PENNY_FILES_REWRAP_EVERY_SECS", default_value_t = 3600,
+    #[arg(long = "files-rewrap-every-secs", env = "PENNY_FILES_REWRAP_EVERY_SECS", default_value_t = crate::rewrap::DEFAULT_REWRAP_EVERY.as_secs(),
           value_parser = clap::value_parser!(u64).range(0..=604_800))]
     pub rewrap_every_secs: u64,
 }

@@ -46,6 +46,7 @@ pub async fn build(config: FilesConfig, serve_config: &ServeConfig) -> anyhow::R
     )?;
     let keys = tonic::transport::Endpoint::from_shared(config.keys_url.clone())
         .with_context(|| format!("PENNY_KEYS_URL: not a URL: {}", config.keys_url))?
+        .connect_timeout(std::time::Duration::from_secs(5))
         .connect_lazy();
     let db = penny_platform::db::open::<migration::Migrator>(
         &config.database_url,

@@ -35,6 +35,48 @@ const LOGGED_FAILURES: u64 = 10;
 /// configured otherwise.
 pub const DEFAULT_REWRAP_EVERY: Duration = Duration::from_secs(3600);
 
+/// Sets a job's end state from the files at the target (`current` of `total`): after every
+/// pass, what is left below the target is what keys refused (or arrived too late for the
+/// passes), and the job SUCCEEDED only if nothing is. A job that `stopped` (keys or the
+/// database failing) FAILED without counting any file as refused, since it did not get to
+/// them all: the next background pass resumes it.
+fn end(job: &mut RewrapJob, stopped: bool, total: u64, current: u64) {
+    job.total_files = total;
+    job.rewrapped_files = current;
+    // Two counts, two statements: files committed between them can make `current` the
+    // larger.
+    job.failed_files = if stopped {
+        0
+    } else {
+        total.saturating_sub(current)
+    };
+    job.state = if stopped || job.failed_files > 0 {
+        RewrapState::Failed
+    } else {
+        RewrapState::Succeeded
+    };
+}
+
+/// Whether `job` failed on files keys refused to rewrap to `latest` (or newer): another
+/// run would fail on them the same way, so the background leaves it for an operator.
+fn refused(job: &RewrapJob, latest: u32) -> bool {
+    job.state == RewrapState::Failed && job.failed_files > 0 && job.target_key_version >= latest
+}
+
+/// How long the background rewrap waits for one answer from keys.
+const BACKGROUND_CALL_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What a request to start a tenant's rewrap came to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Start {
+    /// A job was claimed and runs here.
+    Started,
+    /// A replica holds a running job, or every file is at the target already.
+    NotNeeded,
+    /// The last job at this target failed on files keys refused: left for RewrapTenant.
+    LeftForAnOperator,
+}
+
 /// What one pass of the background rewrap did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct BackgroundRewrap {
@@ -42,18 +84,25 @@ pub struct BackgroundRewrap {
     pub tenants: u64,
     /// Rewraps started (or resumed) by this pass.
     pub started: u64,
-    /// Tenants that could not be looked at (keys or the database failed).
+    /// Tenants behind whose last job failed on files keys refused to rewrap, left for an
+    /// operator's RewrapTenant.
+    pub left: u64,
+    /// Tenants that could not be looked at (keys refused, the database failed).
     pub failed: u64,
+    /// Whether the pass ended early because keys could not be reached.
+    pub stopped: bool,
 }
 
 impl BackgroundRewrap {
-    /// Logs the pass when it did or failed anything.
+    /// Logs the pass when it did, left or failed anything.
     pub fn log(&self) {
-        if self.started > 0 || self.failed > 0 {
+        if self.started > 0 || self.left > 0 || self.failed > 0 {
             tracing::info!(
                 tenants = self.tenants,
                 started = self.started,
+                left = self.left,
                 failed = self.failed,
+                stopped = self.stopped,
                 "files: background rewrap pass"
             );
         }
@@ -106,7 +155,7 @@ impl Files {
         wait_until: Option<tokio::time::Instant>,
     ) -> Result<RewrapStatus, ApiError> {
         let latest = self.latest_key_version(tenant).await?;
-        self.start_rewrap(tenant, latest).await?;
+        self.start_rewrap(tenant, latest, false).await?;
         let store = self.store();
         if let Some(until) = wait_until {
             while tokio::time::Instant::now() < until {
@@ -133,9 +182,16 @@ impl Files {
     }
 
     /// Starts the tenant's rewrap to `latest` unless a replica holds a running job or the
-    /// last one reached `latest` with every file; resumes a failed or abandoned one.
-    /// Whether a job was started here.
-    async fn start_rewrap(&self, tenant: Uuid, latest: u32) -> Result<bool, ApiError> {
+    /// last one reached `latest` with every file; resumes a failed or abandoned one, except,
+    /// for the `background`, one at `latest` that failed on files keys refused to rewrap
+    /// (a file below the key's minimum version, a damaged wrapped key): another run would
+    /// fail on them the same way, so that one waits for an operator's RewrapTenant.
+    async fn start_rewrap(
+        &self,
+        tenant: Uuid,
+        latest: u32,
+        background: bool,
+    ) -> Result<Start, ApiError> {
         let store = self.store();
         let now = OffsetDateTime::now_utc();
         let existing = store.rewrap_job(tenant).await.map_err(|e| db(&e))?;
@@ -143,7 +199,10 @@ impl Files {
             .as_ref()
             .is_some_and(|j| j.state == RewrapState::Running && j.lease_until > now);
         if held {
-            return Ok(false);
+            return Ok(Start::NotNeeded);
+        }
+        if background && existing.as_ref().is_some_and(|j| refused(j, latest)) {
+            return Ok(Start::LeftForAnOperator);
         }
         let (total, current, _) = store
             .key_versions(tenant, latest)
@@ -154,7 +213,7 @@ impl Files {
             .is_some_and(|j| j.state == RewrapState::Succeeded && j.target_key_version >= latest)
             && current == total;
         if done {
-            return Ok(false);
+            return Ok(Start::NotNeeded);
         }
         let job = RewrapJob {
             tenant_id: tenant,
@@ -171,11 +230,40 @@ impl Files {
             .claim_rewrap_job(&job, now)
             .await
             .map_err(|e| db(&e))?;
-        if claimed {
-            self.record_rewrap(&job, "files.rewrap_started", audit_pb::Outcome::Attempted);
-            tokio::spawn(self.clone().run_rewrap(job));
+        if !claimed {
+            return Ok(Start::NotNeeded);
         }
-        Ok(claimed)
+        self.record_rewrap(&job, "files.rewrap_started", audit_pb::Outcome::Attempted);
+        tokio::spawn(self.clone().run_rewrap(job));
+        Ok(Start::Started)
+    }
+
+    /// The tenant key's latest version for the background rewrap: `None` when keys has no
+    /// key for the tenant (a deleted tenant's was shredded). Bounded by
+    /// `BACKGROUND_CALL_TIMEOUT`, as no caller's deadline bounds it.
+    async fn background_latest(&self, tenant: Uuid) -> Result<Option<u32>, tonic::Status> {
+        let mut request = self
+            .authorizer()
+            .service_request(keys_pb::GetKeyRequest {
+                tenant_id: tenant.to_string(),
+            })
+            .await
+            .map_err(tonic::Status::from)?;
+        request.set_timeout(BACKGROUND_CALL_TIMEOUT);
+        match tokio::time::timeout(BACKGROUND_CALL_TIMEOUT, self.keys().get_key(request)).await {
+            Err(_) => Err(tonic::Status::deadline_exceeded(
+                "keys did not answer in time",
+            )),
+            Ok(Ok(reply)) => Ok(Some(
+                reply
+                    .into_inner()
+                    .key
+                    .ok_or_else(|| tonic::Status::internal("keys answered no key"))?
+                    .latest_version,
+            )),
+            Ok(Err(status)) if status.code() == tonic::Code::NotFound => Ok(None),
+            Ok(Err(status)) => Err(status),
+        }
     }
 
     /// Every `every`, for as long as the service lives (the task holds only a weak
@@ -197,7 +285,8 @@ impl Files {
     /// One pass of the background rewrap: asks keys for the latest key version of every
     /// tenant that has files and starts (or resumes) the rewrap of each tenant whose files
     /// use an older one. A tenant whose key is gone (a deleted tenant) is left alone: its
-    /// files can no longer be decrypted by anyone.
+    /// files can no longer be decrypted by anyone. The pass ends early when keys (or the
+    /// credential files calls it with) cannot be reached: the next pass tries again.
     pub async fn rewrap_behind(&self) -> Result<BackgroundRewrap, ApiError> {
         let mut pass = BackgroundRewrap::default();
         let mut after = None;
@@ -213,24 +302,38 @@ impl Files {
             after = Some(last);
             for &(tenant, lowest) in &page {
                 pass.tenants += 1;
-                let started = match self.latest_key_version(tenant).await {
-                    Ok(latest) if lowest < latest => self.start_rewrap(tenant, latest).await,
-                    Ok(_) => Ok(false),
-                    Err(err) if err.code() == tonic::Code::NotFound => Ok(false),
-                    Err(err) => Err(err),
+                let latest = match self.background_latest(tenant).await {
+                    Ok(Some(latest)) => latest,
+                    Ok(None) => continue,
+                    Err(status) if penny_platform::error::is_transient(&status) => {
+                        tracing::warn!(code = ?status.code(), "files: keys cannot be reached; the background rewrap stops until its next pass");
+                        pass.stopped = true;
+                        return Ok(pass);
+                    }
+                    Err(status) => {
+                        pass.failed += 1;
+                        if pass.failed <= LOGGED_FAILURES {
+                            tracing::warn!(%tenant, code = ?status.code(), "files: keys would not name a tenant key's latest version; the next pass tries again");
+                        }
+                        continue;
+                    }
                 };
-                match started {
-                    Ok(true) => pass.started += 1,
-                    Ok(false) => {}
+                if lowest >= latest {
+                    continue;
+                }
+                match self.start_rewrap(tenant, latest, true).await {
+                    Ok(Start::Started) => pass.started += 1,
+                    Ok(Start::NotNeeded) => {}
+                    Ok(Start::LeftForAnOperator) => pass.left += 1,
                     Err(err) => {
                         pass.failed += 1;
                         if pass.failed <= LOGGED_FAILURES {
-                            tracing::warn!(%tenant, error = %err.message(), "files: the background rewrap could not look at a tenant; the next pass tries again");
+                            tracing::warn!(%tenant, error = %err.message(), "files: the background rewrap could not start a tenant's job; the next pass tries again");
                         }
                     }
                 }
             }
-            if (page.len() as u64) < TENANT_PAGE {
+            if page.len() < usize::try_from(TENANT_PAGE).unwrap_or(usize::MAX) {
                 break;
             }
         }
@@ -267,7 +370,7 @@ impl Files {
                 match self.rewrap_batch(&job, &batch).await {
                     Ok((rewrapped, _)) => job.rewrapped_files += rewrapped,
                     Err(err) => {
-                        tracing::warn!(%tenant, error = %err.message(), "rewrap stopped; calling RewrapTenant again resumes it");
+                        tracing::warn!(%tenant, error = %err.message(), "rewrap stopped; the next background pass or a RewrapTenant call resumes it");
                         stopped = true;
                         break 'passes;
                     }
@@ -290,26 +393,15 @@ impl Files {
                 break;
             }
         }
-        // What is left below the target is what failed (or arrived too late for the
-        // passes); the counts are recomputed rather than summed over passes.
+        // The counts are recomputed rather than summed over passes.
         match store.key_versions(tenant, job.target_key_version).await {
-            Ok((total, current, _)) => {
-                job.total_files = total;
-                job.rewrapped_files = current;
-                // Two counts, two statements: files committed between them can make
-                // `current` the larger.
-                job.failed_files = total.saturating_sub(current);
-            }
+            Ok((total, current, _)) => end(&mut job, stopped, total, current),
             Err(err) => {
                 tracing::error!(%tenant, error = %err, "rewrap: cannot count the files");
-                stopped = true;
+                let (total, current) = (job.total_files, job.rewrapped_files);
+                end(&mut job, true, total, current);
             }
         }
-        job.state = if stopped || job.failed_files > 0 {
-            RewrapState::Failed
-        } else {
-            RewrapState::Succeeded
-        };
         let now = OffsetDateTime::now_utc();
         job.ended_at = Some(now);
         job.lease_until = now;
@@ -412,5 +504,58 @@ impl Files {
                 ("failed_files", job.failed_files.to_string()),
             ],
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn running(target: u32) -> RewrapJob {
+        let now = OffsetDateTime::now_utc();
+        RewrapJob {
+            tenant_id: Uuid::nil(),
+            state: RewrapState::Running,
+            target_key_version: target,
+            total_files: 0,
+            rewrapped_files: 0,
+            failed_files: 0,
+            started_at: now,
+            ended_at: None,
+            lease_until: now,
+        }
+    }
+
+    #[test]
+    fn a_job_that_ran_its_passes_counts_what_is_left_as_refused_and_is_left_for_an_operator() {
+        let mut job = running(2);
+        end(&mut job, false, 10, 8);
+        assert_eq!(
+            (job.state, job.rewrapped_files, job.failed_files),
+            (RewrapState::Failed, 8, 2)
+        );
+        assert!(refused(&job, 2));
+        // A later rotation gives the background a new target to try.
+        assert!(!refused(&job, 3));
+    }
+
+    #[test]
+    fn a_job_that_stopped_counts_nothing_as_refused_and_is_resumed_by_the_background() {
+        let mut job = running(2);
+        end(&mut job, true, 10, 4);
+        assert_eq!(
+            (job.state, job.rewrapped_files, job.failed_files),
+            (RewrapState::Failed, 4, 0)
+        );
+        assert!(!refused(&job, 2));
+    }
+
+    #[test]
+    fn a_job_with_every_file_at_the_target_succeeds() {
+        let mut job = running(2);
+        // A file committed between the two counts can make `current` the larger.
+        end(&mut job, false, 10, 11);
+        assert_eq!((job.state, job.failed_files), (RewrapState::Succeeded, 0));
+        assert!(!refused(&job, 2));
     }
 }
