@@ -256,7 +256,7 @@ async fn every_rpc_has_a_rule_and_a_viewer_gets_no_more_than_it_allows() {
             }
         }
     }
-    assert_eq!(called, 10 + 12 + 13 + 21 + 9 + 7);
+    assert_eq!(called, 10 + 12 + 13 + 21 + 9 + 8);
 }
 
 #[tokio::test]

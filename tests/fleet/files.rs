@@ -274,6 +274,37 @@ fn stored(root: &Path) -> Vec<PathBuf> {
         .collect()
 }
 
+/// Another tenant of the harness's fleet, with a key, a member and viewer, and one file
+/// (`c.txt`, `gamma`): its id, that user's token and the file.
+async fn other_tenant_with_a_file(h: &Harness) -> (Uuid, String, pb::File) {
+    let mut keys = KeyServiceClient::new(h.fleet.keys().server.channel().await);
+    let other = Uuid::new_v4();
+    let user = Uuid::now_v7();
+    keys.create_key(with_token(
+        keys_pb::CreateKeyRequest {
+            tenant_id: other.to_string(),
+        },
+        &h.fleet.service_token(),
+    ))
+    .await
+    .unwrap();
+    bind(&h.fleet, other, user, &["member", "viewer"]).await;
+    let token = token_of(&h.fleet, other, user);
+    let results = h
+        .files
+        .clone()
+        .upload(with_token(
+            tokio_stream::iter(messages(other, &[("c.txt", "text/plain", b"gamma\n")])),
+            &token,
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .results;
+    let file = file_of(&results[0]).clone();
+    (other, token, file)
+}
+
 fn file_of(result: &pb::UploadResult) -> &pb::File {
     match &result.result {
         Some(pb::upload_result::Result::File(file)) => file,
@@ -1190,33 +1221,9 @@ async fn after_a_rotation_a_running_files_service_rewraps_the_tenant_by_itself()
         .map(|r| file_of(r).id.clone())
         .collect();
     // Another tenant, with a file, whose key is never rotated.
-    let service = h.fleet.service_token();
-    let mut keys = KeyServiceClient::new(h.fleet.keys().server.channel().await);
-    let other = Uuid::new_v4();
-    let other_user = Uuid::now_v7();
-    keys.create_key(with_token(
-        keys_pb::CreateKeyRequest {
-            tenant_id: other.to_string(),
-        },
-        &service,
-    ))
-    .await
-    .unwrap();
-    bind(&h.fleet, other, other_user, &["member", "viewer"]).await;
-    let other_token = token_of(&h.fleet, other, other_user);
-    let other_results = h
-        .files
-        .clone()
-        .upload(with_token(
-            tokio_stream::iter(messages(other, &[("c.txt", "text/plain", b"gamma\n")])),
-            &other_token,
-        ))
-        .await
-        .unwrap()
-        .into_inner()
-        .results;
-    let other_file = file_of(&other_results[0]).clone();
+    let (other, other_token, other_file) = other_tenant_with_a_file(&h).await;
     assert_eq!(other_file.key_version, 1);
+    let mut keys = KeyServiceClient::new(h.fleet.keys().server.channel().await);
 
     let admin = h.fleet.admin_token();
     keys.rotate_key(with_token(
@@ -1389,6 +1396,134 @@ async fn a_rewrap_keys_refused_is_left_for_an_operator_not_restarted_every_pass(
     assert_eq!(answer.state, pb::RewrapState::Failed as i32, "{answer:?}");
     assert_eq!((answer.rewrapped_files, answer.failed_files), (1, 1));
     assert_eventually!(Duration::from_secs(5), started(&mut audit).await == 2);
+}
+
+/// Once a tenant's key is deleted, PurgeTenantFiles removes every file of the tenant,
+/// objects and rows, and nothing of another tenant; while the key exists it removes
+/// nothing, and users cannot call it at all.
+#[tokio::test]
+async fn purging_a_shredded_tenant_removes_its_files_and_nothing_else() {
+    let h = harness(TestFleet::builder().with_audit()).await;
+    let ids: Vec<String> = h
+        .upload(&[
+            ("a.txt", "text/plain", b"alpha\n"),
+            ("b.txt", "text/plain", b"beta\n"),
+            ("c.png", "image/png", PNG),
+        ])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| file_of(r).id.clone())
+        .collect();
+    let (other, other_token, other_file) = other_tenant_with_a_file(&h).await;
+    let purge = |token: &str| {
+        let mut files = h.files.clone();
+        let request = with_token(
+            pb::PurgeTenantFilesRequest {
+                tenant_id: h.tenant.to_string(),
+            },
+            token,
+        );
+        async move { files.purge_tenant_files(request).await }
+    };
+    let tenant_objects = |tenant: Uuid| {
+        stored(&h.storage())
+            .into_iter()
+            .filter(|o| o.starts_with(tenant.to_string()))
+            .count()
+    };
+
+    let status = purge(&h.token).await.unwrap_err();
+    assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
+    // The key still opens the files: nothing goes.
+    let service = h.fleet.service_token();
+    let status = purge(&service).await.unwrap_err();
+    assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+    assert_eq!(h.listed().await.len(), 3);
+    assert_eq!(tenant_objects(h.tenant), 3);
+
+    let admin = h.fleet.admin_token();
+    let mut keys = KeyServiceClient::new(h.fleet.keys().server.channel().await);
+    keys.update_key_config(with_token(
+        keys_pb::UpdateKeyConfigRequest {
+            tenant_id: h.tenant.to_string(),
+            min_decryption_version: None,
+            deletion_allowed: Some(true),
+        },
+        &admin,
+    ))
+    .await
+    .unwrap();
+    keys.delete_key(with_token(
+        keys_pb::DeleteKeyRequest {
+            tenant_id: h.tenant.to_string(),
+        },
+        &admin,
+    ))
+    .await
+    .unwrap();
+    let purged = purge(&service).await.unwrap().into_inner();
+    assert_eq!((purged.deleted_files, purged.done), (3, true));
+    assert!(h.listed().await.is_empty());
+    assert_eq!(tenant_objects(h.tenant), 0);
+    let store = h.store().await;
+    for id in &ids {
+        assert!(
+            store
+                .get(h.tenant, id.parse().unwrap())
+                .await
+                .unwrap()
+                .is_none()
+        );
+    }
+    // No hidden row is left for the sweep either.
+    let later = time::OffsetDateTime::now_utc() + Duration::from_secs(3600);
+    assert!(
+        store
+            .stale_uncommitted(later, None, 100)
+            .await
+            .unwrap()
+            .iter()
+            .all(|f| f.tenant_id != h.tenant)
+    );
+    // Again: nothing left, nothing to do.
+    let again = purge(&service).await.unwrap().into_inner();
+    assert_eq!((again.deleted_files, again.done), (0, true));
+
+    // The other tenant's file is untouched.
+    assert_eq!(tenant_objects(other), 1);
+    let mut stream = h
+        .files
+        .clone()
+        .download(with_token(
+            pb::DownloadRequest {
+                tenant_id: other.to_string(),
+                file_id: other_file.id.clone(),
+            },
+            &other_token,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut content = Vec::new();
+    while let Some(message) = stream.message().await.unwrap() {
+        if let Some(pb::download_response::Part::Chunk(bytes)) = message.part {
+            content.extend_from_slice(&bytes);
+        }
+    }
+    assert_eq!(content, b"gamma\n");
+
+    let mut audit = AuditServiceClient::new(h.fleet.audit().server.channel().await);
+    let mut purges: Vec<audit_pb::AuditEvent>;
+    assert_eventually!(Duration::from_secs(5), {
+        purges = all_events(&mut audit, &admin, h.tenant, "files.tenant_purged").await;
+        purges.len() == 2
+    });
+    assert!(
+        purges
+            .iter()
+            .any(|e| e.attributes["deleted_files"] == "3" && e.attributes["done"] == "true")
+    );
 }
 
 #[tokio::test]

@@ -41,7 +41,11 @@ struct Harness {
 
 impl Harness {
     async fn start() -> Self {
-        let fleet = TestFleet::builder().with_tenants().start().await;
+        Self::start_with(TestFleet::builder()).await
+    }
+
+    async fn start_with(builder: penny_tests::TestFleetBuilder) -> Self {
+        let fleet = builder.with_tenants().start().await;
         let tenants = TenantServiceClient::new(fleet.tenants().server.channel().await);
         let admin = fleet.admin_token();
         Self {
@@ -1266,4 +1270,115 @@ async fn revoking_the_owner_role_is_enforced_by_tenants_within_two_seconds() {
         Duration::from_secs(2),
         h.get_tenant(acme.id, &acme.owner_token).await.is_ok()
     );
+}
+
+/// With files in the fleet, deleting a tenant also removes its files, objects and rows,
+/// after its key is shredded; another tenant's files stay.
+#[tokio::test]
+async fn deleting_a_tenant_removes_its_files_from_storage() {
+    use penny_proto::files::v1 as files_pb;
+    use penny_proto::files::v1::file_service_client::FileServiceClient;
+    let mut h = Harness::start_with(TestFleet::builder().with_files()).await;
+    let acme = h.create("acme").await;
+    let globex = h.create("globex").await;
+    let acme_member = h.user(&acme, "ann@acme.example", "member").await;
+    let globex_member = h.user(&globex, "gil@globex.example", "member").await;
+    let mut files = FileServiceClient::new(h.fleet.files().server.channel().await);
+    let mut upload = async |tenant: &Made, member: Uuid| {
+        let token = h.token_for(tenant.id, member);
+        let messages = vec![
+            files_pb::UploadRequest {
+                part: Some(files_pb::upload_request::Part::Header(
+                    files_pb::FileHeader {
+                        tenant_id: tenant.id.to_string(),
+                        filename: "notes.txt".into(),
+                        declared_content_type: "text/plain".into(),
+                        ..Default::default()
+                    },
+                )),
+            },
+            files_pb::UploadRequest {
+                part: Some(files_pb::upload_request::Part::Chunk(
+                    bytes::Bytes::from_static(b"some notes\n"),
+                )),
+            },
+        ];
+        let results = files
+            .upload(with_token(tokio_stream::iter(messages), &token))
+            .await
+            .unwrap()
+            .into_inner()
+            .results;
+        assert!(
+            matches!(
+                results[0].result,
+                Some(files_pb::upload_result::Result::File(_))
+            ),
+            "{results:?}"
+        );
+    };
+    upload(&acme, acme_member).await;
+    upload(&acme, acme_member).await;
+    upload(&globex, globex_member).await;
+    let storage = h.fleet.files().storage_dir().to_path_buf();
+    let objects_of = |tenant: Uuid| {
+        let dir = storage.join(tenant.to_string());
+        walk_files(&dir)
+    };
+    assert_eq!(objects_of(acme.id), 2);
+    assert_eq!(objects_of(globex.id), 1);
+
+    let deleted = h
+        .tenants
+        .delete_tenant(with_token(
+            pb::DeleteTenantRequest {
+                tenant_id: acme.id.to_string(),
+                confirm_slug: "acme".into(),
+            },
+            &h.admin,
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .tenant
+        .unwrap();
+    assert_eq!(deleted.state, pb::TenantState::Deleted as i32);
+    assert!(!h.key_exists(acme.id).await);
+    assert_eq!(objects_of(acme.id), 0);
+    assert_eq!(objects_of(globex.id), 1);
+    let store = penny_files::store::Store::new(
+        sea_orm::Database::connect(h.fleet.files().database.owner_url())
+            .await
+            .unwrap(),
+    );
+    let later = time::OffsetDateTime::now_utc() + Duration::from_secs(3600);
+    assert!(
+        store
+            .stale_uncommitted(later, None, 100)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert!(
+        store
+            .lowest_key_versions(None, 100)
+            .await
+            .unwrap()
+            .iter()
+            .all(|(tenant, _)| *tenant == globex.id)
+    );
+}
+
+/// How many files are under `dir`, at any depth.
+fn walk_files(dir: &std::path::Path) -> usize {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .map(|entry| {
+            let path = entry.path();
+            if path.is_dir() { walk_files(&path) } else { 1 }
+        })
+        .sum()
 }

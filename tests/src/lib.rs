@@ -529,10 +529,28 @@ impl TestFleetBuilder {
             ),
             _ => None,
         };
+        // With files, tenants removes a deleted tenant's files there: bind files' port
+        // first so tenants knows where it will be.
+        let files_listener = if self.files && self.tenants {
+            Some(TcpListener::bind("127.0.0.1:0").await.expect("bind"))
+        } else {
+            None
+        };
         let tenants = match &keys {
             Some(keys) if self.tenants => {
                 let database = fresh_database(data_dir.path(), "tenants").await;
-                Some(start_tenants(&config, database, format!("http://{}", keys.server.addr)).await)
+                let files_url = files_listener
+                    .as_ref()
+                    .map(|l| format!("http://{}", l.local_addr().expect("local addr")));
+                Some(
+                    start_tenants(
+                        &config,
+                        database,
+                        format!("http://{}", keys.server.addr),
+                        files_url,
+                    )
+                    .await,
+                )
             }
             _ => None,
         };
@@ -599,7 +617,7 @@ impl TestFleetBuilder {
                 let clamd = tokio::task::spawn_blocking(clamd::TestClamd::start)
                     .await
                     .expect("clamd");
-                Some(start_files(&config, database, clamd, settings).await)
+                Some(start_files(&config, database, clamd, settings, files_listener).await)
             }
             _ => None,
         };
@@ -752,7 +770,7 @@ impl TestFleet {
         database: TestDatabase,
         keys_url: String,
     ) -> TenantsServer {
-        start_tenants(&self.config, database, keys_url).await
+        start_tenants(&self.config, database, keys_url, None).await
     }
 
     /// Another tenants server on a fresh database that calls keys, authz and auth with
@@ -772,6 +790,7 @@ impl TestFleet {
             &config,
             database,
             format!("http://{}", self.keys().server.addr),
+            None,
         )
         .await
     }
@@ -852,7 +871,7 @@ impl TestFleet {
             ..
         } = old;
         server.shutdown().await.expect("stop files");
-        self.files = Some(start_files(&self.config, database, clamd, settings).await);
+        self.files = Some(start_files(&self.config, database, clamd, settings, None).await);
     }
 }
 
@@ -900,6 +919,7 @@ async fn start_files(
     database: TestDatabase,
     clamd: clamd::TestClamd,
     settings: FilesSettings,
+    listener: Option<TcpListener>,
 ) -> FilesServer {
     let clamd_addr = penny_files::scan::ClamdAddr::parse(&clamd.url()).expect("clamd address");
     let http_listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
@@ -939,12 +959,15 @@ async fn start_files(
     ));
     let bundle = penny_files::bundle(files, config);
     let config = config.clone();
-    let server = RunningServer::start(move |listener, stopped| {
+    let listener = match listener {
+        Some(listener) => listener,
+        None => TcpListener::bind("127.0.0.1:0").await.expect("bind"),
+    };
+    let server = RunningServer::start_on(listener, move |listener, stopped| {
         penny_platform::serve(config, bundle, listener, async move {
             let _ = stopped.await;
         })
-    })
-    .await;
+    });
     FilesServer {
         server,
         database,
@@ -1141,12 +1164,14 @@ async fn start_tenants(
     config: &ServeConfig,
     database: TestDatabase,
     keys_url: String,
+    files_url: Option<String>,
 ) -> TenantsServer {
     let tenants = penny_tenants::build(
         penny_tenants::TenantsConfig {
             database_url: database.url.clone(),
             migration_database_url: database.migration_url.clone(),
             keys_url,
+            files_url,
         },
         config,
     )

@@ -50,6 +50,7 @@ pub(crate) fn policy() -> AccessPolicy {
         ("DeleteFile", Permission("file:delete")),
         ("CreateSignedUrl", Permission("file:read")),
         ("RewrapTenant", Requirement::ServiceOrAdmin),
+        ("PurgeTenantFiles", Requirement::ServiceOrAdmin),
     ]
     .into_iter()
     .fold(AccessPolicy::new(), |policy, (method, requirement)| {
@@ -472,6 +473,23 @@ impl FileService for FileGrpc {
         let (tenant, id) = file_ref(principal, &r.tenant_id, &r.file_id)?;
         self.files.delete(principal, tenant, id).await?;
         Ok(Response::new(pb::DeleteFileResponse {}))
+    }
+
+    async fn purge_tenant_files(
+        &self,
+        request: Request<pb::PurgeTenantFilesRequest>,
+    ) -> Result<Response<pb::PurgeTenantFilesResponse>, Status> {
+        let principal = caller(&request)?;
+        let r = request.get_ref();
+        let mut v = Violations::new();
+        let tenant = v.uuid("tenant_id", &r.tenant_id);
+        v.finish()?;
+        let tenant = tenant_scope(principal, tenant)?;
+        let (deleted_files, done) = self.files.purge_tenant(principal, tenant).await?;
+        Ok(Response::new(pb::PurgeTenantFilesResponse {
+            deleted_files,
+            done,
+        }))
     }
 }
 

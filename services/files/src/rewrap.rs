@@ -125,7 +125,7 @@ fn db(err: &sea_orm::DbErr) -> ApiError {
 
 impl Files {
     /// The tenant key's latest version, from keys.
-    async fn latest_key_version(&self, tenant: Uuid) -> Result<u32, ApiError> {
+    pub(crate) async fn latest_key_version(&self, tenant: Uuid) -> Result<u32, ApiError> {
         let request = self
             .authorizer()
             .service_request(keys_pb::GetKeyRequest {
@@ -494,6 +494,7 @@ impl Files {
 
     fn record_rewrap(&self, job: &RewrapJob, action: &str, outcome: audit_pb::Outcome) {
         self.record_tenant_event(
+            None,
             job.tenant_id,
             action,
             outcome,

@@ -33,6 +33,13 @@ pub const DOWNLOAD_CHUNK: usize = 256 * 1024;
 /// How old an interrupted commit, incoming object or half-done deletion must be before the
 /// sweep removes it; the sweep also runs this often (and at start).
 pub const DEFAULT_STALE_AFTER: Duration = Duration::from_secs(3600);
+/// How long one `PurgeTenantFiles` call starts new pages for (well inside the default
+/// 30 s request deadline).
+const PURGE_BUDGET: Duration = Duration::from_secs(5);
+/// Files hidden and removed per page of a purge.
+const PURGE_PAGE: u64 = 500;
+/// Objects of a purge page removed at once.
+const PURGE_CONCURRENCY: usize = 16;
 
 /// The files service: cheap to clone.
 #[derive(Clone, Debug)]
@@ -316,6 +323,7 @@ impl Files {
     /// An event of the files service about a tenant as a whole (a rewrap job).
     pub(crate) fn record_tenant_event(
         &self,
+        caller: Option<&Principal>,
         tenant: Uuid,
         action: &str,
         outcome: audit_pb::Outcome,
@@ -323,7 +331,7 @@ impl Files {
     ) {
         if let (Some(audit), Some(mut event)) = (
             &self.inner.audit,
-            self.event(None, None, tenant, action, None, outcome, attributes),
+            self.event(caller, None, tenant, action, None, outcome, attributes),
         ) {
             event.resource = "tenant".into();
             event.resource_id = tenant.to_string();
@@ -894,6 +902,86 @@ impl Files {
             vec![],
         );
         Ok(())
+    }
+
+    /// Deletes `tenant`'s files, for the tenant's deletion, once keys has shredded the
+    /// tenant's key (so what goes was already unreadable; while the key exists this is
+    /// FAILED_PRECONDITION and nothing goes): page by page, each file hidden with its
+    /// wrapped data key dropped, its object removed, then its row, for as long as
+    /// [`PURGE_BUDGET`] allows (pages already begun are finished). Returns how many went and
+    /// whether none is left. An object storage will not remove keeps its hidden row, for
+    /// the sweep: the file is gone for every reader either way.
+    pub async fn purge_tenant(
+        &self,
+        caller: &Principal,
+        tenant: Uuid,
+    ) -> Result<(u64, bool), ApiError> {
+        use futures_util::StreamExt;
+        match self.latest_key_version(tenant).await {
+            Err(err) if err.code() == tonic::Code::NotFound => {}
+            Err(err) => return Err(err),
+            Ok(_) => {
+                return Err(ApiError::failed_precondition(
+                    Reason::FailedPrecondition,
+                    "the tenant's key still exists: files are purged only after the tenant's key is deleted",
+                ));
+            }
+        }
+        let until = tokio::time::Instant::now() + PURGE_BUDGET;
+        let store = &self.inner.store;
+        let mut deleted = 0u64;
+        let mut kept = 0u64;
+        let mut done = false;
+        while tokio::time::Instant::now() < until {
+            let page = store
+                .hide_tenant_files(tenant, PURGE_PAGE)
+                .await
+                .map_err(|e| db_failure(&e))?;
+            if page.is_empty() {
+                done = true;
+                break;
+            }
+            let targets: Vec<(Uuid, String)> = page
+                .iter()
+                .map(|file| (file.id, file.storage_key.clone()))
+                .collect();
+            let removals: Vec<_> = futures_util::stream::iter(targets)
+                .map(|(id, key)| {
+                    let storage = self.inner.storage.clone();
+                    async move { (id, storage.delete(&key).await) }
+                })
+                .buffer_unordered(PURGE_CONCURRENCY)
+                .collect()
+                .await;
+            let mut removed = Vec::with_capacity(removals.len());
+            for (id, result) in removals {
+                match result {
+                    Ok(()) => removed.push(id),
+                    Err(err) => {
+                        kept += 1;
+                        if kept <= 10 {
+                            tracing::error!(%tenant, file = %id, error = %err, "a purged file's object could not be removed; a later sweep retries");
+                        }
+                    }
+                }
+            }
+            if let Err(err) = store.delete_uncommitted(tenant, &removed).await {
+                tracing::warn!(%tenant, error = %err, "purged files' rows could not be removed; a later sweep removes them");
+            }
+            deleted += u64::try_from(page.len()).unwrap_or(u64::MAX);
+        }
+        self.record_tenant_event(
+            Some(caller),
+            tenant,
+            "files.tenant_purged",
+            audit_pb::Outcome::Success,
+            vec![
+                ("deleted_files", deleted.to_string()),
+                ("objects_left_to_the_sweep", kept.to_string()),
+                ("done", done.to_string()),
+            ],
+        );
+        Ok((deleted, done))
     }
 
     /// Opens a clean file for download: its metadata and a reader of its plaintext.

@@ -480,6 +480,7 @@ async fn start_auth_fleet(
             database_url: penny_platform::db::sqlite_url(&data_dir.0, "tenants"),
             migration_database_url: None,
             keys_url: format!("http://{}", addrs[0]),
+            files_url: None,
         },
         &config,
     )

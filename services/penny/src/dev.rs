@@ -183,6 +183,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         database_url: penny_platform::db::sqlite_url(&args.data_dir, "tenants"),
         migration_database_url: None,
         keys_url: local_url(&args.host, KEYS_PORT),
+        files_url: Some(local_url(&args.host, FILES_PORT)),
     };
     let listener = bind(&args.host, TENANTS_PORT, "tenants").await?;
     running.push(Running {

@@ -25,6 +25,11 @@ pub struct Args {
     /// The keys service (`http://host:port`), where each tenant's key is created.
     #[arg(long = "tenants-keys-url", env = "PENNY_KEYS_URL")]
     pub keys_url: String,
+    /// The files service (`http://host:port`), which deletes a deleted tenant's files.
+    /// Without it a deleted tenant's files are left in storage (unreadable: their key is
+    /// gone), and DeleteTenant says so in the log.
+    #[arg(long = "tenants-files-url", env = "PENNY_FILES_URL")]
+    pub files_url: Option<String>,
 }
 
 /// Everything the tenants service needs besides the standard server settings (which must
@@ -37,6 +42,8 @@ pub struct TenantsConfig {
     pub migration_database_url: Option<String>,
     /// The keys service.
     pub keys_url: String,
+    /// The files service, when the fleet runs one.
+    pub files_url: Option<String>,
 }
 
 impl Args {
@@ -46,6 +53,7 @@ impl Args {
             database_url: self.database_url,
             migration_database_url: self.migration_database_url,
             keys_url: self.keys_url,
+            files_url: self.files_url.filter(|url| !url.is_empty()),
         }
     }
 }

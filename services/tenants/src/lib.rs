@@ -36,6 +36,19 @@ pub async fn build(config: TenantsConfig, serve_config: &ServeConfig) -> anyhow:
     let keys = tonic::transport::Endpoint::from_shared(config.keys_url.clone())
         .with_context(|| format!("PENNY_KEYS_URL: not a URL: {}", config.keys_url))?
         .connect_lazy();
+    let files = config
+        .files_url
+        .as_ref()
+        .map(|url| {
+            tonic::transport::Endpoint::from_shared(url.clone())
+                .with_context(|| format!("PENNY_FILES_URL: not a URL: {url}"))
+                .map(|endpoint| {
+                    endpoint
+                        .connect_timeout(std::time::Duration::from_secs(5))
+                        .connect_lazy()
+                })
+        })
+        .transpose()?;
     let db = penny_platform::db::open::<migration::Migrator>(
         &config.database_url,
         config.migration_database_url.as_deref(),
@@ -49,6 +62,7 @@ pub async fn build(config: TenantsConfig, serve_config: &ServeConfig) -> anyhow:
         keys,
         authorizer,
         serve_config.auth.clone(),
+        files,
     ))
 }
 

@@ -16,6 +16,8 @@ use penny_proto::auth::v1::auth_service_client::AuthServiceClient;
 use penny_proto::authz::v1 as authz_pb;
 use penny_proto::authz::v1::authz_service_client::AuthzServiceClient;
 use penny_proto::common::v1::PrincipalKind;
+use penny_proto::files::v1 as files_pb;
+use penny_proto::files::v1::file_service_client::FileServiceClient;
 use penny_proto::keys::v1 as keys_pb;
 use penny_proto::keys::v1::key_service_client::KeyServiceClient;
 use tonic::transport::Channel;
@@ -123,6 +125,9 @@ pub struct Tenants {
     /// The auth service, which ends suspended and deleted users' sessions. Absent when the
     /// fleet runs without auth: then no session exists to end.
     auth: Option<AuthServiceClient<Channel>>,
+    /// The files service, which removes a deleted tenant's files. Absent when the fleet
+    /// runs without files.
+    files: Option<FileServiceClient<Channel>>,
 }
 
 impl std::fmt::Debug for Tenants {
@@ -147,13 +152,51 @@ fn dependency(service: &'static str, resume: &'static str, status: &Status) -> T
 impl Tenants {
     /// The service over a migrated store, calling keys at `keys` and authz through the
     /// platform's authorizer (which holds this service's own token).
-    pub fn new(store: Store, keys: Channel, authorizer: Authorizer, auth: Option<Channel>) -> Self {
+    pub fn new(
+        store: Store,
+        keys: Channel,
+        authorizer: Authorizer,
+        auth: Option<Channel>,
+        files: Option<Channel>,
+    ) -> Self {
         Self {
             store,
             keys: KeyServiceClient::new(keys),
             authorizer,
             auth: auth.map(AuthServiceClient::new),
+            files: files.map(FileServiceClient::new),
         }
+    }
+
+    /// Removes a deleted tenant's files through files (their key is gone already, so they
+    /// were unreadable): one call, which removes what about five seconds allow; more left
+    /// fails the step, to be resumed.
+    async fn purge_files(&self, tenant: Uuid, resume: &'static str) -> Result<(), TenantsError> {
+        let Some(files) = &self.files else {
+            tracing::error!(
+                tenant = %tenant,
+                "no files service configured (PENNY_FILES_URL): the deleted tenant's files stay in storage, unreadable"
+            );
+            return Ok(());
+        };
+        let purged = files
+            .clone()
+            .purge_tenant_files(
+                self.as_service(files_pb::PurgeTenantFilesRequest {
+                    tenant_id: tenant.to_string(),
+                })
+                .await?,
+            )
+            .await
+            .map_err(|status| dependency("files", resume, &status))?
+            .into_inner();
+        if !purged.done {
+            return Err(TenantsError::Dependency {
+                service: "files",
+                resume: "more files remain than one call removes: call DeleteTenant again",
+            });
+        }
+        Ok(())
     }
 
     /// Ends every session of a user through auth, so every service refuses the user's
@@ -514,6 +557,8 @@ impl Tenants {
             Err(status) if status.code() == Code::NotFound => {}
             Err(status) => return Err(dependency("keys", RESUME, &status)),
         }
+        // 2b. The files, unreadable since the key went, leave storage.
+        self.purge_files(tenant.id, RESUME).await?;
         // 3. Every user's sessions end.
         let mut after = None;
         loop {

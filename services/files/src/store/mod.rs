@@ -241,6 +241,37 @@ impl Store {
         rows.into_iter().next().map(file_from).transpose()
     }
 
+    /// Hides up to `limit` of `tenant`'s visible files at once, oldest first, dropping their
+    /// wrapped data keys (as [`Store::hide_for_deletion`] does one), for the tenant's purge;
+    /// returns them. One statement, so SQLite takes its write lock before it reads.
+    pub async fn hide_tenant_files(
+        &self,
+        tenant: Uuid,
+        limit: u64,
+    ) -> Result<Vec<StoredFile>, DbErr> {
+        use sea_orm::sea_query::{Expr, Query};
+        // Parameters are bound in the subquery, so the tenant filter runs under RLS too.
+        let txn = penny_platform::db::begin_tenant(&self.db, tenant).await?;
+        let page = Query::select()
+            .column(files::Column::Id)
+            .from(files::Entity)
+            .and_where(files::Column::TenantId.eq(tenant))
+            .and_where(files::Column::Committed.eq(true))
+            .order_by(files::Column::Id, sea_orm::Order::Asc)
+            .limit(limit)
+            .to_owned();
+        let rows = files::Entity::update_many()
+            .col_expr(files::Column::Committed, Expr::value(false))
+            .col_expr(files::Column::WrappedKey, Expr::value(""))
+            .filter(files::Column::TenantId.eq(tenant))
+            .filter(files::Column::Committed.eq(true))
+            .filter(files::Column::Id.in_subquery(page))
+            .exec_with_returning(&txn)
+            .await?;
+        txn.commit().await?;
+        rows.into_iter().map(file_from).collect()
+    }
+
     /// Rows whose commit a crash interrupted: recorded before `cutoff` and never made
     /// visible (every tenant; for the sweep).
     pub async fn stale_uncommitted(
