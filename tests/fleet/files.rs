@@ -154,9 +154,32 @@ impl Harness {
         &self,
         messages: Vec<pb::UploadRequest>,
     ) -> Result<Vec<pb::UploadResult>, tonic::Status> {
+        self.upload_messages_as(&self.token, messages).await
+    }
+
+    /// Uploads `files` into `tenant` with `token`, which all must be accepted.
+    async fn upload_as(
+        &self,
+        tenant: Uuid,
+        token: &str,
+        files: &[(&str, &str, &[u8])],
+    ) -> Vec<pb::File> {
+        self.upload_messages_as(token, messages(tenant, files))
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| file_of(r).clone())
+            .collect()
+    }
+
+    async fn upload_messages_as(
+        &self,
+        token: &str,
+        messages: Vec<pb::UploadRequest>,
+    ) -> Result<Vec<pb::UploadResult>, tonic::Status> {
         self.files
             .clone()
-            .upload(with_token(tokio_stream::iter(messages), &self.token))
+            .upload(with_token(tokio_stream::iter(messages), token))
             .await
             .map(|r| r.into_inner().results)
     }
@@ -290,18 +313,10 @@ async fn other_tenant_with_a_file(h: &Harness) -> (Uuid, String, pb::File) {
     .unwrap();
     bind(&h.fleet, other, user, &["member", "viewer"]).await;
     let token = token_of(&h.fleet, other, user);
-    let results = h
-        .files
-        .clone()
-        .upload(with_token(
-            tokio_stream::iter(messages(other, &[("c.txt", "text/plain", b"gamma\n")])),
-            &token,
-        ))
+    let file = h
+        .upload_as(other, &token, &[("c.txt", "text/plain", b"gamma\n")])
         .await
-        .unwrap()
-        .into_inner()
-        .results;
-    let file = file_of(&results[0]).clone();
+        .remove(0);
     (other, token, file)
 }
 
@@ -1683,17 +1698,10 @@ async fn after_rotation_rewrap_and_a_raised_minimum_every_file_still_downloads()
     .await
     .unwrap();
     let stranded = h
-        .files
-        .clone()
-        .upload(with_token(
-            tokio_stream::iter(messages(other, &[("s.txt", "text/plain", b"stranded")])),
-            &admin,
-        ))
+        .upload_as(other, &admin, &[("s.txt", "text/plain", b"stranded")])
         .await
-        .unwrap()
-        .into_inner()
-        .results;
-    let stranded = file_of(&stranded[0]).id.clone();
+        .remove(0)
+        .id;
     let stranded_url = files
         .create_signed_url(with_token(
             pb::CreateSignedUrlRequest {
