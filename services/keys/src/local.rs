@@ -324,9 +324,17 @@ impl KeyBackend for LocalBackend {
         Ok((self.keyring(tenant).await?.info.clone(), created))
     }
 
+    /// The key's description, read afresh (another replica may have rotated or deleted
+    /// it): no version is unwrapped and nothing enters the cache, so describing every
+    /// tenant's key (files' background rewrap does, once a pass) costs no key material.
     async fn get_key(&self, tenant: TenantId) -> Result<KeyInfo, KeysError> {
-        self.forget(tenant);
-        Ok(self.keyring(tenant).await?.info.clone())
+        match self.store.load(tenant).await? {
+            Some(stored) => Ok(stored.info),
+            None => {
+                self.forget(tenant);
+                Err(KeysError::KeyNotFound)
+            }
+        }
     }
 
     async fn list_keys(
@@ -467,6 +475,33 @@ mod tests {
         );
         let err = MasterKey::parse("zz".repeat(32).as_str()).unwrap_err();
         assert!(!err.contains("zz"));
+    }
+
+    #[tokio::test]
+    async fn describing_a_key_unwraps_nothing_and_follows_other_replicas() {
+        let path = std::env::temp_dir().join(format!("penny-keys-{}.db", uuid::Uuid::new_v4()));
+        let url = format!("sqlite://{}?mode=rwc", path.display());
+        let db = penny_platform::db::connect_and_migrate::<crate::migration::Migrator>(&url)
+            .await
+            .unwrap();
+        let store = Store::new(db).await.unwrap();
+        let master = || MasterKey::parse(&"11".repeat(32)).unwrap();
+        let backend = LocalBackend::new(store.clone(), master());
+        let tenant = TenantId(uuid::Uuid::new_v4());
+        backend.create_key(tenant).await.unwrap();
+        backend.forget(tenant);
+        let cached = |backend: &LocalBackend| backend.cache.read().unwrap().len();
+        let info = backend.get_key(tenant).await.unwrap();
+        assert_eq!(info.latest_version, 1);
+        assert_eq!(cached(&backend), 0, "GetKey loaded key material");
+        // A rotation through another replica shows at once.
+        LocalBackend::new(store, master())
+            .rotate_key(tenant)
+            .await
+            .unwrap();
+        assert_eq!(backend.get_key(tenant).await.unwrap().latest_version, 2);
+        assert_eq!(cached(&backend), 0);
+        let _ = std::fs::remove_file(&path);
     }
 
     #[test]
