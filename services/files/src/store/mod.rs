@@ -250,7 +250,6 @@ impl Store {
         limit: u64,
     ) -> Result<Vec<StoredFile>, DbErr> {
         use sea_orm::sea_query::{Expr, Query};
-        // Parameters are bound in the subquery, so the tenant filter runs under RLS too.
         let txn = penny_platform::db::begin_tenant(&self.db, tenant).await?;
         let page = Query::select()
             .column(files::Column::Id)
