@@ -167,11 +167,37 @@ async fn a_busy_or_unreachable_database_is_unavailable_and_a_wrong_statement_int
         .await
         .unwrap_err();
     let exhausted = sea_orm::DbErr::ConnectionAcquire(sea_orm::ConnAcquireErr::Timeout);
-    for (what, err) in [
+    let mut unavailable = vec![
         ("lock held", busy),
         ("connection refused", unreachable),
         ("pool exhausted", exhausted),
-    ] {
+    ];
+    let mut internal = Vec::new();
+    if conn.get_database_backend() == DbBackend::Postgres {
+        // A connection the server ends in the middle of a transaction (57P01 or a
+        // broken pipe, whichever the driver sees first).
+        let victim = conn.begin().await.unwrap();
+        let pid = one_string(&victim, "SELECT pg_backend_pid()::text")
+            .await
+            .unwrap();
+        conn.execute_unprepared(&format!("SELECT pg_terminate_backend({pid})"))
+            .await
+            .unwrap();
+        let lost = victim.execute_unprepared("SELECT 1").await.unwrap_err();
+        unavailable.push(("connection terminated", lost));
+        // A database that does not exist is a misconfiguration, not a reason to retry.
+        let mut missing_database = sea_orm::ConnectOptions::new(penny_tests::replace_database(
+            &url,
+            "penny_no_such_database",
+        ));
+        missing_database.acquire_timeout(std::time::Duration::from_secs(2));
+        internal.push(
+            sea_orm::Database::connect(missing_database)
+                .await
+                .unwrap_err(),
+        );
+    }
+    for (what, err) in unavailable {
         assert!(db::is_unavailable(&err), "{what}: {err}");
         let status = tonic::Status::from(penny_platform::ApiError::database(&err));
         assert_eq!(
@@ -190,7 +216,8 @@ async fn a_busy_or_unreachable_database_is_unavailable_and_a_wrong_statement_int
         .execute_unprepared("SELECT * FROM no_such_table")
         .await
         .unwrap_err();
-    for err in [duplicate, missing] {
+    internal.extend([duplicate, missing]);
+    for err in internal {
         assert!(!db::is_unavailable(&err), "{err}");
         let status = tonic::Status::from(penny_platform::ApiError::database(&err));
         assert_eq!(status.code(), tonic::Code::Internal, "{status:?}");
