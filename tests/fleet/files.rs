@@ -531,12 +531,11 @@ async fn eicar_is_refused_audited_and_leaves_nothing() {
     assert_eq!(stored_events[0].principal_kind, PrincipalKind::User as i32);
 }
 
-#[tokio::test]
-async fn a_client_gone_mid_commit_leaves_every_file_stored_and_audited() {
-    // On S3 (moto) each publish is a copy and a delete over HTTP: ten of them make the
-    // commit long enough to cut the call off inside it.
-    let h = harness(TestFleet::builder().files_on_s3().with_audit()).await;
-    let store = h.store().await;
+/// Uploads ten files at a time until one call is cut off (aborted by its client) inside
+/// its commit: its rows recorded, not yet visible. Returns how many files all the uploads
+/// made hold. Needs files on S3 (moto), where each publish is a copy and a delete over
+/// HTTP: ten of them make the commit long enough to cut the call off inside it.
+async fn cut_off_mid_commit(h: &Harness, store: &penny_files::store::Store) -> usize {
     let far = time::OffsetDateTime::now_utc() + time::Duration::hours(1);
     let names: Vec<String> = (0..10).map(|i| format!("part-{i}.txt")).collect();
     let mut uploads = 0;
@@ -572,9 +571,49 @@ async fn a_client_gone_mid_commit_leaves_every_file_stored_and_audited() {
         }
     }
     assert!(cut_off, "none of {uploads} uploads was caught mid-commit");
+    uploads * names.len()
+}
+
+/// A server told to stop waits for the commits under way, one whose client went away
+/// included: once it has stopped, every file of the cut-off upload is stored and visible,
+/// and no row is left half-made.
+#[tokio::test]
+async fn a_stopping_server_finishes_the_commits_under_way() {
+    let mut h = harness(TestFleet::builder().files_on_s3()).await;
+    let store = h.store().await;
+    let expected = cut_off_mid_commit(&h, &store).await;
+    h.fleet
+        .files
+        .as_mut()
+        .unwrap()
+        .server
+        .shutdown()
+        .await
+        .unwrap();
+    // Stopped means done: no waiting here.
+    let far = time::OffsetDateTime::now_utc() + time::Duration::hours(1);
+    assert!(
+        store
+            .stale_uncommitted(far, None, 100)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let visible = store
+        .list(h.tenant, &Default::default(), None, 1000)
+        .await
+        .unwrap();
+    assert_eq!(visible.len(), expected);
+}
+
+#[tokio::test]
+async fn a_client_gone_mid_commit_leaves_every_file_stored_and_audited() {
+    let h = harness(TestFleet::builder().files_on_s3().with_audit()).await;
+    let store = h.store().await;
+    let far = time::OffsetDateTime::now_utc() + time::Duration::hours(1);
+    let expected = cut_off_mid_commit(&h, &store).await;
     // The commit went on without the client: every file of every upload is visible, none
     // is left half-made, and each has its `files.file_stored` event.
-    let expected = uploads * names.len();
     assert_eventually!(Duration::from_secs(10), h.listed().await.len() == expected);
     assert!(
         store

@@ -884,10 +884,8 @@ pub struct FilesServer {
     pub database: TestDatabase,
     /// Its clamd.
     pub clamd: clamd::TestClamd,
-    /// Where its HTTP listener (signed downloads) is.
+    /// Where its HTTP listener (signed downloads) is; it stops with the server.
     pub http_addr: SocketAddr,
-    /// Stops the HTTP listener when the server is dropped.
-    _http_stop: tokio::sync::oneshot::Sender<()>,
     settings: FilesSettings,
 }
 
@@ -948,23 +946,15 @@ async fn start_files(
     )
     .await
     .expect("build files service");
-    let (http_stop, http_stopped) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(penny_platform::http::serve_http(
-        "files",
-        penny_files::http::router(files.clone()),
-        http_listener,
-        async move {
-            let _ = http_stopped.await;
-        },
-    ));
-    let bundle = penny_files::bundle(files, config);
     let config = config.clone();
     let listener = match listener {
         Some(listener) => listener,
         None => TcpListener::bind("127.0.0.1:0").await.expect("bind"),
     };
+    // As `penny serve files` runs it: gRPC and the signed downloads together, and on
+    // shutdown the wait for commits still under way.
     let server = RunningServer::start_on(listener, move |listener, stopped| {
-        penny_platform::serve(config, bundle, listener, async move {
+        penny_files::serve_built(files, config, listener, http_listener, async move {
             let _ = stopped.await;
         })
     });
@@ -973,7 +963,6 @@ async fn start_files(
         database,
         clamd,
         http_addr,
-        _http_stop: http_stop,
         settings,
     }
 }

@@ -125,6 +125,18 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let files = build(config, &serve_config).await?;
+    serve_built(files, serve_config, listener, http_listener, shutdown).await
+}
+
+/// Serves a built files service until `shutdown` resolves, then waits (at most
+/// `COMMIT_DRAIN`) for the uploads still committing, those whose client went away included.
+pub async fn serve_built(
+    files: Files,
+    serve_config: ServeConfig,
+    listener: TcpListener,
+    http_listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
     let router = http::router(files.clone());
     let bundle = bundle(files.clone(), &serve_config);
     let served = penny_platform::http::serve_with_http(
