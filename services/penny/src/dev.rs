@@ -301,7 +301,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         client_secret.as_str()
     );
     for service in &running {
-        let _ = writeln!(env, "{}={}", service.env_name, service.addr);
+        let _ = writeln!(env, "{}={}", service.env_name, reachable(service.addr));
     }
     write_replacing_private(&env_path, env.as_bytes())?;
 
@@ -344,6 +344,18 @@ fn local_url(host: &str, port: u16) -> String {
     }
 }
 
+/// The address a client on this machine reaches a listener on `addr` at: the loopback
+/// address when the listener took every interface (`0.0.0.0` or `::`), which is no address
+/// to connect to.
+fn reachable(addr: std::net::SocketAddr) -> std::net::SocketAddr {
+    use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+    match addr.ip() {
+        IpAddr::V4(ip) if ip.is_unspecified() => (Ipv4Addr::LOCALHOST, addr.port()).into(),
+        IpAddr::V6(ip) if ip.is_unspecified() => (Ipv6Addr::LOCALHOST, addr.port()).into(),
+        _ => addr,
+    }
+}
+
 async fn bind(host: &str, port: u16, service: &str) -> anyhow::Result<tokio::net::TcpListener> {
     tokio::net::TcpListener::bind((host, port))
         .await
@@ -381,7 +393,7 @@ fn load_or_create_url_key(dir: &Path) -> anyhow::Result<zeroize::Zeroizing<Vec<u
 fn print_walkthrough(env_path: &Path, running: &[Running]) {
     println!("penny dev: {} service(s) running", running.len());
     for service in running {
-        println!("  {:<18} {}", service.env_name, service.addr);
+        println!("  {:<18} {}", service.env_name, reachable(service.addr));
     }
     let tenant = uuid::Uuid::new_v4();
     let request = uuid::Uuid::new_v4();
@@ -426,7 +438,7 @@ fn write_replacing_private(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
 
 #[cfg(test)]
 mod tests {
-    use super::local_url;
+    use super::{local_url, reachable};
 
     #[test]
     fn local_urls_reach_the_listener_from_this_machine() {
@@ -435,5 +447,14 @@ mod tests {
         assert_eq!(local_url("::", 50065), "http://[::1]:50065");
         assert_eq!(local_url("::1", 50065), "http://[::1]:50065");
         assert_eq!(local_url("localhost", 50061), "http://localhost:50061");
+    }
+
+    #[test]
+    fn dev_env_names_addresses_a_client_can_connect_to() {
+        let addr = |s: &str| s.parse::<std::net::SocketAddr>().unwrap();
+        assert_eq!(reachable(addr("0.0.0.0:50051")), addr("127.0.0.1:50051"));
+        assert_eq!(reachable(addr("[::]:50051")), addr("[::1]:50051"));
+        assert_eq!(reachable(addr("192.0.2.7:50051")), addr("192.0.2.7:50051"));
+        assert_eq!(reachable(addr("127.0.0.1:50051")), addr("127.0.0.1:50051"));
     }
 }
