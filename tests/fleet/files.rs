@@ -17,7 +17,9 @@ use penny_proto::keys::v1::key_service_client::KeyServiceClient;
 use penny_tests::clamd::{EICAR, EICAR_SIGNATURE};
 
 use crate::audit_client::all_events;
-use penny_tests::{TestFleet, TestFleetBuilder, assert_eventually, error_reason, with_token};
+use penny_tests::{
+    TestFleet, TestFleetBuilder, assert_eventually, error_reason, hidden_file_rows, with_token,
+};
 use sha2::Digest as _;
 use tonic::Code;
 use tonic::transport::Channel;
@@ -536,7 +538,6 @@ async fn eicar_is_refused_audited_and_leaves_nothing() {
 /// made hold. Needs files on S3 (moto), where each publish is a copy and a delete over
 /// HTTP: ten of them make the commit long enough to cut the call off inside it.
 async fn cut_off_mid_commit(h: &Harness, store: &penny_files::store::Store) -> usize {
-    let far = time::OffsetDateTime::now_utc() + time::Duration::hours(1);
     let names: Vec<String> = (0..10).map(|i| format!("part-{i}.txt")).collect();
     let mut uploads = 0;
     let mut cut_off = false;
@@ -557,12 +558,7 @@ async fn cut_off_mid_commit(h: &Harness, store: &penny_files::store::Store) -> u
         uploads += 1;
         // Cut the call off once its rows are recorded but not yet visible: mid-commit.
         while !call.is_finished() {
-            if !store
-                .stale_uncommitted(far, None, 100)
-                .await
-                .unwrap()
-                .is_empty()
-            {
+            if !hidden_file_rows(store).await.is_empty() {
                 call.abort();
                 cut_off = true;
                 break;
@@ -591,14 +587,7 @@ async fn a_stopping_server_finishes_the_commits_under_way() {
         .await
         .unwrap();
     // Stopped means done: no waiting here.
-    let far = time::OffsetDateTime::now_utc() + time::Duration::hours(1);
-    assert!(
-        store
-            .stale_uncommitted(far, None, 100)
-            .await
-            .unwrap()
-            .is_empty()
-    );
+    assert!(hidden_file_rows(&store).await.is_empty());
     let visible = store
         .list(h.tenant, &Default::default(), None, 1000)
         .await
@@ -610,18 +599,11 @@ async fn a_stopping_server_finishes_the_commits_under_way() {
 async fn a_client_gone_mid_commit_leaves_every_file_stored_and_audited() {
     let h = harness(TestFleet::builder().files_on_s3().with_audit()).await;
     let store = h.store().await;
-    let far = time::OffsetDateTime::now_utc() + time::Duration::hours(1);
     let expected = cut_off_mid_commit(&h, &store).await;
     // The commit went on without the client: every file of every upload is visible, none
     // is left half-made, and each has its `files.file_stored` event.
     assert_eventually!(Duration::from_secs(10), h.listed().await.len() == expected);
-    assert!(
-        store
-            .stale_uncommitted(far, None, 100)
-            .await
-            .unwrap()
-            .is_empty()
-    );
+    assert!(hidden_file_rows(&store).await.is_empty());
     let mut audit = AuditServiceClient::new(h.fleet.audit().server.channel().await);
     let admin = h.fleet.admin_token();
     assert_eventually!(
@@ -819,14 +801,7 @@ async fn keys_down_mid_upload_fails_it_and_leaves_nothing() {
     );
     // No row either, not even an invisible one.
     let store = h.store().await;
-    let later = time::OffsetDateTime::now_utc() + time::Duration::hours(1);
-    assert!(
-        store
-            .stale_uncommitted(later, None, 10)
-            .await
-            .unwrap()
-            .is_empty()
-    );
+    assert!(hidden_file_rows(&store).await.is_empty());
 }
 
 #[tokio::test]
@@ -897,8 +872,7 @@ async fn a_deleted_files_object_that_cannot_be_removed_is_swept_at_a_later_start
         Code::NotFound
     );
     let store = h.store().await;
-    let far = time::OffsetDateTime::now_utc() + time::Duration::hours(1);
-    let hidden = store.stale_uncommitted(far, None, 10).await.unwrap();
+    let hidden = hidden_file_rows(&store).await;
     assert_eq!(hidden.len(), 1);
     assert_eq!(hidden[0].id.to_string(), doomed);
     assert!(hidden[0].wrapped_key.is_empty());
@@ -907,10 +881,7 @@ async fn a_deleted_files_object_that_cannot_be_removed_is_swept_at_a_later_start
     h.fleet.restart_files().await;
     h.files = FileServiceClient::new(h.fleet.files().server.channel().await);
     assert!(h.listed().await.is_empty());
-    assert_eq!(
-        store.stale_uncommitted(far, None, 10).await.unwrap().len(),
-        1
-    );
+    assert_eq!(hidden_file_rows(&store).await.len(), 1);
     // Once the storage lets it, the next start removes the object and the row.
     std::fs::remove_dir_all(&object).unwrap();
     std::fs::write(&object, b"sealed bytes").unwrap();
@@ -918,13 +889,7 @@ async fn a_deleted_files_object_that_cannot_be_removed_is_swept_at_a_later_start
     h.files = FileServiceClient::new(h.fleet.files().server.channel().await);
     assert!(h.listed().await.is_empty());
     assert!(!object.exists());
-    assert!(
-        store
-            .stale_uncommitted(far, None, 10)
-            .await
-            .unwrap()
-            .is_empty()
-    );
+    assert!(hidden_file_rows(&store).await.is_empty());
 }
 
 #[tokio::test]
@@ -933,23 +898,14 @@ async fn a_running_server_sweeps_what_a_failed_deletion_left() {
     let h = harness(TestFleet::builder().files_stale_after(Duration::from_secs(1))).await;
     let (_, object) = h.delete_with_a_stuck_object().await;
     let store = h.store().await;
-    let far = time::OffsetDateTime::now_utc() + time::Duration::hours(1);
-    assert_eq!(
-        store.stale_uncommitted(far, None, 10).await.unwrap().len(),
-        1
-    );
+    assert_eq!(hidden_file_rows(&store).await.len(), 1);
     // The storage lets go; no restart: a later sweep of the running server removes the
     // object and the row.
     std::fs::remove_dir_all(&object).unwrap();
     std::fs::write(&object, b"sealed bytes").unwrap();
     assert_eventually!(
         Duration::from_secs(10),
-        !object.exists()
-            && store
-                .stale_uncommitted(far, None, 10)
-                .await
-                .unwrap()
-                .is_empty()
+        !object.exists() && hidden_file_rows(&store).await.is_empty()
     );
     // Uploads go on beside the sweeps, and what they store stays.
     let kept = h
@@ -1531,12 +1487,9 @@ async fn purging_a_shredded_tenant_removes_its_files_and_nothing_else() {
         );
     }
     // No hidden row is left for the sweep either.
-    let later = time::OffsetDateTime::now_utc() + Duration::from_secs(3600);
     assert!(
-        store
-            .stale_uncommitted(later, None, 100)
+        hidden_file_rows(&store)
             .await
-            .unwrap()
             .iter()
             .all(|f| f.tenant_id != h.tenant)
     );

@@ -152,6 +152,18 @@ pub async fn fresh_database(dir: &Path, name: &str) -> TestDatabase {
     }
 }
 
+/// The files rows no reader sees (uploads mid-commit, deletions half done), of every
+/// tenant and whatever their age: what a sweep would remove sooner or later.
+pub async fn hidden_file_rows(
+    store: &penny_files::store::Store,
+) -> Vec<penny_files::domain::StoredFile> {
+    let far = time::OffsetDateTime::now_utc() + Duration::from_secs(3600);
+    store
+        .stale_uncommitted(far, None, 1000)
+        .await
+        .expect("read the files table")
+}
+
 /// The URL of a fresh database, for tests of the platform's database helpers.
 pub async fn fresh_database_url(dir: &Path, name: &str) -> String {
     let database = fresh_database(dir, name).await;
